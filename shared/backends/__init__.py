@@ -1,0 +1,1 @@
+"""Model backends: one interface (:class:`shared.backends.base.ModelBackend`), several implementations."""
