@@ -1,0 +1,78 @@
+"""A scripted, fixed-rate backend: replays given text per agent, one character per token.
+
+Not a language model. It exists for two honest uses: driving the engine through exact, hand-written
+traces (the scenario suites run the same scripts embedded and distributed), and benchmarking the
+orchestration with a model that emits tokens at a fixed rate, so that the model is not what is
+measured (``bench/``). Select it explicitly (``--model scripted:...``); it is never a default.
+
+A script maps an agent name ("organizer", "1", "1.2", "trace-1") to the text that agent generates.
+Injected join results are not part of a script: the engine appends them. Each ``generate`` call
+continues the agent's script from where its last call stopped and stops where the request's
+stop regex first matches, or at the script's end (reported as EOS), or at ``max_new_tokens``.
+Token ids are Unicode code points, so ``encode``/``decode`` are exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Callable, Mapping
+
+from shared.backends.base import FinishReason, GenerateRequest, GenerateResult
+
+Script = Mapping[str, str] | Callable[[str, str], str]
+
+
+class ScriptedBackend:
+    """``script``: agent name -> text, or a function (agent, prompt) -> text for per-prompt scripts."""
+
+    def __init__(self, script: Script, *, tokens_per_s: float | None = None, model_id: str = "scripted") -> None:
+        self.script = script
+        self.tokens_per_s = tokens_per_s
+        self.model_id = model_id
+        self._cursor: dict[tuple[str | None, str], int] = {}
+        self._prompts: dict[tuple[str | None, str], str] = {}
+        self.calls = 0
+
+    @property
+    def weight_version(self) -> str:
+        return "scripted"
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(chr(i) for i in ids)
+
+    def _text_for(self, agent: str, prompt: str) -> str:
+        if callable(self.script):
+            return self.script(agent, prompt)
+        if agent not in self.script:
+            raise KeyError(f"no script for agent {agent!r}; scripted agents: {sorted(self.script)}")
+        return self.script[agent]
+
+    async def generate(self, request: GenerateRequest) -> GenerateResult:
+        self.calls += 1
+        agent = request.tag
+        key = (request.session, agent)
+        start = self._cursor.get(key, 0)
+        prompt = self._prompts.setdefault(key, self.decode(request.input_ids))
+        full = self._text_for(agent, prompt)
+        rest = full[start:]
+        end, finish, matched = len(rest), FinishReason.EOS, None
+        if request.stop_regex:
+            m = re.search(request.stop_regex, rest)
+            if m:
+                end, finish, matched = m.end(), FinishReason.STOP, m.group(0)
+        if end > request.max_new_tokens:
+            end, finish, matched = request.max_new_tokens, FinishReason.LENGTH, None
+        piece = rest[:end]
+        self._cursor[key] = start + end
+        if self.tokens_per_s:
+            await asyncio.sleep(len(piece) / self.tokens_per_s)
+        else:
+            await asyncio.sleep(0)
+        return GenerateResult(self.encode(piece), piece, finish, matched)
+
+    async def aclose(self) -> None:
+        return None
