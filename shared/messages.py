@@ -81,3 +81,37 @@ class EpisodeEvent(BaseModel):
     clock: int = 0  # organizer clock (decoded tokens) when it happened
     data: dict[str, Any] = Field(default_factory=dict)  # kind-specific fields
     ts: float = Field(default_factory=time.time)  # unix time
+
+
+class SubmitProblem(BaseModel):
+    """A problem submitted for an episode (gateway -> organizer, stream ``PROBLEMS_STREAM``)."""
+
+    schema_version: int = SCHEMA_VERSION
+    episode_id: str  # created by the gateway, already stored with status "pending"
+    task: str  # countdown | sudoku | math
+    problem_id: str  # the task's problem id
+    payload: dict[str, Any]  # the task's payload (validated by the gateway)
+    mode: str = "asyncthink"  # asyncthink | sequential | parallel
+    capacity: int | None = None  # None = the task's default
+    organizer_budget: int = 1024  # max organizer tokens
+    worker_budget: int = 512  # max tokens per worker
+    parallel_k: int = 4  # traces in parallel mode
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    model: str | None = None  # which served model; None = the default
+
+
+# Stream names shared by the gateway, the organizer and the workers.
+PROBLEMS_STREAM = "asyncthink:problems"  # SubmitProblem entries; consumer group ORGANIZER_GROUP
+ORGANIZER_GROUP = "organizers"
+
+
+def events_stream(episode_id: str) -> str:
+    """EpisodeEvent entries of one episode (SSE reads it)."""
+    return f"asyncthink:episode:{episode_id}:events"
+
+
+def results_stream(episode_id: str) -> str:
+    """WorkerOutcome entries of one episode (field ``agent`` says which worker), read by its organizer."""
+    return f"asyncthink:episode:{episode_id}:results"

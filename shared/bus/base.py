@@ -1,0 +1,60 @@
+"""The message-bus interface: append-only streams with consumer groups (Redis Streams semantics).
+
+Delivery is at-least-once: a consumer reads entries through its group, processes them, then acks
+them; entries left unacked by a dead consumer are claimed by another after ``min_idle_ms``
+(XAUTOCLAIM); an entry delivered ``max_deliveries`` times goes to the dead-letter stream
+``<stream>:dead`` instead of being handed out again. Every consumer must therefore be idempotent.
+
+Plain ``read`` (no group) tails a stream from an id, for observers such as the SSE endpoint.
+Field values are strings; structs travel as JSON in a ``data`` field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Entry:
+    id: str  # stream entry id ("1716-0"), ordered within the stream
+    fields: dict[str, str]  # the payload
+    deliveries: int = 1  # how many times this entry has been handed to a consumer of the group
+
+
+def dead_letter_stream(stream: str) -> str:
+    return f"{stream}:dead"
+
+
+class Bus(Protocol):
+    max_deliveries: int  # deliveries after which an entry is dead-lettered
+
+    async def publish(self, stream: str, fields: dict[str, str], *, maxlen: int | None = None) -> str:
+        """Append an entry; return its id. ``maxlen`` trims the stream approximately."""
+        ...
+
+    async def ensure_group(self, stream: str, group: str, *, start: str = "0") -> None:
+        """Create the consumer group (and the stream) if missing; idempotent."""
+        ...
+
+    async def read_group(
+        self, stream: str, group: str, consumer: str, *, count: int = 10, block_ms: int = 1000
+    ) -> list[Entry]:
+        """New entries for this consumer (XREADGROUP ... >); waits up to ``block_ms`` for one."""
+        ...
+
+    async def ack(self, stream: str, group: str, *ids: str) -> int:
+        """Acknowledge processed entries; returns how many were pending."""
+        ...
+
+    async def claim_stale(
+        self, stream: str, group: str, consumer: str, *, min_idle_ms: int, count: int = 10
+    ) -> list[Entry]:
+        """Take over entries idle longer than ``min_idle_ms`` (XAUTOCLAIM); dead-letter the over-delivered."""
+        ...
+
+    async def read(self, stream: str, *, after: str = "0", count: int = 100, block_ms: int = 0) -> list[Entry]:
+        """Entries after id ``after`` without a group (XREAD); ``block_ms`` > 0 waits for new ones."""
+        ...
+
+    async def close(self) -> None: ...
