@@ -1,0 +1,253 @@
+"""The bus over Redis Streams (``redis.asyncio``): the distributed setup's event transport.
+
+Command mapping: ``publish`` = XADD (``MAXLEN ~ n`` when ``maxlen`` is given: approximate trimming,
+at least ``n`` entries stay); ``ensure_group`` = XGROUP CREATE ... MKSTREAM, a BUSYGROUP answer meaning
+"already there"; ``read_group`` = XREADGROUP ... ``>``; ``ack`` = XACK; ``claim_stale`` = XAUTOCLAIM
+(which bumps each claimed entry's delivery count) followed by XPENDING for the counts: an entry whose
+count now exceeds ``max_deliveries`` has already been delivered that many times, so it is copied to
+``<stream>:dead`` (original fields plus ``dead_stream``, ``dead_group``, ``dead_id``,
+``dead_deliveries``) and acked instead of being returned; ``read`` = XREAD.
+
+Limits and guarantees: at-least-once delivery, so consumers must be idempotent. Copying to the
+dead-letter stream and acking are one MULTI/EXEC transaction, but the claim before them is a separate
+command: a crash in between leaves the entry pending, to be dead-lettered by the next claim. Every call
+has a timeout (socket and connect timeouts on the client); a blocking read longer than the socket
+timeout is split into shorter BLOCK calls. ``block_ms <= 0`` means "do not wait" (never Redis's
+"BLOCK 0 = forever"). Connection failures raise :class:`BusConnectionError`, which names the URL
+(password hidden) and says how to fix it. A read through a missing group raises :class:`LookupError`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from shared.bus.base import Entry, dead_letter_stream
+
+T = TypeVar("T")
+
+
+class BusConnectionError(ConnectionError):
+    """Redis could not be reached or did not answer in time."""
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for error messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urlunsplit((parts.scheme, user + host, parts.path, parts.query, parts.fragment))
+
+
+class RedisStreamsBus:
+    """The :class:`shared.bus.base.Bus` interface over a Redis server (5.0+; XAUTOCLAIM needs 6.2+)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        max_deliveries: int = 5,
+        socket_timeout_s: float = 10.0,
+        connect_timeout_s: float = 5.0,
+    ) -> None:
+        if max_deliveries < 1:
+            raise ValueError(f"max_deliveries must be >= 1, got {max_deliveries}")
+        if socket_timeout_s <= 1.0:
+            raise ValueError(
+                f"socket_timeout_s must be > 1 s (blocking reads need headroom), got {socket_timeout_s}"
+            )
+        self.url = url
+        self.max_deliveries = max_deliveries
+        self._socket_timeout_s = socket_timeout_s
+        self._client: aioredis.Redis = aioredis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_timeout=socket_timeout_s,
+            socket_connect_timeout=connect_timeout_s,
+        )
+
+    @property
+    def client(self) -> aioredis.Redis:
+        """The underlying client (for tests and key cleanup)."""
+        return self._client
+
+    async def _call(self, what: str, fn: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await fn()
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise BusConnectionError(
+                f"Redis at {redact(self.url)} failed during {what}: {str(exc).rstrip('.')}. Start Redis "
+                "(`redis-server --daemonize yes`, or `docker compose up -d redis`) or point "
+                "ASYNCTHINK_REDIS_URL / REDIS_URL at a reachable server."
+            ) from exc
+
+    async def ping(self) -> None:
+        """Raise :class:`BusConnectionError` unless the server answers (for readiness checks)."""
+        await self._call("PING", self._client.ping)
+
+    async def publish(self, stream: str, fields: dict[str, str], *, maxlen: int | None = None) -> str:
+        entry_id = await self._call(
+            f"XADD {stream}",
+            lambda: self._client.xadd(stream, dict(fields), maxlen=maxlen, approximate=True),  # type: ignore[arg-type]
+        )
+        return str(entry_id)
+
+    async def ensure_group(self, stream: str, group: str, *, start: str = "0") -> None:
+        try:
+            await self._call(
+                f"XGROUP CREATE {stream} {group}",
+                lambda: self._client.xgroup_create(stream, group, id=start, mkstream=True),
+            )
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def _block_slices(self, block_ms: int) -> tuple[float, int]:
+        """(deadline, longest single BLOCK in ms) so one call never outlives the socket timeout."""
+        return time.monotonic() + max(block_ms, 0) / 1000, int((self._socket_timeout_s - 1.0) * 1000)
+
+    async def read_group(
+        self, stream: str, group: str, consumer: str, *, count: int = 10, block_ms: int = 1000
+    ) -> list[Entry]:
+        deadline, max_block = self._block_slices(block_ms)
+        while True:
+            left = int((deadline - time.monotonic()) * 1000)
+            block = min(left, max_block) if left > 0 else None
+            try:
+                reply = await self._call(
+                    f"XREADGROUP {group} {stream}",
+                    lambda block=block: self._client.xreadgroup(  # type: ignore[misc]
+                        group, consumer, {stream: ">"}, count=count, block=block
+                    ),
+                )
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc):
+                    raise LookupError(
+                        f"no consumer group {group!r} on stream {stream!r}: call ensure_group first"
+                    ) from exc
+                raise
+            entries = _entries(reply)
+            if entries or left <= max_block:
+                return entries
+
+    async def ack(self, stream: str, group: str, *ids: str) -> int:
+        if not ids:
+            return 0
+        return int(await self._call(f"XACK {stream} {group}", lambda: self._client.xack(stream, group, *ids)))
+
+    async def claim_stale(
+        self, stream: str, group: str, consumer: str, *, min_idle_ms: int, count: int = 10
+    ) -> list[Entry]:
+        out: list[Entry] = []
+        cursor = "0-0"
+        for _ in range(10):  # bounded: each pass scans at most ~10 * count PEL entries
+            want = count - len(out)
+            try:
+                reply = await self._call(
+                    f"XAUTOCLAIM {stream} {group}",
+                    lambda cursor=cursor, want=want: self._client.xautoclaim(  # type: ignore[misc]
+                        stream, group, consumer, min_idle_ms, start_id=cursor, count=want
+                    ),
+                )
+            except ResponseError as exc:
+                if "NOGROUP" in str(exc):
+                    raise LookupError(
+                        f"no consumer group {group!r} on stream {stream!r}: call ensure_group first"
+                    ) from exc
+                raise
+            cursor, claimed = str(reply[0]), [(str(i), f) for i, f in reply[1] if f is not None]
+            if claimed:
+                counts = await self._delivery_counts(stream, group, [i for i, _ in claimed])
+                dead = [(i, f) for i, f in claimed if counts.get(i, 1) > self.max_deliveries]
+                if dead:
+                    await self._dead_letter(stream, group, dead, counts)
+                out += [
+                    Entry(i, dict(f), counts.get(i, 1))
+                    for i, f in claimed
+                    if counts.get(i, 1) <= self.max_deliveries
+                ]
+            if cursor == "0-0" or len(out) >= count:
+                return out
+        return out
+
+    async def _delivery_counts(self, stream: str, group: str, ids: list[str]) -> dict[str, int]:
+        async def run() -> list[Any]:
+            pipe = self._client.pipeline(transaction=False)
+            for i in ids:
+                pipe.xpending_range(stream, group, min=i, max=i, count=1)
+            return await pipe.execute()  # type: ignore[no-any-return]
+
+        rows = await self._call(f"XPENDING {stream} {group}", run)
+        return {str(r[0]["message_id"]): int(r[0]["times_delivered"]) for r in rows if r}
+
+    async def _dead_letter(
+        self, stream: str, group: str, dead: list[tuple[str, dict[str, str]]], counts: dict[str, int]
+    ) -> None:
+        async def run() -> list[Any]:
+            pipe = self._client.pipeline(transaction=True)
+            for i, fields in dead:
+                record: dict[Any, Any] = {
+                    **fields,
+                    "dead_stream": stream,
+                    "dead_group": group,
+                    "dead_id": i,
+                    "dead_deliveries": str(counts[i] - 1),  # this claim would have been one more
+                }
+                pipe.xadd(dead_letter_stream(stream), record)
+            pipe.xack(stream, group, *[i for i, _ in dead])
+            return await pipe.execute()  # type: ignore[no-any-return]
+
+        await self._call(f"dead-letter to {dead_letter_stream(stream)}", run)
+
+    async def read(
+        self, stream: str, *, after: str = "0", count: int = 100, block_ms: int = 0
+    ) -> list[Entry]:
+        if after == "$":  # resolve once, so a sliced wait does not skip what arrived in between
+            last = await self._call(f"XREVRANGE {stream}", lambda: self._last_id(stream))
+            after = last
+        deadline, max_block = self._block_slices(block_ms)
+        while True:
+            left = int((deadline - time.monotonic()) * 1000)
+            block = min(left, max_block) if left > 0 else None
+            reply = await self._call(
+                f"XREAD {stream}",
+                lambda block=block: self._client.xread({stream: after}, count=count, block=block),  # type: ignore[misc]
+            )
+            entries = _entries(reply)
+            if entries or left <= max_block:
+                return entries
+
+    async def _last_id(self, stream: str) -> str:
+        got = await self._client.xrevrange(stream, count=1)
+        return str(got[0][0]) if got else "0-0"
+
+    async def delete_prefix(self, prefix: str) -> int:
+        """Delete every key that starts with ``prefix`` (tests use a unique prefix per test)."""
+
+        async def run() -> int:
+            keys = [k async for k in self._client.scan_iter(match=f"{prefix}*", count=500)]
+            return int(await self._client.delete(*keys)) if keys else 0
+
+        return await self._call(f"DEL {prefix}*", run)
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+def _entries(reply: Any) -> list[Entry]:
+    """An XREAD / XREADGROUP reply (RESP2: ``[[stream, [(id, fields), ...]], ...]``) -> entries."""
+    out: list[Entry] = []
+    for _name, rows in reply or []:
+        out += [Entry(str(i), dict(f), 1) for i, f in rows if f is not None]
+    return out
