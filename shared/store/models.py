@@ -1,0 +1,209 @@
+"""SQLAlchemy 2 tables for traces: problems, episodes, segments and model versions.
+
+The same models run on SQLite (the embedded default) and PostgreSQL (the services): JSON columns are
+``JSON`` everywhere and ``JSONB`` on PostgreSQL, enumerations are strings guarded by CHECK constraints,
+and every constraint has a deterministic name (``NAMING_CONVENTION``) so Alembic's batch mode can
+rebuild SQLite tables.
+
+Token ids and masks are stored exactly as the engine produced them (JSON lists of ints): training
+reads them back and never re-tokenizes text. A segment is unique per ``(episode_id, agent)`` so a
+re-delivered segment replaces the stored one instead of duplicating it.
+
+Limits: these are tables only; reading and writing goes through :mod:`shared.store.repository`, and
+the schema changes only through a migration in ``shared/store/migrations/versions``.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator, TypeEngine
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+EPISODE_STATUSES = ("pending", "running", "completed", "format_error", "failed")
+FINISHED_STATUSES = ("completed", "format_error", "failed")
+MODEL_VERSION_KINDS = ("init", "sft", "grpo")
+
+# JSON on SQLite, JSONB on PostgreSQL; Python None is stored as SQL NULL, not the JSON literal null.
+JsonType: TypeEngine[Any] = JSON(none_as_null=True).with_variant(JSONB(none_as_null=True), "postgresql")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC datetime on every backend (SQLite keeps no zone: naive values are UTC)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class ProblemRow(Base):
+    """A task instance; episodes reference it. ``(task, problem_id)`` is the natural key."""
+
+    __tablename__ = "problems"
+    __table_args__ = (UniqueConstraint("task", "problem_id", name="uq_problems_task_problem_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    task: Mapped[str] = mapped_column(String(64))  # "countdown", "sudoku", "math"
+    problem_id: Mapped[str] = mapped_column(String(255))  # Problem.id, unique within the task
+    payload: Mapped[dict[str, Any]] = mapped_column(JsonType)  # Problem.payload
+    reference: Mapped[Any | None] = mapped_column(JsonType, nullable=True)  # Problem.reference
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, server_default=func.now())
+
+    episodes: Mapped[list[Episode]] = relationship(back_populates="problem")
+
+
+class Episode(Base):
+    """One run of the engine on one problem: its status, answer, rewards, metrics and config."""
+
+    __tablename__ = "episodes"
+    __table_args__ = (
+        CheckConstraint(_in("status", EPISODE_STATUSES), name="status"),
+        Index("ix_episodes_task_mode", "task", "mode"),
+        Index("ix_episodes_status", "status"),
+        Index("ix_episodes_created_at", "created_at"),
+        Index("ix_episodes_model_version", "model_version"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # the engine's episode_id
+    problem_pk: Mapped[int] = mapped_column(ForeignKey("problems.id", ondelete="RESTRICT"), index=True)
+    task: Mapped[str] = mapped_column(String(64))
+    mode: Mapped[str] = mapped_column(String(32))  # asyncthink | sequential | parallel
+    capacity: Mapped[int] = mapped_column(Integer)  # agent pool size c
+    model_id: Mapped[str] = mapped_column(String(255))
+    model_version: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+
+    answer: Mapped[str | None] = mapped_column(Text, nullable=True)
+    accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)  # R_A
+    reward_concurrency: Mapped[float | None] = mapped_column(Float, nullable=True)  # R_η
+    reward_total: Mapped[float | None] = mapped_column(Float, nullable=True)  # R
+    format_error: Mapped[bool] = mapped_column(Boolean, default=False)
+    score: Mapped[dict[str, Any] | None] = mapped_column(JsonType, nullable=True)  # correct, needed, details
+
+    latency: Mapped[int | None] = mapped_column(Integer, nullable=True)  # T, in decoded tokens
+    eta: Mapped[float | None] = mapped_column(Float, nullable=True)  # η
+    eta_over_c: Mapped[float | None] = mapped_column(Float, nullable=True)
+    wall_time_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    forks: Mapped[int] = mapped_column(Integer, default=0)
+    format_errors: Mapped[list[dict[str, Any]]] = mapped_column(JsonType, default=list)
+    timeline: Mapped[list[Any] | None] = mapped_column(JsonType, nullable=True)  # Timeline.to_json()
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    config: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)  # budgets, sampling of the request
+
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, server_default=func.now())
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+    problem: Mapped[ProblemRow] = relationship(back_populates="episodes", lazy="joined")
+    segments: Mapped[list[Segment]] = relationship(
+        back_populates="episode",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+        order_by="(Segment.clock_start, Segment.id)",
+    )
+
+    @property
+    def problem_id(self) -> str:
+        """The problem's natural id (``Problem.id``), for schemas and the CLI."""
+        return self.problem.problem_id
+
+
+class Segment(Base):
+    """One agent's sequence in an episode (organizer, worker, or parallel trace) with its token ids."""
+
+    __tablename__ = "segments"
+    __table_args__ = (UniqueConstraint("episode_id", "agent", name="uq_segments_episode_id_agent"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    episode_id: Mapped[str] = mapped_column(ForeignKey("episodes.id", ondelete="CASCADE"))
+    agent: Mapped[str] = mapped_column(String(64))  # "organizer", "trace-1", "1", "1.2"
+    role: Mapped[str] = mapped_column(String(16))  # organizer | worker
+    fork_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    parent: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    endpoint: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    query: Mapped[str | None] = mapped_column(Text, nullable=True)
+    prompt: Mapped[str] = mapped_column(Text, default="")
+    prompt_ids: Mapped[list[int]] = mapped_column(JsonType, default=list)
+    completion_ids: Mapped[list[int]] = mapped_column(JsonType, default=list)
+    completion_mask: Mapped[list[int]] = mapped_column(JsonType, default=list)  # 1 generated, 0 injected
+    text: Mapped[str] = mapped_column(Text, default="")
+    returned: Mapped[str | None] = mapped_column(Text, nullable=True)
+    generated_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    clock_start: Mapped[int] = mapped_column(Integer, default=0)
+    clock_end: Mapped[int] = mapped_column(Integer, default=0)
+    wall_start: Mapped[float] = mapped_column(Float, default=0.0)
+    wall_end: Mapped[float] = mapped_column(Float, default=0.0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    model_version: Mapped[str | None] = mapped_column(String(255), nullable=True)
+
+    episode: Mapped[Episode] = relationship(back_populates="segments")
+
+
+class ModelVersion(Base):
+    """A checkpoint the trainer produced (or the initial model), so each trace knows its weights."""
+
+    __tablename__ = "model_versions"
+    __table_args__ = (
+        UniqueConstraint("model_id", "version", name="uq_model_versions_model_id_version"),
+        CheckConstraint(_in("kind", MODEL_VERSION_KINDS), name="kind"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model_id: Mapped[str] = mapped_column(String(255))
+    version: Mapped[str] = mapped_column(String(255))
+    path: Mapped[str] = mapped_column(Text)  # where the weights live
+    parent_version: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    step: Mapped[int] = mapped_column(Integer, default=0)  # optimizer step that produced it
+    kind: Mapped[str] = mapped_column(String(16))  # init | sft | grpo
+    metrics: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, server_default=func.now())

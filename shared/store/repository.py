@@ -1,0 +1,409 @@
+"""Reading and writing traces: problems, episodes, segments, model versions.
+
+Every function takes an explicit ``session`` and keyword-only arguments (``crud.py`` style). Writes
+are idempotent upserts (``INSERT … ON CONFLICT``) so a message delivered twice (Redis streams and
+Celery are at-least-once) updates the stored row instead of adding a duplicate or failing:
+
+* a problem is keyed by ``(task, problem_id)``, an episode by its id, a segment by
+  ``(episode_id, agent)``, a model version by ``(model_id, version)``;
+* :func:`save_episode` writes the problem, the episode and all its segments in one transaction.
+
+Writers commit by default; pass ``commit=False`` to only flush and make the write part of a larger
+transaction that the caller commits. On an error inside a committing writer the session is rolled back.
+
+Limits: upserts are implemented for SQLite and PostgreSQL only (the two supported backends); the
+last write of a row wins, there is no version check between concurrent writers of the same episode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from pydantic_core import to_jsonable_python
+from sqlalchemy import Table, func, literal, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from shared.messages import SegmentRecord
+from shared.store.models import (
+    FINISHED_STATUSES,
+    MODEL_VERSION_KINDS,
+    Episode,
+    ModelVersion,
+    ProblemRow,
+    Segment,
+    UTCDateTime,
+    utcnow,
+)
+from shared.tasks.base import Mode, Problem
+
+if TYPE_CHECKING:
+    from shared.engine import EpisodeResult
+
+
+class EpisodeNotFound(LookupError):
+    """No episode with that id is stored."""
+
+    def __init__(self, episode_id: str) -> None:
+        super().__init__(f"no episode {episode_id!r} in the store (create it first with create_episode)")
+        self.episode_id = episode_id
+
+
+# ----------------------------------------------------------------------------- helpers
+def _table(model: type[Any]) -> Table:
+    table = model.__table__
+    assert isinstance(table, Table)
+    return table
+
+
+def _insert(session: Session, model: type[Any]) -> Any:
+    """A dialect insert (with ``on_conflict_do_update``/``_nothing``) into ``model``'s table."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        return postgresql.insert(_table(model))
+    if dialect == "sqlite":
+        return sqlite.insert(_table(model))
+    raise NotImplementedError(f"the store supports sqlite and postgresql, not {dialect!r}")
+
+
+@contextmanager
+def _writing(session: Session, commit: bool) -> Iterator[None]:
+    """Commit (or flush) after the block; roll back a committing writer's session on error."""
+    try:
+        yield
+        if commit:
+            session.commit()
+        else:
+            session.flush()
+    except BaseException:
+        if commit:
+            session.rollback()
+        raise
+
+
+def _json(value: Any) -> Any:
+    return to_jsonable_python(value, fallback=str)
+
+
+def _ts(unix: float) -> datetime | None:
+    return datetime.fromtimestamp(unix, UTC) if unix > 0 else None
+
+
+def _segment_values(episode_id: str, seg: SegmentRecord) -> dict[str, Any]:
+    columns = _table(Segment).c
+    values = {k: v for k, v in seg.model_dump().items() if k in columns}
+    values["prompt_ids"] = [int(i) for i in seg.prompt_ids]
+    values["completion_ids"] = [int(i) for i in seg.completion_ids]
+    values["completion_mask"] = [int(m) for m in seg.completion_mask]
+    values["episode_id"] = episode_id
+    return values
+
+
+def _upsert_segments(session: Session, episode_id: str, segments: Sequence[SegmentRecord]) -> None:
+    if not segments:
+        return
+    rows = [_segment_values(episode_id, s) for s in segments]
+    stmt = _insert(session, Segment)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["episode_id", "agent"],
+        set_={k: stmt.excluded[k] for k in rows[0] if k not in ("episode_id", "agent")},
+    )
+    session.execute(stmt, rows)
+
+
+def _problem_pk(session: Session, problem: Problem) -> int:
+    stmt = _insert(session, ProblemRow).values(
+        task=problem.task,
+        problem_id=problem.id,
+        payload=_json(problem.payload),
+        reference=_json(problem.reference),
+        created_at=utcnow(),
+    )
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["task", "problem_id"],
+        set_={"payload": stmt.excluded.payload, "reference": stmt.excluded.reference},
+    ).returning(_table(ProblemRow).c.id)
+    return int(session.execute(stmt).scalar_one())
+
+
+def _fresh_episode(session: Session, episode_id: str) -> Episode:
+    """The stored episode, reloaded (core upserts bypass the session's identity map)."""
+    episode = session.get(Episode, episode_id, populate_existing=True)
+    if episode is None:
+        raise EpisodeNotFound(episode_id)
+    session.expire(episode, ["segments"])
+    return episode
+
+
+# ----------------------------------------------------------------------------- problems
+def upsert_problem(session: Session, *, problem: Problem, commit: bool = True) -> ProblemRow:
+    """Store ``problem`` (or update its payload and reference) and return its row."""
+    with _writing(session, commit):
+        pk = _problem_pk(session, problem)
+    row = session.get(ProblemRow, pk, populate_existing=True)
+    assert row is not None
+    return row
+
+
+def get_problem(session: Session, *, task: str, problem_id: str) -> ProblemRow | None:
+    return session.scalars(
+        select(ProblemRow).where(ProblemRow.task == task, ProblemRow.problem_id == problem_id)
+    ).one_or_none()
+
+
+# ----------------------------------------------------------------------------- episodes
+def create_episode(
+    session: Session,
+    *,
+    episode_id: str,
+    problem: Problem,
+    mode: Mode | str,
+    capacity: int,
+    model_id: str,
+    config: dict[str, Any] | None = None,
+    model_version: str | None = None,
+    commit: bool = True,
+) -> Episode:
+    """Store a ``pending`` episode (e.g. submitted over REST, run later with ``config``).
+
+    Idempotent: if the episode already exists it is returned unchanged.
+    """
+    with _writing(session, commit):
+        pk = _problem_pk(session, problem)
+        stmt = _insert(session, Episode).values(
+            id=episode_id,
+            problem_pk=pk,
+            task=problem.task,
+            mode=str(Mode(mode)),
+            capacity=capacity,
+            model_id=model_id,
+            model_version=model_version,
+            status="pending",
+            config=_json(config or {}),
+            created_at=utcnow(),
+        )
+        session.execute(stmt.on_conflict_do_nothing(index_elements=["id"]))
+    return _fresh_episode(session, episode_id)
+
+
+def mark_running(
+    session: Session, *, episode_id: str, model_version: str | None = None, commit: bool = True
+) -> Episode:
+    """Move a pending episode to ``running`` and stamp ``started_at`` (once).
+
+    A finished episode is left as it is (a late, re-delivered "started" event must not undo a result).
+    """
+    t = _table(Episode)
+    with _writing(session, commit):
+        values: dict[str, Any] = {
+            "status": "running",
+            "started_at": func.coalesce(t.c.started_at, literal(utcnow(), UTCDateTime())),
+        }
+        if model_version is not None:
+            values["model_version"] = model_version
+        session.execute(
+            update(t).where(t.c.id == episode_id, t.c.status.in_(("pending", "running"))).values(**values)
+        )
+    return _fresh_episode(session, episode_id)
+
+
+def save_segment(
+    session: Session, *, episode_id: str, segment: SegmentRecord, commit: bool = True
+) -> Segment:
+    """Store one agent's segment; saving the same ``(episode_id, agent)`` again replaces it."""
+    with _writing(session, commit):
+        if session.get(Episode, episode_id) is None:
+            raise EpisodeNotFound(episode_id)
+        _upsert_segments(session, episode_id, [segment])
+    row = session.scalars(
+        select(Segment)
+        .where(Segment.episode_id == episode_id, Segment.agent == segment.agent)
+        .execution_options(populate_existing=True)
+    ).one()
+    return row
+
+
+def save_episode(
+    session: Session,
+    *,
+    result: EpisodeResult,
+    config: dict[str, Any] | None = None,
+    commit: bool = True,
+) -> Episode:
+    """Store a finished episode: the problem, the episode row and every segment, in one transaction.
+
+    Creates the episode if it was never created (embedded runs) or completes the pending/running row;
+    ``created_at``, ``started_at`` and (unless ``config`` is given) ``config`` of an existing row are
+    kept. Calling it twice with the same result stores the same rows.
+    """
+    walls = [s.wall_start for s in result.segments if s.wall_start > 0]
+    ends = [s.wall_end for s in result.segments if s.wall_end > 0]
+    finished = _ts(max(ends)) if ends else None
+    finished = finished or utcnow()
+    started = _ts(min(walls)) if walls else _ts(finished.timestamp() - max(result.wall_time_s, 0.0))
+    score = result.score
+    rewards = result.rewards
+    values: dict[str, Any] = {
+        "task": result.problem.task,
+        "mode": str(Mode(result.mode)),
+        "capacity": result.capacity,
+        "model_id": result.model_id,
+        "model_version": result.model_version,
+        "status": result.status,
+        "answer": result.answer,
+        "accuracy": float(rewards.accuracy),
+        "reward_concurrency": float(rewards.concurrency),
+        "reward_total": float(rewards.total),
+        "format_error": bool(rewards.format_error) or result.status == "format_error",
+        "score": None
+        if score is None
+        else _json(
+            {
+                "accuracy": score.accuracy,
+                "correct": score.correct,
+                "needed": score.needed,
+                "details": score.details,
+            }
+        ),
+        "latency": int(result.latency),
+        "eta": float(result.eta),
+        "eta_over_c": float(result.eta_over_c),
+        "wall_time_s": float(result.wall_time_s),
+        "forks": result.forks,
+        "format_errors": _json(result.format_errors),
+        "timeline": result.timeline.to_json(),
+        "error": result.error,
+        "finished_at": finished,
+    }
+    t = _table(Episode)
+    with _writing(session, commit):
+        pk = _problem_pk(session, result.problem)
+        stmt = _insert(session, Episode).values(
+            id=result.episode_id,
+            problem_pk=pk,
+            config=_json(config or {}),
+            created_at=started or finished,
+            started_at=started,
+            **values,
+        )
+        set_: dict[str, Any] = dict(values, problem_pk=stmt.excluded.problem_pk)
+        set_["started_at"] = func.coalesce(t.c.started_at, stmt.excluded.started_at)
+        if config is not None:
+            set_["config"] = stmt.excluded.config
+        session.execute(stmt.on_conflict_do_update(index_elements=["id"], set_=set_))
+        _upsert_segments(session, result.episode_id, result.segments)
+    return _fresh_episode(session, result.episode_id)
+
+
+def get_episode(session: Session, episode_id: str) -> Episode | None:
+    return session.get(Episode, episode_id)
+
+
+def list_episodes(
+    session: Session,
+    *,
+    task: str | None = None,
+    mode: Mode | str | None = None,
+    status: str | None = None,
+    model_version: str | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> tuple[list[Episode], int]:
+    """A page of episodes, newest first, and the number of episodes matching the filters."""
+    if limit < 0 or offset < 0:
+        raise ValueError(f"limit and offset must be >= 0, got limit={limit}, offset={offset}")
+    conditions = []
+    if task is not None:
+        conditions.append(Episode.task == task)
+    if mode is not None:
+        conditions.append(Episode.mode == str(Mode(mode)))
+    if status is not None:
+        conditions.append(Episode.status == status)
+    if model_version is not None:
+        conditions.append(Episode.model_version == model_version)
+    total = session.scalar(select(func.count()).select_from(Episode).where(*conditions)) or 0
+    rows = session.scalars(
+        select(Episode)
+        .where(*conditions)
+        .order_by(Episode.created_at.desc(), Episode.id.desc())
+        .limit(limit)
+        .offset(offset)
+    ).all()
+    return list(rows), int(total)
+
+
+def episode_segments(session: Session, episode_id: str) -> list[Segment]:
+    """The episode's segments in start order (organizer first, workers by fork time)."""
+    return list(
+        session.scalars(
+            select(Segment).where(Segment.episode_id == episode_id).order_by(Segment.clock_start, Segment.id)
+        ).all()
+    )
+
+
+def delete_episode(session: Session, *, episode_id: str, commit: bool = True) -> bool:
+    """Delete an episode and (by cascade) its segments; ``False`` if there was none."""
+    with _writing(session, commit):
+        episode = session.get(Episode, episode_id)
+        if episode is None:
+            return False
+        session.delete(episode)
+    return True
+
+
+def segment_record(row: Segment) -> SegmentRecord:
+    """A stored segment as the engine's :class:`SegmentRecord` (what the trainer consumes)."""
+    return SegmentRecord.model_validate(row, from_attributes=True)
+
+
+def is_finished(episode: Episode) -> bool:
+    return episode.status in FINISHED_STATUSES
+
+
+# ----------------------------------------------------------------------------- model versions
+def record_model_version(
+    session: Session,
+    *,
+    model_id: str,
+    version: str,
+    path: str,
+    kind: str,
+    step: int = 0,
+    parent_version: str | None = None,
+    metrics: dict[str, Any] | None = None,
+    commit: bool = True,
+) -> ModelVersion:
+    """Store a checkpoint (idempotent on ``(model_id, version)``: a second call updates it)."""
+    if kind not in MODEL_VERSION_KINDS:
+        raise ValueError(f"kind must be one of {', '.join(MODEL_VERSION_KINDS)}, got {kind!r}")
+    with _writing(session, commit):
+        stmt = _insert(session, ModelVersion).values(
+            model_id=model_id,
+            version=version,
+            path=path,
+            kind=kind,
+            step=step,
+            parent_version=parent_version,
+            metrics=_json(metrics or {}),
+            created_at=utcnow(),
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["model_id", "version"],
+            set_={k: stmt.excluded[k] for k in ("path", "kind", "step", "parent_version", "metrics")},
+        ).returning(_table(ModelVersion).c.id)
+        pk = session.execute(stmt).scalar_one()
+    row = session.get(ModelVersion, pk, populate_existing=True)
+    assert row is not None
+    return row
+
+
+def latest_model_version(session: Session, *, model_id: str, kind: str | None = None) -> ModelVersion | None:
+    """The most recently recorded version of ``model_id`` (optionally of one ``kind``)."""
+    stmt = select(ModelVersion).where(ModelVersion.model_id == model_id)
+    if kind is not None:
+        stmt = stmt.where(ModelVersion.kind == kind)
+    stmt = stmt.order_by(ModelVersion.created_at.desc(), ModelVersion.id.desc()).limit(1)
+    return session.scalars(stmt).first()
