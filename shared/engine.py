@@ -261,7 +261,7 @@ class AgentRunner:
                     steps.append(Decode(n))
                 for ev in parser.feed(result.text):
                     if isinstance(ev, FormatError):
-                        await emit("format_error", agent, clock, kind=ev.kind.value, message=ev.message)
+                        await emit("format_error", agent, clock, error=ev.kind.value, offset=ev.offset, message=ev.message)
                     elif isinstance(ev, Fork):
                         name = str(ev.fork_id) if role is Role.ORGANIZER else f"{agent}.{ev.fork_id}"
                         child_agents[ev.fork_id] = name
@@ -302,9 +302,10 @@ class AgentRunner:
                         await emit(kind, agent, clock, text=ev.text)
                 if parser.errors:
                     break
+                if not parser.done and result.finish is FinishReason.ABORT:
+                    error = "backend aborted the request"
+                    break
                 if not parser.done and result.finish is not FinishReason.STOP:
-                    if result.finish is FinishReason.ABORT:
-                        error = "backend aborted the request"
                     parser.close(budget_exhausted=result.finish is FinishReason.LENGTH)
                     break
             if not parser.done and not parser.errors and error is None:

@@ -1,0 +1,332 @@
+"""``asyncthink solve``, ``eval``, ``trace`` and ``serve``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from typing import TYPE_CHECKING, Any
+
+from shared.cli import CliError
+
+if TYPE_CHECKING:
+    from shared.backends.base import ModelBackend
+    from shared.config import Settings
+    from shared.engine import EngineConfig
+    from shared.tasks.base import Problem, Task
+
+MODES = ("asyncthink", "sequential", "parallel")
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("solve", help="solve one problem and show the trace", description=SOLVE_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _problem_args(p)
+    _engine_args(p, many_modes=False)
+    p.add_argument("--json", action="store_true", help="print the episode as JSON")
+    p.add_argument("--db", help="also store the episode in this database (SQLAlchemy URL)")
+    p.set_defaults(func=cmd_solve)
+
+    p = sub.add_parser("eval", help="evaluate a task in one or more modes and store every episode",
+                       description=EVAL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default="countdown", help="countdown | sudoku | math (default countdown)")
+    p.add_argument("--split", default="test",
+                   help="test (the fixed held-out split), train, or for math aime24 | amc23 | a JSONL path")
+    p.add_argument("-n", "--n", type=int, default=20, help="number of problems (default 20)")
+    p.add_argument("--seed", type=int, default=0, help="problem generation and sampling seed (default 0)")
+    _engine_args(p, many_modes=True)
+    p.add_argument("--concurrency", type=int, default=16, help="episodes run at once (default 16)")
+    p.add_argument("--db", help="database URL (default: DATABASE_URL or sqlite:///asyncthink.db)")
+    p.add_argument("--json", action="store_true", help="print machine-readable results")
+    p.add_argument("--plot", metavar="PNG", help="write an accuracy-vs-latency plot across the modes")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("trace", help="show a stored episode")
+    p.add_argument("episode_id", help="the episode id printed by solve/eval or returned by the REST API")
+    p.add_argument("--db", help="database URL (default: DATABASE_URL or sqlite:///asyncthink.db)")
+    p.add_argument("--json", action="store_true", help="print the stored episode as JSON")
+    p.set_defaults(func=cmd_trace)
+
+    p = sub.add_parser("serve", help="run a service of the distributed setup")
+    p.add_argument("service", choices=("gateway", "organizer"), help="which service")
+    p.add_argument("--host", default="127.0.0.1", help="gateway bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
+    p.set_defaults(func=cmd_serve)
+
+
+SOLVE_HELP = """Solve one problem with the organizer/worker protocol and print the answer, the trace
+(organizer text with its forks and joins, each worker's takeaway), T, η and wall time.
+
+examples:
+  asyncthink solve                                   # the first held-out countdown problem
+  asyncthink solve --numbers 3 7 25 50 --target 75
+  asyncthink solve --task sudoku --puzzle 1..4.4.....2.3..
+  asyncthink solve --task math --problem "What is 7*6?" --model sglang:http://127.0.0.1:30000
+"""
+
+EVAL_HELP = """Run n problems in each mode, store every episode, and print accuracy, mean
+critical-path latency T (decoded tokens), mean η/c and wall time.
+
+examples:
+  asyncthink eval --task countdown -n 50 --mode asyncthink --mode sequential --mode parallel --plot cd.png
+  asyncthink eval --task math --split amc23 -n 40 --model sglang:http://127.0.0.1:30000 --json
+"""
+
+
+def _problem_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", default="countdown", help="countdown | sudoku | math (default countdown)")
+    p.add_argument("--numbers", type=int, nargs="+", help="countdown: the numbers")
+    p.add_argument("--target", type=int, help="countdown: the target")
+    p.add_argument("--puzzle", help="sudoku: 16 characters, digits 1-4 and . for blanks")
+    p.add_argument("--problem", help="math: the problem text")
+    p.add_argument("--payload", help="the task's payload as JSON (any task)")
+    p.add_argument("--index", type=int, default=0, help="with no problem given: which held-out problem (default 0)")
+
+
+def _engine_args(p: argparse.ArgumentParser, *, many_modes: bool) -> None:
+    if many_modes:
+        p.add_argument("--mode", action="append", choices=MODES,
+                       help="asyncthink | sequential | parallel; repeat for several (default asyncthink)")
+    else:
+        p.add_argument("--mode", default="asyncthink", choices=MODES, help="default asyncthink")
+    p.add_argument("--model", help="a model directory, sglang:URL or openai:URL#name (default: the shipped model)")
+    p.add_argument("--capacity", type=int, help="agent pool size c (default: the task's, 2 or 4)")
+    p.add_argument("--organizer-budget", type=int, default=1024, help="max organizer tokens (default 1024)")
+    p.add_argument("--worker-budget", type=int, default=512, help="max tokens per worker (default 512)")
+    p.add_argument("--parallel-k", type=int, default=4, help="traces in parallel mode (default 4)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--worker-timeout", type=float, default=300.0, help="seconds before a worker gives up (default 300)")
+    p.add_argument("--device", help="torch device for a local model (default: ASYNCTHINK_DEVICE or cpu)")
+
+
+# ----------------------------------------------------------------------------- helpers
+def _settings(args: argparse.Namespace) -> Settings:
+    from shared.config import get_settings
+
+    settings = get_settings()
+    updates: dict[str, Any] = {}
+    if getattr(args, "db", None):
+        updates["database_url"] = args.db
+    if getattr(args, "model", None):
+        updates["model"] = args.model
+    if getattr(args, "device", None):
+        updates["device"] = args.device
+    return settings.model_copy(update=updates) if updates else settings
+
+
+def _task(name: str) -> Task:
+    from shared.tasks import get_task
+
+    try:
+        return get_task(name)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _open_backend(settings: Settings) -> ModelBackend:
+    from shared.backends.registry import open_backend
+
+    try:
+        return open_backend(settings.model, settings)
+    except (FileNotFoundError, ValueError, ConnectionError, OSError) as exc:
+        raise CliError(str(exc)) from None
+
+
+def _engine_config(args: argparse.Namespace, mode: str, seed: int | None) -> EngineConfig:
+    from shared.engine import EngineConfig
+    from shared.tasks.base import Mode
+
+    try:
+        return EngineConfig(
+            mode=Mode(mode),
+            capacity=args.capacity,
+            organizer_budget=args.organizer_budget,
+            worker_budget=args.worker_budget,
+            parallel_k=args.parallel_k,
+            temperature=args.temperature,
+            seed=seed,
+            worker_timeout_s=args.worker_timeout,
+        )
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
+def _problem(args: argparse.Namespace, task: Task) -> Problem:
+    payload: dict[str, Any] | None = None
+    if args.payload:
+        try:
+            payload = json.loads(args.payload)
+        except json.JSONDecodeError as exc:
+            raise CliError(f"--payload is not valid JSON: {exc}") from None
+        if not isinstance(payload, dict):
+            raise CliError("--payload must be a JSON object")
+    elif args.numbers or args.target is not None:
+        if not args.numbers or args.target is None:
+            raise CliError("countdown needs both --numbers and --target")
+        payload = {"numbers": args.numbers, "target": args.target, "n_solutions": 4}
+    elif args.puzzle:
+        payload = {"puzzle": args.puzzle}
+    elif args.problem:
+        payload = {"problem": args.problem}
+    if payload is None:
+        split = "aime24" if task.name == "math" else "test"
+        problems = task.problems(split, args.index + 1)
+        if args.index >= len(problems):
+            raise CliError(f"--index {args.index} is past the end of the {split} split ({len(problems)} problems)")
+        return problems[args.index]
+    try:
+        return task.problem_from_payload(payload)
+    except ValueError as exc:
+        raise CliError(f"bad {task.name} problem: {exc}") from None
+
+
+def _open_store(url: str) -> Any:
+    from shared.store import db
+
+    try:
+        db.check_connection(url)
+        db.migrate(url)
+    except db.StoreUnavailable as exc:
+        raise CliError(str(exc)) from None
+    return db.session_factory(db.make_engine(url))
+
+
+# ----------------------------------------------------------------------------- verbs
+def cmd_solve(args: argparse.Namespace) -> int:
+    from shared.cli.render import print_episode
+    from shared.engine import Engine
+
+    settings = _settings(args)
+    task = _task(args.task)
+    problem = _problem(args, task)
+    sessions = _open_store(settings.database_url) if args.db else None
+    backend = _open_backend(settings)
+    engine = Engine(backend, task, _engine_config(args, args.mode, None))
+
+    async def go() -> Any:
+        try:
+            return await engine.run(problem)
+        finally:
+            await backend.aclose()
+
+    result = asyncio.run(go())
+    if sessions is not None:
+        from shared.store import repository
+
+        with sessions() as session:
+            repository.save_episode(session, result=result)
+    if args.json:
+        from shared.cli.render import episode_json
+
+        print(json.dumps(episode_json(result), indent=2))
+    else:
+        print_episode(result)
+    return 0 if result.status != "failed" else 1
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from shared.cli.render import summary_table
+    from shared.engine import Engine
+    from shared.evaluation import plot_accuracy_latency, run_episodes, summarize
+    from shared.store import repository
+
+    if args.n < 1:
+        raise CliError(f"-n must be at least 1, got {args.n}")
+    if args.concurrency < 1:
+        raise CliError(f"--concurrency must be at least 1, got {args.concurrency}")
+    modes = args.mode or ["asyncthink"]
+    settings = _settings(args)
+    task = _task(args.task)
+    try:
+        problems = task.problems(args.split, args.n, seed=args.seed)
+    except (ValueError, FileNotFoundError) as exc:
+        raise CliError(str(exc)) from None
+    sessions = _open_store(settings.database_url)
+    backend = _open_backend(settings)
+    console = Console(stderr=True)
+    summaries: dict[str, dict[str, Any]] = {}
+    episode_ids: dict[str, list[str]] = {}
+
+    async def go() -> None:
+        try:
+            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                          TimeElapsedColumn(), console=console, disable=args.json or not console.is_terminal) as bar:
+                for mode in modes:
+                    engine = Engine(backend, task, _engine_config(args, mode, args.seed))
+                    job = bar.add_task(f"{task.name} {mode}", total=len(problems))
+
+                    def store(result: Any, job: Any = job) -> None:
+                        with sessions() as session:
+                            repository.save_episode(session, result=result)
+                        bar.advance(job)
+
+                    results = await run_episodes(engine, problems, concurrency=args.concurrency, on_result=store)
+                    summaries[mode] = summarize(task.name, results)
+                    episode_ids[mode] = [r.episode_id for r in results]
+        finally:
+            await backend.aclose()
+
+    asyncio.run(go())
+    if args.plot:
+        path = plot_accuracy_latency(summaries, args.plot, title=f"{task.name} ({backend.model_id})")
+        console.print(f"wrote {path}")
+    if args.json:
+        print(json.dumps({"task": task.name, "split": args.split, "n": len(problems), "model": backend.model_id,
+                          "model_version": backend.weight_version, "modes": summaries,
+                          "episode_ids": episode_ids}, indent=2))
+    else:
+        Console().print(summary_table(task.name, backend.model_id, summaries))
+        print(f"stored {sum(len(v) for v in episode_ids.values())} episodes in {_masked(settings.database_url)}")
+    return 0
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from shared.cli.render import print_stored_episode
+    from shared.store import repository
+
+    settings = _settings(args)
+    sessions = _open_store(settings.database_url)
+    with sessions() as session:
+        episode = repository.get_episode(session, args.episode_id)
+        if episode is None:
+            raise CliError(f"no episode {args.episode_id!r} in {_masked(settings.database_url)}")
+        segments = repository.episode_segments(session, args.episode_id)
+        if args.json:
+            from shared.store.schemas import EpisodePublic
+
+            data = EpisodePublic.model_validate(episode).model_dump(mode="json")
+            data["segments"] = [
+                {c: getattr(s, c) for c in ("agent", "role", "fork_id", "parent", "query", "text", "returned",
+                                            "generated_tokens", "clock_start", "clock_end", "error")}
+                for s in segments
+            ]
+            print(json.dumps(data, indent=2, default=str))
+        else:
+            print_stored_episode(episode, segments)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    if args.service == "gateway":
+        import uvicorn
+
+        from services.gateway.app import create_app
+
+        uvicorn.run(create_app(), host=args.host, port=args.port)
+        return 0
+    from services.organizer.__main__ import main as organizer_main
+
+    return int(organizer_main() or 0)
+
+
+def _masked(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url
+

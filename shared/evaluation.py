@@ -1,0 +1,94 @@
+"""Evaluation: run many episodes concurrently, summarise accuracy, latency and concurrency, plot them.
+
+``run_episodes`` runs a list of problems through one engine with bounded concurrency (so a batching
+backend sees many sequences at once) and hands every result to a callback (the CLI stores it and
+advances a progress bar). ``summarize`` turns results into the metrics of DESIGN.md §3/§5: accuracy
+(and for countdown ≥1, ≥2, ≥3, all correct), mean critical-path latency T, mean η/c, format-error rate,
+forks per episode and wall time. ``plot_accuracy_latency`` draws accuracy against mean T, one point
+per mode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from shared.engine import Engine, EpisodeResult
+from shared.tasks.base import Problem
+
+
+async def run_episodes(
+    engine: Engine,
+    problems: Sequence[Problem],
+    *,
+    concurrency: int = 16,
+    on_result: Callable[[EpisodeResult], None] | None = None,
+) -> list[EpisodeResult]:
+    """Run every problem once; results come back in the order of ``problems``."""
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(problem: Problem) -> EpisodeResult:
+        async with gate:
+            result = await engine.run(problem)
+        if on_result is not None:
+            on_result(result)
+        return result
+
+    return list(await asyncio.gather(*(one(p) for p in problems)))
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(statistics.fmean(values)) if values else 0.0
+
+
+def summarize(task: str, results: Sequence[EpisodeResult]) -> dict[str, Any]:
+    """Metrics for one task and mode; percentages are 0-100."""
+    n = len(results)
+    scores = [r.score for r in results]
+    out: dict[str, Any] = {
+        "episodes": n,
+        "accuracy": 100.0 * _mean([s.accuracy if s else 0.0 for s in scores]),
+        "mean_latency": _mean([r.latency for r in results]),
+        "mean_eta_over_c": 100.0 * _mean([r.eta_over_c for r in results]),
+        "format_error_rate": 100.0 * _mean([1.0 if r.status == "format_error" else 0.0 for r in results]),
+        "failed": sum(1 for r in results if r.status == "failed"),
+        "forks_per_episode": _mean([r.forks for r in results]),
+        "mean_reward": _mean([r.rewards.total for r in results]),
+        "mean_wall_time_s": _mean([r.wall_time_s for r in results]),
+    }
+    if task == "countdown":
+        for k, name in ((1, "at_least_1"), (2, "at_least_2"), (3, "at_least_3")):
+            out[name] = 100.0 * _mean([1.0 if s and s.correct >= k else 0.0 for s in scores])
+        out["all_correct"] = 100.0 * _mean([1.0 if s and s.correct >= s.needed else 0.0 for s in scores])
+    return out
+
+
+def plot_accuracy_latency(summaries: dict[str, dict[str, Any]], path: str | Path, *, title: str = "") -> Path:
+    """Accuracy (all-correct for countdown) against mean critical-path latency, one point per mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(5.5, 4.0), dpi=120)
+    for mode, s in summaries.items():
+        acc = s.get("all_correct", s["accuracy"])
+        ax.scatter([s["mean_latency"]], [acc], s=60, label=mode)
+        ax.annotate(mode, (s["mean_latency"], acc), textcoords="offset points", xytext=(6, 4))
+    ax.set_xlabel("mean critical-path latency T (decoded tokens)")
+    ax.set_ylabel("all-correct (%)" if any("all_correct" in s for s in summaries.values()) else "accuracy (%)")
+    ax.set_title(title or "accuracy vs latency")
+    ax.grid(alpha=0.3)
+    ax.set_ylim(bottom=0)
+    ax.set_xlim(left=0)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

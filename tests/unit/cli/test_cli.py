@@ -1,0 +1,105 @@
+"""The ``asyncthink`` CLI: clear errors for bad input, and solve/eval/trace end to end on a tiny local model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from shared.cli import main
+
+
+def run_cli(*args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_is_instant_and_lists_the_verbs() -> None:
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "shared.cli", "--help"], capture_output=True, text=True, check=True)
+    assert time.monotonic() - t0 < 5
+    for verb in ("solve", "eval", "trace", "serve", "db", "model"):
+        assert verb in proc.stdout
+    probe = "import sys; from shared.cli import build_parser; build_parser(); print(sorted({'torch', 'transformers', 'sqlalchemy'} & set(sys.modules)))"
+    heavy = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
+    assert heavy == "[]"
+
+
+def test_unknown_task(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli("solve", "--task", "chess", capsys=capsys)
+    assert code == 2
+    assert "unknown task 'chess'" in err and "countdown" in err
+
+
+def test_bad_numbers(capsys: pytest.CaptureFixture[str], tiny_model_dir: Path) -> None:
+    code, _, err = run_cli("solve", "--numbers", "3", "7", "--model", str(tiny_model_dir), capsys=capsys)
+    assert code == 2
+    assert "--target" in err
+    code, _, err = run_cli("solve", "--payload", "[1, 2]", "--model", str(tiny_model_dir), capsys=capsys)
+    assert code == 2 and "JSON object" in err
+    code, _, err = run_cli("eval", "-n", "0", "--model", str(tiny_model_dir), capsys=capsys)
+    assert code == 2 and "-n must be at least 1" in err
+
+
+def test_missing_model_directory(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, _, err = run_cli("solve", "--model", str(tmp_path / "nope"), capsys=capsys)
+    assert code == 2
+    assert str(tmp_path / "nope") in err
+
+
+def test_unreachable_database(capsys: pytest.CaptureFixture[str], tiny_model_dir: Path) -> None:
+    t0 = time.monotonic()
+    code, _, err = run_cli("eval", "-n", "1", "--model", str(tiny_model_dir),
+                           "--db", "postgresql+psycopg://postgres@127.0.0.1:1/none", capsys=capsys)
+    assert code == 2
+    assert "127.0.0.1:1" in err
+    assert time.monotonic() - t0 < 15
+
+
+def test_solve_prints_answer_trace_and_metrics(capsys: pytest.CaptureFixture[str], tiny_model_dir: Path) -> None:
+    code, out, _ = run_cli("solve", "--numbers", "3", "7", "25", "50", "--target", "75", "--model",
+                           str(tiny_model_dir), "--organizer-budget", "24", "--worker-budget", "16", capsys=capsys)
+    assert code == 0
+    assert "T = " in out and "η/c" in out and "wall" in out
+    code, out, _ = run_cli("solve", "--json", "--model", str(tiny_model_dir), "--organizer-budget", "16",
+                           capsys=capsys)
+    data = json.loads(out)
+    assert data["task"] == "countdown"
+    assert data["latency"] >= 1
+    assert data["segments"][0]["agent"] == "organizer"
+
+
+@pytest.mark.parametrize("mode", ["asyncthink", "sequential", "parallel"])
+def test_eval_stores_every_episode_in_sqlite(capsys: pytest.CaptureFixture[str], tiny_model_dir: Path,
+                                             tmp_path: Path, mode: str) -> None:
+    db = f"sqlite:///{tmp_path / 'eval.db'}"
+    code, out, _ = run_cli("eval", "--task", "countdown", "--mode", mode, "-n", "3", "--model", str(tiny_model_dir),
+                           "--organizer-budget", "24", "--worker-budget", "16", "--parallel-k", "2",
+                           "--db", db, "--json", capsys=capsys)
+    assert code == 0
+    data = json.loads(out)
+    summary = data["modes"][mode]
+    assert summary["episodes"] == 3
+    assert {"all_correct", "at_least_1", "mean_latency", "mean_eta_over_c"} <= set(summary)
+    ids = data["episode_ids"][mode]
+    code, out, _ = run_cli("trace", ids[0], "--db", db, "--json", capsys=capsys)
+    assert code == 0
+    stored = json.loads(out)
+    assert stored["id"] == ids[0] and stored["mode"] == mode
+    assert stored["segments"]
+    code, out, _ = run_cli("trace", "missing-id", "--db", db, capsys=capsys)
+    assert code == 2
+
+
+def test_eval_plot(capsys: pytest.CaptureFixture[str], tiny_model_dir: Path, tmp_path: Path) -> None:
+    png = tmp_path / "plot.png"
+    code, _, _ = run_cli("eval", "-n", "2", "--mode", "asyncthink", "--mode", "sequential", "--model",
+                         str(tiny_model_dir), "--organizer-budget", "16", "--worker-budget", "8",
+                         "--db", f"sqlite:///{tmp_path / 'p.db'}", "--plot", str(png), capsys=capsys)
+    assert code == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
