@@ -1,0 +1,1 @@
+"""The organizer service: runs submitted episodes from the problems stream (see ``service``)."""

@@ -1,0 +1,85 @@
+"""Run the organizer service: ``python -m services.organizer [--consumer NAME] [--max-episodes N]``.
+
+Reads ``Settings`` (``ASYNCTHINK_*`` / ``DATABASE_URL`` / ``REDIS_URL``), connects the Redis Streams bus
+and the store, opens the model backend (the organizer decodes; forks go to the Celery queues unless
+``--local-workers``), and consumes the problems stream until SIGTERM or SIGINT, then finishes or hands
+back its running episodes (see :mod:`services.organizer.service`). The schema must already be migrated
+(``asyncthink db upgrade`` / the compose migration job), or pass ``--migrate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m services.organizer", description=__doc__.splitlines()[0])
+    p.add_argument("--consumer", default=None, help="consumer name in the group (default: organizer-<host>-<pid>)")
+    p.add_argument("--max-episodes", type=int, default=64, help="episodes run at once (default 64)")
+    p.add_argument("--claim-idle-ms", type=int, default=30_000, help="claim submissions idle this long (default 30000)")
+    p.add_argument("--worker-timeout-s", type=float, default=None, help="give up on a worker after this long")
+    p.add_argument("--local-workers", action="store_true", help="run workers in this process instead of Celery")
+    p.add_argument("--migrate", action="store_true", help="upgrade the database schema before starting")
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+async def amain(args: argparse.Namespace) -> None:
+    from services.organizer.service import OrganizerService
+    from services.runtime import open_service_backend
+    from shared.bus.redis_streams import RedisStreamsBus
+    from shared.config import get_settings
+    from shared.store import db
+
+    settings = get_settings()
+    if args.migrate:
+        db.migrate(settings.database_url)
+    db.check_connection(settings.database_url)
+    bus = RedisStreamsBus(settings.redis_url)
+    await bus.ping()
+    engine = db.make_engine(settings.database_url)
+    backend = open_service_backend(settings)
+    endpoints = None
+    celery_endpoint = None
+    if not args.local_workers:
+        from services.workers.app import app
+        from services.workers.endpoint import CeleryWorkerEndpoint
+
+        celery_endpoint = CeleryWorkerEndpoint(bus, app)
+        endpoints = celery_endpoint.endpoints()
+    service = OrganizerService(
+        bus,
+        db.session_factory(engine),
+        backend,
+        endpoints=endpoints,
+        consumer_name=args.consumer,
+        max_concurrent_episodes=args.max_episodes,
+        claim_idle_ms=args.claim_idle_ms,
+        worker_timeout_s=args.worker_timeout_s,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await service.run_forever(stop)
+    finally:
+        if celery_endpoint is not None:
+            await celery_endpoint.close()
+        await backend.aclose()
+        await bus.close()
+        engine.dispose()
+        logging.getLogger(__name__).info("organizer stopped after %d episodes", service.episodes_done)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(amain(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""Glue shared by the embedded and the distributed setups: event sinks and the engine factory.
+
+* :class:`StoreSink` persists each worker segment as soon as its ``segment`` event arrives
+  (``repository.save_segment``), in a thread (``asyncio.to_thread``) so the event loop never waits on
+  the database. A segment is unique per ``(episode_id, agent)`` in the store, so a repeated event (a
+  redelivered worker, a recursive child reported twice) replaces the row instead of duplicating it.
+* :class:`BusSink` publishes every :class:`~shared.messages.EpisodeEvent` as JSON (field ``data``) to
+  ``events_stream(episode_id)``, where the gateway's SSE endpoint tails it.
+* :class:`FanoutSink` sends one event to several sinks; a failing sink is logged and skipped.
+* :func:`build_engine` turns a :class:`~shared.messages.SubmitProblem` into an :class:`Engine`.
+* :func:`open_service_backend` opens the model backend of a service process:
+  ``shared.backends.registry.open_backend(settings.model, settings)``, unless the environment variable
+  ``ASYNCTHINK_BACKEND_FACTORY=module:attr`` names a factory ``(settings) -> backend``. That hook is for
+  tests and benchmarks (the scenario suite's scripted backend); nothing sets it by default.
+
+Limits: the ``segment`` event carries no token ids (the engine leaves them out to keep events small),
+so a segment stored live has its text and metadata but empty id lists; the organizer's final
+``save_episode`` writes every segment again with its ids, masks and clock span. Events are
+best-effort observations: a sink error never fails an episode (the engine swallows it too).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from shared.backends.base import ModelBackend
+from shared.bus.base import Bus
+from shared.config import Settings
+from shared.engine import Engine, EngineConfig, EventSink, WorkerEndpoint
+from shared.messages import EpisodeEvent, SegmentRecord, SubmitProblem, events_stream
+from shared.tasks import Mode, get_task
+
+log = logging.getLogger(__name__)
+
+EVENTS_MAXLEN = 10_000  # approximate cap on one episode's event stream
+BACKEND_FACTORY_ENV = "ASYNCTHINK_BACKEND_FACTORY"  # "module:attr", a factory (settings) -> ModelBackend
+
+
+def open_service_backend(settings: Settings) -> ModelBackend:
+    """The backend a service process uses (see the module docstring for the test hook)."""
+    hook = os.environ.get(BACKEND_FACTORY_ENV)
+    if hook:
+        module, _, attr = hook.partition(":")
+        if not module or not attr:
+            raise ValueError(f"{BACKEND_FACTORY_ENV} must be 'module:attr', got {hook!r}")
+        factory = getattr(importlib.import_module(module), attr)
+        return factory(settings)  # type: ignore[no-any-return]
+    from shared.backends.registry import open_backend  # type: ignore[import-not-found,unused-ignore]
+
+    return open_backend(settings.model, settings)  # type: ignore[no-any-return]
+
+
+class StoreSink:
+    """Saves each worker segment to the store as it completes (``segment`` events only)."""
+
+    def __init__(self, session_factory: Callable[[], Any], episode_id: str) -> None:
+        self.session_factory = session_factory
+        self.episode_id = episode_id
+
+    async def emit(self, event: EpisodeEvent) -> None:
+        if event.kind != "segment" or event.episode_id != self.episode_id:
+            return
+        data = event.data.get("segment")
+        if not isinstance(data, dict):
+            return
+        segment = SegmentRecord.model_validate(data)
+        await asyncio.to_thread(self._save, segment)
+
+    def _save(self, segment: SegmentRecord) -> None:
+        from shared.store import repository
+
+        with self.session_factory() as session:
+            repository.save_segment(session, episode_id=self.episode_id, segment=segment)
+
+
+class BusSink:
+    """Publishes every event to the episode's event stream (``events_stream(episode_id)``)."""
+
+    def __init__(self, bus: Bus, *, maxlen: int | None = EVENTS_MAXLEN) -> None:
+        self.bus = bus
+        self.maxlen = maxlen
+
+    async def emit(self, event: EpisodeEvent) -> None:
+        await self.bus.publish(
+            events_stream(event.episode_id), {"data": event.model_dump_json()}, maxlen=self.maxlen
+        )
+
+
+class FanoutSink:
+    """Sends each event to every sink in order; one sink's failure does not stop the others."""
+
+    def __init__(self, *sinks: EventSink) -> None:
+        self.sinks = sinks
+
+    async def emit(self, event: EpisodeEvent) -> None:
+        for sink in self.sinks:
+            try:
+                await sink.emit(event)
+            except Exception:
+                log.exception("event sink %s failed on %s of episode %s", type(sink).__name__, event.kind, event.episode_id)
+
+
+def engine_config(submission: SubmitProblem, *, worker_timeout_s: float | None = None) -> EngineConfig:
+    """The engine configuration a submission asks for (mode, capacity, budgets, sampling)."""
+    extra: dict[str, Any] = {}
+    if worker_timeout_s is not None:
+        extra["worker_timeout_s"] = worker_timeout_s
+    return EngineConfig(
+        mode=Mode(submission.mode),
+        capacity=submission.capacity,
+        organizer_budget=submission.organizer_budget,
+        worker_budget=submission.worker_budget,
+        parallel_k=submission.parallel_k,
+        temperature=submission.temperature,
+        top_p=submission.top_p,
+        seed=submission.seed,
+        **extra,
+    )
+
+
+def build_engine(
+    submission: SubmitProblem,
+    backend: ModelBackend,
+    endpoints: Mapping[str | None, WorkerEndpoint] | None,
+    sink: EventSink,
+    *,
+    worker_timeout_s: float | None = None,
+) -> Engine:
+    """An engine for one submission: its task, its configuration, the given endpoints and sink.
+
+    ``endpoints`` maps ``<FORK-i@endpoint>`` names (``None`` = the model) to worker endpoints; a
+    missing ``None`` entry means the model runs workers in this process (``ModelWorker``).
+    """
+    task = get_task(submission.task)
+    config = engine_config(submission, worker_timeout_s=worker_timeout_s)
+    return Engine(backend, task, config, endpoints=endpoints, sink=sink)

@@ -1,0 +1,177 @@
+"""The engine's worker endpoint over Celery: dispatch a fork as a task, wait for its outcome on the bus.
+
+:class:`CeleryWorkerEndpoint` implements :class:`shared.engine.WorkerEndpoint`. ``run(task)``
+
+1. registers a future for ``(episode_id, agent)`` with the episode's result reader;
+2. sends ``asyncthink.run_worker`` with the task as JSON to the queue of ``task.endpoint``
+   (``queue_for_endpoint``: ``None`` -> ``model``, ``"python"`` -> ``tool``); the organizer marks the
+   episode running (a committed write) before the engine starts, so everything a worker depends on is
+   committed before the dispatch;
+3. awaits the future. One reader per episode tails ``results_stream(episode_id)`` with a blocking
+   XREAD and resolves the waiting futures by the entry's ``agent`` field; nothing polls per worker. The
+   reader starts with the episode's first waiter and stops with its last (its position is remembered,
+   so a later fork of the same episode does not re-read old entries).
+
+Duplicates (a redelivered task republishes the same outcome) resolve nobody and are dropped. On
+cancellation (the engine's worker timeout, or the organizer answering before a join) the waiter is
+removed and the Celery task is revoked (best effort: a task already running still finishes and
+publishes, and the outcome is ignored).
+
+Limits: the reader reads from the start of the stream the first time, so an organizer that re-runs an
+episode after a crash sees the outcomes already published and the workers' done-markers make the
+re-dispatched tasks republish them; outcomes of agents nobody waits for are not kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+from shared.bus.base import Bus
+from shared.messages import SegmentRecord, WorkerOutcome, WorkerTask, results_stream
+
+log = logging.getLogger(__name__)
+
+DEFAULT_QUEUES: Mapping[str | None, str] = {None: "model", "python": "tool"}
+RUN_WORKER_TASK = "asyncthink.run_worker"
+
+
+class _EpisodeReader:
+    """Tails one episode's result stream and hands each outcome to the future waiting for its agent."""
+
+    def __init__(self, bus: Bus, episode_id: str, after: str, block_ms: int) -> None:
+        self.bus = bus
+        self.episode_id = episode_id
+        self.stream = results_stream(episode_id)
+        self.after = after
+        self.block_ms = block_ms
+        self.waiters: dict[str, asyncio.Future[WorkerOutcome]] = {}
+        self.task: asyncio.Task[None] | None = None
+
+    def register(self, agent: str) -> asyncio.Future[WorkerOutcome]:
+        fut: asyncio.Future[WorkerOutcome] = asyncio.get_running_loop().create_future()
+        self.waiters[agent] = fut
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._loop(), name=f"results-reader-{self.episode_id}")
+        return fut
+
+    def unregister(self, agent: str, fut: asyncio.Future[WorkerOutcome]) -> bool:
+        """Forget ``agent``'s waiter; True when none is left (the reader has been stopped)."""
+        if self.waiters.get(agent) is fut:
+            del self.waiters[agent]
+        if self.waiters:
+            return False
+        if self.task is not None:
+            self.task.cancel()
+            self.task = None
+        return True
+
+    async def _loop(self) -> None:
+        delay = 0.05
+        while self.waiters:
+            try:
+                entries = await self.bus.read(self.stream, after=self.after, count=100, block_ms=self.block_ms)
+                delay = 0.05
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the bus is down: keep trying; the engine's timeout bounds the wait
+                log.warning("episode %s: reading %s failed (%s); retrying in %.2fs", self.episode_id, self.stream, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                continue
+            for entry in entries:
+                self.after = entry.id
+                fut = self.waiters.get(entry.fields.get("agent", ""))
+                if fut is None or fut.done():
+                    continue  # a duplicate, or a worker nobody waits for any more
+                try:
+                    fut.set_result(WorkerOutcome.model_validate_json(entry.fields.get("data", "")))
+                except Exception as exc:  # a malformed entry fails only its own worker
+                    fut.set_exception(ValueError(f"bad outcome entry {entry.id} on {self.stream}: {exc}"))
+
+
+class CeleryWorkerEndpoint:
+    """A :class:`shared.engine.WorkerEndpoint` that runs workers as Celery tasks (see the module doc)."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        celery_app: Any,
+        *,
+        queue_for_endpoint: Mapping[str | None, str] | None = None,
+        read_block_ms: int = 5000,
+        remember_episodes: int = 4096,
+    ) -> None:
+        self.bus = bus
+        self.app = celery_app
+        self.queue_for_endpoint = dict(DEFAULT_QUEUES if queue_for_endpoint is None else queue_for_endpoint)
+        self.read_block_ms = read_block_ms
+        self._readers: dict[str, _EpisodeReader] = {}
+        self._positions: OrderedDict[str, str] = OrderedDict()  # last read id of finished readers
+        self._remember = remember_episodes
+
+    def endpoints(self) -> dict[str | None, CeleryWorkerEndpoint]:
+        """The engine's endpoint map: this endpoint for every worker kind it has a queue for."""
+        return dict.fromkeys(self.queue_for_endpoint, self)
+
+    def _reader(self, episode_id: str) -> _EpisodeReader:
+        reader = self._readers.get(episode_id)
+        if reader is None:
+            after = self._positions.pop(episode_id, "0")
+            reader = self._readers[episode_id] = _EpisodeReader(self.bus, episode_id, after, self.read_block_ms)
+        return reader
+
+    def _release(self, reader: _EpisodeReader, agent: str, fut: asyncio.Future[WorkerOutcome]) -> None:
+        if reader.unregister(agent, fut) and self._readers.get(reader.episode_id) is reader:
+            del self._readers[reader.episode_id]
+            self._positions[reader.episode_id] = reader.after
+            while len(self._positions) > self._remember:
+                self._positions.popitem(last=False)
+
+    async def run(self, task: WorkerTask) -> WorkerOutcome:
+        queue = self.queue_for_endpoint.get(task.endpoint)
+        if queue is None:
+            known = ", ".join(sorted(str(k) for k in self.queue_for_endpoint if k)) or "none"
+            error = "unknown_endpoint"
+            return WorkerOutcome(
+                returned=f"[no worker queue for endpoint '{task.endpoint}'; known: {known}]",
+                segments=[
+                    SegmentRecord(
+                        agent=task.agent, role="worker", fork_id=task.fork_id, parent=task.parent,
+                        endpoint=task.endpoint, query=task.query, error=error,
+                    )
+                ],
+                error=error,
+            )
+        reader = self._reader(task.episode_id)
+        fut = reader.register(task.agent)
+        task_id = uuid.uuid4().hex
+        try:
+            self.app.send_task(RUN_WORKER_TASK, args=[task.model_dump_json()], queue=queue, task_id=task_id)
+            return await fut
+        except asyncio.CancelledError:
+            self._revoke(task_id)
+            raise
+        finally:
+            self._release(reader, task.agent, fut)
+
+    def _revoke(self, task_id: str) -> None:
+        def revoke() -> None:
+            with contextlib.suppress(Exception):
+                self.app.control.revoke(task_id)
+
+        asyncio.get_running_loop().run_in_executor(None, revoke)
+
+    async def close(self) -> None:
+        """Stop every reader (waiting workers are cancelled)."""
+        for reader in list(self._readers.values()):
+            for fut in reader.waiters.values():
+                fut.cancel()
+            if reader.task is not None:
+                reader.task.cancel()
+        self._readers.clear()
