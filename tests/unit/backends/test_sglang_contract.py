@@ -690,3 +690,26 @@ async def test_generate_waits_while_paused(cluster: Cluster) -> None:
 async def test_bad_pause_mode_is_refused_locally(cluster: Cluster) -> None:
     with pytest.raises(ValueError, match="pause_mode"):
         await cluster.backend.update_weights("/m", weight_version="v", pause_mode="sideways")  # type: ignore[arg-type]
+
+
+# -- the registry's sglang: form ------------------------------------------------------------------------
+
+
+def test_registry_opens_sglang_and_explains_bad_specs(tokenizer_dir: Path, tmp_path: Path) -> None:
+    from shared.backends.registry import open_backend
+    from shared.config import Settings
+
+    settings = Settings(request_timeout_s=7.5)
+    b = open_backend(f"sglang:{R1},{R2}?tokenizer={tokenizer_dir}", settings)
+    assert isinstance(b, SGLangBackend)
+    assert b.base_urls == [R1, R2] and b.timeout_s == 7.5 and b.model_id == "tiny-model"
+    with pytest.raises(ValueError, match=r"\?tokenizer="):
+        open_backend(f"sglang:{R1}", settings)
+    with pytest.raises(FileNotFoundError, match="models/"):
+        open_backend(f"sglang:{R1}?tokenizer={tmp_path / 'nope'}", settings)
+    with pytest.raises(ValueError, match="accepted forms"):
+        open_backend("vllm:http://x:1", settings)
+    with pytest.raises(ValueError, match="accepted forms"):
+        open_backend("sglang:r1:30000?tokenizer=/x", settings)
+    with pytest.raises(FileNotFoundError, match=r"does-not-exist.*shipped model lives under models/"):
+        open_backend(str(tmp_path / "does-not-exist"), settings)
