@@ -1,0 +1,1 @@
+"""Integration tests of the organizer and worker services (real Redis where marked)."""
