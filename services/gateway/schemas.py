@@ -1,0 +1,304 @@
+"""Request and response models of the gateway's REST API (pydantic), apart from the store's tables.
+
+Two families live here:
+
+* the AsyncThink API: :class:`ProblemCreate` (what ``POST /v1/problems`` accepts, with bounds on every
+  number) and :class:`ProblemAccepted` (its 202 answer); episode bodies come from
+  :mod:`shared.store.schemas`;
+* the OpenAI-compatible API: chat completion requests, responses and stream chunks, the model list
+  and the error body, shaped like OpenAI's so the official ``openai`` client parses them unmodified.
+
+Limits: the chat request accepts (and ignores) OpenAI sampling options the engine has no use for
+(``frequency_penalty``, ``logprobs`` ...); only one choice (``n = 1``) is produced.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from shared.store.schemas import EpisodePublic, EpisodeSummary, SegmentPublic
+from shared.tasks import TASK_NAMES
+from shared.tasks.base import Mode
+
+MAX_CAPACITY = 64  # agent pool size c; the paper uses 2 and 4
+MAX_BUDGET = 131_072  # tokens per agent
+MAX_PARALLEL_K = 64  # traces for parallel thinking
+MAX_SEED = 2**31 - 1
+
+
+# ----------------------------------------------------------------------------- AsyncThink API
+class EpisodeOptions(BaseModel):
+    """How an episode runs; shared by ``POST /v1/problems`` and the chat completions extra fields."""
+
+    mode: Mode = Field(
+        Mode.ASYNCTHINK,
+        description="asyncthink (organizer with Fork/Join), sequential (one trace) or parallel (k traces, vote).",
+    )
+    capacity: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_CAPACITY,
+        description="Agent pool size c: the organizer plus at most c-1 active workers. Default: the task's "
+        "(2 for countdown and sudoku, 4 for math).",
+    )
+    organizer_budget: int = Field(
+        1024,
+        ge=1,
+        le=MAX_BUDGET,
+        description="Most tokens the organizer (or each parallel trace) may decode.",
+    )
+    worker_budget: int = Field(512, ge=1, le=MAX_BUDGET, description="Most tokens each worker may decode.")
+    parallel_k: int = Field(4, ge=1, le=MAX_PARALLEL_K, description="Number of traces in parallel mode.")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="Sampling temperature; 0 is greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass, in (0, 1].")
+    seed: int | None = Field(
+        None, ge=0, le=MAX_SEED, description="Sampling seed; each agent derives its own."
+    )
+
+
+class ProblemCreate(EpisodeOptions):
+    """A problem to run as one episode."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "task": "countdown",
+                    "payload": {"numbers": [3, 7, 25, 50], "target": 75},
+                    "mode": "asyncthink",
+                }
+            ]
+        },
+    )
+
+    task: str = Field(description=f"Task name: one of {', '.join(TASK_NAMES)}.")
+    payload: dict[str, Any] = Field(description="The task's problem fields, checked by the task itself.")
+    problem_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=255,
+        description="Your id for the problem; default: derived by the task.",
+    )
+    model: str | None = Field(
+        None, min_length=1, max_length=255, description="Which served model runs it; default: the gateway's."
+    )
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, value: str) -> str:
+        if value not in TASK_NAMES:
+            raise ValueError(f"unknown task {value!r}; choose one of: {', '.join(TASK_NAMES)}")
+        return value
+
+
+class EpisodeLinks(BaseModel):
+    self: str = Field(description="The episode (poll it until its status is final).")
+    events: str = Field(description="Server-Sent Events of the episode as it runs.")
+
+
+class ProblemAccepted(BaseModel):
+    """The answer to a submission: the episode is stored as pending and queued for an organizer."""
+
+    episode_id: str
+    status: Literal["pending"] = "pending"
+    links: EpisodeLinks
+
+
+class SegmentDetail(SegmentPublic):
+    """One agent's sequence; token ids and masks only when asked for (``include_tokens=true``)."""
+
+    prompt_ids: list[int] | None = None  # type: ignore[assignment]
+    completion_ids: list[int] | None = None  # type: ignore[assignment]
+    completion_mask: list[int] | None = None  # type: ignore[assignment]
+    prompt_tokens: int = Field(0, description="Tokens of the agent's prompt.")
+    completion_tokens: int = Field(
+        0, description="Tokens after the prompt: generated plus injected by Joins."
+    )
+    injected_tokens: int = Field(0, description="Tokens a Join injected (masked out of training).")
+
+    @classmethod
+    def from_public(cls, seg: SegmentPublic, *, include_tokens: bool) -> SegmentDetail:
+        data = seg.model_dump()
+        data.update(
+            prompt_tokens=len(seg.prompt_ids),
+            completion_tokens=len(seg.completion_ids),
+            injected_tokens=len(seg.completion_mask) - sum(seg.completion_mask),
+        )
+        if not include_tokens:
+            data.update(prompt_ids=None, completion_ids=None, completion_mask=None)
+        return cls(**data)
+
+
+class EpisodeDetail(EpisodePublic):
+    """A whole episode: status, answer, reward parts, T, η, η/c, wall time, format errors and segments."""
+
+    segments: list[SegmentDetail] = Field(default_factory=list)  # type: ignore[assignment]
+
+
+class EpisodeList(BaseModel):
+    """One page of episodes, newest first, and how many match the filters in all."""
+
+    items: list[EpisodeSummary]
+    total: int = Field(description="Episodes matching the filters, over all pages.")
+    limit: int
+    offset: int
+
+
+# ----------------------------------------------------------------------------- OpenAI-compatible API
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: str = Field(description="system, developer, user, assistant or tool.")
+    content: str | list[dict[str, Any]] | None = Field(
+        None, description="Text, or a list of content parts of which the text parts are read."
+    )
+    name: str | None = None
+
+    def text(self) -> str:
+        """The message's text (text parts joined by newlines)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(
+            str(p.get("text", "")) for p in self.content if p.get("type") in ("text", "input_text")
+        )
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(EpisodeOptions):
+    """OpenAI's chat completion request plus AsyncThink's episode options as extra body fields.
+
+    The last user message is the problem. ``max_tokens`` / ``max_completion_tokens`` set the
+    organizer budget unless ``organizer_budget`` is given.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(description="A served model from GET /v1/models, e.g. asyncthink-countdown.")
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1, description="Only one choice is produced.")
+    max_tokens: int | None = Field(None, ge=1, le=MAX_BUDGET)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_BUDGET)
+    timeout_s: float = Field(
+        300.0,
+        gt=0,
+        le=3600,
+        description="How long to wait for the episode; past it the answer is 504 with the episode id to poll.",
+    )
+    user: str | None = None
+
+    def episode_options(self) -> EpisodeOptions:
+        data = EpisodeOptions.model_validate(self.model_dump(include=set(EpisodeOptions.model_fields)))
+        budget = self.max_completion_tokens or self.max_tokens
+        if budget is not None and "organizer_budget" not in self.model_fields_set:
+            data.organizer_budget = budget
+        return data
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"] = "stop"
+    logprobs: None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = Field(
+        description="Prompt tokens of the organizer (of every trace, in parallel mode)."
+    )
+    completion_tokens: int = Field(description="Every token generated by the organizer and all its workers.")
+    total_tokens: int
+
+
+class AsyncThinkInfo(BaseModel):
+    """What the episode measured (DESIGN.md §3), beside the answer."""
+
+    status: str
+    mode: str
+    capacity: int
+    latency: int | None = Field(description="Critical-path latency T, in decoded tokens.")
+    eta: float | None = Field(description="Thinking concurrency η.")
+    eta_over_c: float | None
+    wall_time_s: float | None
+    forks: int
+    accuracy: float | None
+    reward: float | None
+    format_errors: list[dict[str, Any]]
+
+
+class ChatCompletion(BaseModel):
+    id: str = Field(description="chatcmpl-<episode_id>.")
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    system_fingerprint: str | None = Field(None, description="The weight version that produced the answer.")
+    episode_id: str
+    asyncthink: AsyncThinkInfo
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+    episode_id: str
+    asyncthink: AsyncThinkInfo | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "asyncthink"
+    task: str = Field(description="The AsyncThink task this model name answers.")
+    served_model: str = Field(description="The model (weights) behind it.")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body."""
+
+    error: ErrorDetail

@@ -1,0 +1,39 @@
+"""What one running gateway holds: settings, the bus, the session factory, metrics, the served models.
+
+Built by the app's lifespan (:mod:`services.gateway.app`) and read by routes only through the typed
+dependencies of :mod:`services.gateway.deps`; nothing here opens a connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from services.gateway.metrics import GatewayMetrics
+from shared.bus.base import Bus
+from shared.config import Settings
+
+# Served model names for the OpenAI-compatible API: name -> task.
+CHAT_MODELS: dict[str, str] = {
+    "asyncthink-countdown": "countdown",
+    "asyncthink-math": "math",
+    "asyncthink-sudoku": "sudoku",
+}
+
+
+@dataclass
+class GatewayState:
+    settings: Settings
+    bus: Bus
+    session_factory: sessionmaker[Session]
+    metrics: GatewayMetrics
+    model_id: str  # the served model (weights) every episode of this gateway names
+    embedded: bool  # an organizer runs inside this process
+    started_at: float  # unix time, for /v1/models' ``created``
+    sse_heartbeat_s: float = 15.0  # idle time between SSE heartbeat comments
+    publish_timeout_s: float = 5.0  # a bus publish slower than this fails the submission
+    probe_timeout_s: float = 5.0  # /readyz waits this long per dependency
+    chat_models: dict[str, str] = field(default_factory=lambda: dict(CHAT_MODELS))
+    organizer_task: asyncio.Task[None] | None = None

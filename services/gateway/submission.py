@@ -1,0 +1,242 @@
+"""Submitting an episode and following it: the logic shared by ``/v1/problems`` and ``/v1/chat/completions``.
+
+Submission order, so that nothing is half-written:
+
+1. the request is validated (pydantic bounds, then the task's ``problem_from_payload``); any error is a
+   :class:`~services.gateway.errors.SubmissionError` with status 422 and nothing is stored;
+2. the ``pending`` episode row is written and committed (a database failure is a 503 and nothing is
+   published);
+3. :class:`~shared.messages.SubmitProblem` is published on ``PROBLEMS_STREAM``; if that fails or takes
+   longer than ``publish_timeout_s``, the stored row is marked ``failed`` with the reason and the answer
+   is a 503, so no pending episode waits forever for an organizer that will never see it.
+
+Following an episode reads its event stream with ``bus.read`` (blocking reads, so no busy polling) and,
+whenever the stream is idle, checks the stored status, so an episode whose events were trimmed or never
+published (a failed submission) still ends the wait.
+
+Limits: database calls are synchronous SQLAlchemy run in a worker thread (``asyncio.to_thread``) so the
+event loop (and, in embedded mode, the organizer sharing it) never waits on them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from sqlalchemy.orm import Session
+
+from services.gateway.errors import SubmissionError
+from services.gateway.schemas import EpisodeOptions
+from services.gateway.state import GatewayState
+from shared.messages import PROBLEMS_STREAM, EpisodeEvent, SubmitProblem, events_stream
+from shared.store import mask_url, repository
+from shared.store.models import FINISHED_STATUSES, Episode, utcnow
+from shared.tasks import get_task
+from shared.tasks.base import Problem
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+TERMINAL_EVENTS = ("finished",)  # the engine always ends an episode's events with "finished"
+FAILURE_EVENTS = ("failed",)  # sent before "finished"; the organizer may send it alone if it cannot run one
+
+
+def problem_from_request(task_name: str, payload: dict[str, Any], problem_id: str | None = None) -> Problem:
+    """The task's problem for ``payload``; :class:`SubmissionError` (422) with the task's message otherwise."""
+    try:
+        task = get_task(task_name)
+    except ValueError as err:
+        raise SubmissionError(422, str(err), param="task") from err
+    try:
+        return task.problem_from_payload(payload, problem_id)
+    except ValueError as err:
+        raise SubmissionError(422, f"invalid {task_name} payload: {err}", param="payload") from err
+
+
+async def in_thread(session_factory: Callable[[], Session], fn: Callable[[Session], T]) -> T:
+    """Run ``fn(session)`` with a fresh session in a worker thread."""
+
+    def run() -> T:
+        with session_factory() as session:
+            return fn(session)
+
+    return await asyncio.to_thread(run)
+
+
+def _mark_failed(session: Session, episode_id: str, error: str) -> None:
+    # The repository has no "fail a pending episode" writer yet; this is the one write the gateway
+    # makes beside create_episode, and it only touches a row that is still pending.
+    episode = session.get(Episode, episode_id)
+    if episode is not None and episode.status == "pending":
+        episode.status = "failed"
+        episode.error = error
+        episode.finished_at = utcnow()
+        session.commit()
+
+
+async def submit_episode(
+    state: GatewayState,
+    *,
+    problem: Problem,
+    options: EpisodeOptions,
+    model: str | None,
+    api: str,
+) -> str:
+    """Store a pending episode, then queue it for an organizer; returns the episode id (see module doc)."""
+    task = get_task(problem.task)
+    capacity = options.capacity or task.default_capacity
+    episode_id = uuid.uuid4().hex
+    config = options.model_dump(mode="json") | {"model": model}
+
+    def create(session: Session) -> None:
+        repository.create_episode(
+            session,
+            episode_id=episode_id,
+            problem=problem,
+            mode=options.mode,
+            capacity=capacity,
+            model_id=model or state.model_id,
+            config=config,
+        )
+
+    try:
+        await in_thread(state.session_factory, create)
+    except Exception as err:
+        state.metrics.submit_failures.labels("database").inc()
+        log.exception("storing episode %s failed", episode_id)
+        where = mask_url(state.settings.database_url)
+        raise SubmissionError(
+            503,
+            f"the database at {where} did not accept the episode ({type(err).__name__}: {err}); nothing was queued",
+        ) from err
+
+    message = SubmitProblem(
+        episode_id=episode_id,
+        task=problem.task,
+        problem_id=problem.id,
+        payload=problem.payload,
+        mode=options.mode.value,
+        capacity=options.capacity,
+        organizer_budget=options.organizer_budget,
+        worker_budget=options.worker_budget,
+        parallel_k=options.parallel_k,
+        temperature=options.temperature,
+        top_p=options.top_p,
+        seed=options.seed,
+        model=model,
+    )
+    try:
+        await asyncio.wait_for(
+            state.bus.publish(PROBLEMS_STREAM, {"data": message.model_dump_json()}), state.publish_timeout_s
+        )
+    except Exception as err:
+        state.metrics.submit_failures.labels("bus").inc()
+        reason = "timed out" if isinstance(err, TimeoutError) else f"{type(err).__name__}: {err}"
+        error = f"could not queue the episode on the bus ({reason})"
+        log.error("episode %s: %s", episode_id, error)
+        try:
+            await in_thread(state.session_factory, lambda s: _mark_failed(s, episode_id, error))
+        except Exception:
+            log.exception("marking episode %s failed also failed", episode_id)
+        raise SubmissionError(
+            503, f"{error}; episode {episode_id} is marked failed, submit again", episode_id=episode_id
+        ) from err
+    state.metrics.episodes_submitted.labels(problem.task, options.mode.value, api).inc()
+    return episode_id
+
+
+# ----------------------------------------------------------------------------- following an episode
+@dataclass(frozen=True)
+class StreamItem:
+    entry_id: str | None  # the stream entry id; None for an event synthesised from the store
+    event: EpisodeEvent | None  # None: the stream was idle for one heartbeat period
+
+
+def finished_event_from_row(episode: Episode) -> EpisodeEvent:
+    """A ``finished`` event built from a stored episode (its events are gone or were never published)."""
+    return EpisodeEvent(
+        episode_id=episode.id,
+        seq=0,
+        kind="finished",
+        clock=episode.latency or 0,
+        data={
+            "status": episode.status,
+            "answer": episode.answer,
+            "accuracy": episode.accuracy,
+            "reward": episode.reward_total,
+            "latency": episode.latency,
+            "eta": episode.eta,
+            "error": episode.error,
+            "from_store": True,
+        },
+    )
+
+
+async def stored_status(state: GatewayState, episode_id: str) -> Episode | None:
+    return await in_thread(state.session_factory, lambda s: repository.get_episode(s, episode_id))
+
+
+async def follow_events(
+    state: GatewayState, episode_id: str, *, after: str = "0", heartbeat_s: float | None = None
+) -> AsyncGenerator[StreamItem, None]:
+    """Yield the episode's events after ``after`` until ``finished``; an idle period yields a heartbeat.
+
+    If the stream is idle and the stored episode is already final, a ``finished`` event built from the
+    store ends the stream (events trimmed or never published). After a ``failed`` event the stream
+    ends at the first idle period if no ``finished`` follows.
+    """
+    stream = events_stream(episode_id)
+    heartbeat_ms = max(1, int(1000 * (heartbeat_s if heartbeat_s is not None else state.sse_heartbeat_s)))
+    failed = False
+    first = True  # the first look does not wait: a finished episode whose events are gone ends at once
+    while True:
+        block_ms = 0 if first else 1000 if failed else heartbeat_ms
+        first = False
+        entries = await state.bus.read(stream, after=after, count=100, block_ms=block_ms)
+        if not entries:
+            if failed:
+                return
+            row = await stored_status(state, episode_id)
+            if row is not None and row.status in FINISHED_STATUSES:
+                # One more non-blocking read: the finished event may have landed after the status.
+                entries = await state.bus.read(stream, after=after, count=100, block_ms=0)
+                if not entries:
+                    yield StreamItem(None, finished_event_from_row(row))
+                    return
+            else:
+                yield StreamItem(None, None)
+                continue
+        for entry in entries:
+            after = entry.id
+            try:
+                event = EpisodeEvent.model_validate_json(entry.fields.get("data", ""))
+            except ValueError:
+                log.warning("skipping malformed event %s on %s", entry.id, stream)
+                continue
+            yield StreamItem(entry.id, event)
+            if event.kind in TERMINAL_EVENTS:
+                return
+            if event.kind in FAILURE_EVENTS:
+                failed = True
+
+
+async def wait_finished(state: GatewayState, episode_id: str, *, settle_s: float = 5.0) -> Episode | None:
+    """After the ``finished`` event, the stored row once the organizer has written its final status.
+
+    The organizer may publish ``finished`` a moment before its final write commits; this polls the
+    row (with backoff) for up to ``settle_s`` and returns whatever is stored then.
+    """
+    delay = 0.01
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settle_s
+    while True:
+        row = await stored_status(state, episode_id)
+        if row is None or row.status in FINISHED_STATUSES or loop.time() >= deadline:
+            return row
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.25)
