@@ -25,9 +25,10 @@ class RewardConfig:
     # (the paper's "without R_η" ablation).
     concurrency_weight: float = 0.2
     # τ: cap on η/c in R_η = min(η/c, τ)/τ; in (0, 1]. Beyond η/c = τ more forking earns nothing.
-    # Mind that η >= 1 whenever some agent is decoding, so η/c >= 1/c: with c = 2 a τ of 0.5 or less
-    # gives R_η = 1 even without concurrency; pick τ > 1/c for the reward to carry a signal.
-    tau: float = 0.5
+    # η >= 1 whenever some agent is decoding, so η/c >= 1/c: with c = 2 a τ of 0.5 or less would give
+    # R_η = 1 without any concurrency. The default 0.75 carries a signal for c = 2 (no forks: 0.67) and
+    # c = 4 (no forks: 0.33), and caps the reward below full occupancy against reward hacking.
+    tau: float = 0.75
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.format_error_reward) or self.format_error_reward >= 0:
@@ -41,7 +42,7 @@ class RewardConfig:
                 "use 0 to disable the concurrency reward"
             )
         if not math.isfinite(self.tau) or not 0 < self.tau <= 1:
-            raise ValueError(f"tau (τ) must be in (0, 1] (got {self.tau}); the paper-style default is 0.5")
+            raise ValueError(f"tau (τ) must be in (0, 1] (got {self.tau}); the default is 0.75")
 
 
 @dataclass(frozen=True)
@@ -76,7 +77,7 @@ def total_reward(
 ) -> RewardParts:
     """The episode reward and its parts.
 
-    >>> total_reward(1.0, 1.5, 2, False).total  # 1 + 0.2 * min(0.75, 0.5) / 0.5
+    >>> total_reward(1.0, 1.5, 2, False).total  # 1 + 0.2 * min(0.75, 0.75) / 0.75
     1.2
     >>> total_reward(1.0, 1.5, 2, True).total
     -1.0

@@ -143,12 +143,17 @@ def split_answer(answer: str) -> list[str]:
 
 
 def score_expressions(exprs: Sequence[str], numbers: Sequence[int], target: int, n_solutions: int) -> Score:
-    """Score a list of expressions: distinct valid ones, up to ``n_solutions``, over ``n_solutions``."""
+    """Score a list of expressions: distinct valid ones among the first ``n_solutions``, over ``n_solutions``.
+
+    Only the first ``n_solutions`` expressions count (the task asks for that many), so listing many
+    guesses cannot buy accuracy; the rest are reported as ``ignored``.
+    """
     valid: list[str] = []
     invalid: list[dict[str, str]] = []
     duplicate: list[str] = []
     seen: set[Canonical] = set()
-    for text in exprs:
+    ignored = list(exprs[n_solutions:])
+    for text in exprs[:n_solutions]:
         try:
             key = check_solution(text, numbers, target)
         except ExprError as err:
@@ -164,7 +169,7 @@ def score_expressions(exprs: Sequence[str], numbers: Sequence[int], target: int,
         accuracy=min(correct, n_solutions) / n_solutions,
         correct=correct,
         needed=n_solutions,
-        details={"valid": valid, "invalid": invalid, "duplicate": duplicate},
+        details={"valid": valid, "invalid": invalid, "duplicate": duplicate, "ignored": ignored},
     )
 
 

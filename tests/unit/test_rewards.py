@@ -23,10 +23,12 @@ def test_concurrency_reward(eta: float, capacity: int, tau: float, expected: flo
 
 
 def test_total_reward() -> None:
-    assert total_reward(1.0, 1.0, 4, False) == RewardParts(
-        accuracy=1.0, concurrency=0.5, format_error=False, total=1.1
-    )
-    assert total_reward(0.75, 2.0, 4, False).total == pytest.approx(0.95)
+    parts = total_reward(1.0, 1.0, 4, False)  # η/c = 0.25, τ = 0.75 -> R_η = 1/3
+    assert (parts.accuracy, parts.format_error) == (1.0, False)
+    assert parts.concurrency == pytest.approx(1 / 3)
+    assert parts.total == pytest.approx(1.0 + 0.2 / 3)
+    assert total_reward(0.75, 2.0, 4, False).total == pytest.approx(0.75 + 0.2 * 2 / 3)
+    assert total_reward(1.0, 2.0, 2, False).concurrency == 1.0  # η/c = 1 is capped at τ
     assert total_reward(1.0, 4.0, 4, True) == RewardParts(
         accuracy=0.0, concurrency=0.0, format_error=True, total=-1.0
     )
@@ -63,3 +65,12 @@ def test_doctests() -> None:
     import shared.rewards
 
     assert doctest.testmod(shared.rewards).failed == 0
+
+
+def test_docstring_examples() -> None:
+    import doctest
+
+    import shared.rewards
+
+    failures, tried = doctest.testmod(shared.rewards)
+    assert tried > 0 and failures == 0

@@ -370,7 +370,9 @@ def test_score_counts_distinct_valid_solutions() -> None:
     assert s.accuracy == 0.5 and s.correct == 2 and s.needed == 4
     assert s.details["valid"] == ["50+25", "3*25"]
     assert s.details["duplicate"] == ["25+50", "(50+25)*(8-7)"]
-    assert [d["expr"] for d in s.details["invalid"]] == ["50+7", "25*3*3"]
+    assert s.details["ignored"] == ["50+7", "25*3*3"]  # only the first n_s expressions count
+    bad = TASK.score(p, "50+7; 25*3*3; 50+25")
+    assert [d["expr"] for d in bad.details["invalid"]] == ["50+7", "25*3*3"] and bad.correct == 1
     full = TASK.score(problem([3, 7, 25, 50], 75), "50+25; 3*25; 3*(50-25); (7*25+50)/3")
     assert full.accuracy == 1.0 and full.correct == 4
     assert TASK.score(p, None).accuracy == 0.0
@@ -380,7 +382,10 @@ def test_score_counts_distinct_valid_solutions() -> None:
 def test_score_caps_at_n_solutions() -> None:
     p = problem([3, 7, 25, 50], 75, n_s=2)
     s = TASK.score(p, "50+25; 3*25; 3*(50-25)")
-    assert s.accuracy == 1.0 and s.correct == 3 and s.needed == 2
+    assert s.accuracy == 1.0 and s.correct == 2 and s.needed == 2
+    assert s.details["ignored"] == ["3*(50-25)"]
+    spam = TASK.score(problem([3, 7, 25, 50], 75), "1+1; 2+2; 3+3; 4+4; 50+25; 3*25; 3*(50-25); (7*25+50)/3")
+    assert spam.accuracy == 0.0  # guesses past the first n_s buy nothing
 
 
 def test_aggregate_ranks_by_traces() -> None:
