@@ -2,7 +2,7 @@
 
 * :class:`StoreSink` persists each worker segment as soon as its ``segment`` event arrives
   (``repository.save_segment``), in a thread (``asyncio.to_thread``) so the event loop never waits on
-  the database. A segment is unique per ``(episode_id, agent)`` in the store, so a repeated event (a
+  the database; in background mode the write does not delay the episode at all. A segment is unique per ``(episode_id, agent)`` in the store, so a repeated event (a
   redelivered worker, a recursive child reported twice) replaces the row instead of duplicating it.
 * :class:`BusSink` publishes every :class:`~shared.messages.EpisodeEvent` as JSON (field ``data``) to
   ``events_stream(episode_id)``, where the gateway's SSE endpoint tails it.
@@ -22,6 +22,7 @@ best-effort observations: a sink error never fails an episode (the engine swallo
 from __future__ import annotations
 
 import asyncio
+import collections
 import importlib
 import logging
 import os
@@ -56,11 +57,19 @@ def open_service_backend(settings: Settings) -> ModelBackend:
 
 
 class StoreSink:
-    """Saves each worker segment to the store as it completes (``segment`` events only)."""
+    """Saves each worker segment to the store as it completes (``segment`` events only).
 
-    def __init__(self, session_factory: Callable[[], Any], episode_id: str) -> None:
+    ``background=True`` (the organizer's choice): ``emit`` starts the write in a thread and returns at
+    once, so a database round trip never delays the join waiting for that worker; :meth:`drain` waits
+    for the writes and must run before the final ``save_episode`` (else a late live write, which has
+    no token ids, could replace the complete row).
+    """
+
+    def __init__(self, session_factory: Callable[[], Any], episode_id: str, *, background: bool = False) -> None:
         self.session_factory = session_factory
         self.episode_id = episode_id
+        self.background = background
+        self._writes: set[asyncio.Task[None]] = set()
 
     async def emit(self, event: EpisodeEvent) -> None:
         if event.kind != "segment" or event.episode_id != self.episode_id:
@@ -69,7 +78,18 @@ class StoreSink:
         if not isinstance(data, dict):
             return
         segment = SegmentRecord.model_validate(data)
-        await asyncio.to_thread(self._save, segment)
+        if not self.background:
+            await asyncio.to_thread(self._save, segment)
+            return
+        write = asyncio.create_task(self._save_logged(segment))
+        self._writes.add(write)
+        write.add_done_callback(self._writes.discard)
+
+    async def _save_logged(self, segment: SegmentRecord) -> None:
+        try:
+            await asyncio.to_thread(self._save, segment)
+        except Exception:
+            log.exception("saving segment %s of episode %s failed", segment.agent, self.episode_id)
 
     def _save(self, segment: SegmentRecord) -> None:
         from shared.store import repository
@@ -77,18 +97,53 @@ class StoreSink:
         with self.session_factory() as session:
             repository.save_segment(session, episode_id=self.episode_id, segment=segment)
 
+    async def drain(self) -> None:
+        """Wait for every segment write started so far."""
+        while pending := [w for w in self._writes if not w.done()]:
+            await asyncio.gather(*pending, return_exceptions=True)
+
 
 class BusSink:
-    """Publishes every event to the episode's event stream (``events_stream(episode_id)``)."""
+    """Publishes every event to the episode's event stream (``events_stream(episode_id)``).
 
-    def __init__(self, bus: Bus, *, maxlen: int | None = EVENTS_MAXLEN) -> None:
+    ``background=True`` (the organizer's choice): events are queued and published in order by one
+    task, so an XADD never sits between a worker's outcome and the organizer resuming; :meth:`drain`
+    waits until the queue is empty. A publish that fails is logged and dropped (events are
+    observations; the store holds the record).
+    """
+
+    def __init__(self, bus: Bus, *, maxlen: int | None = EVENTS_MAXLEN, background: bool = False) -> None:
         self.bus = bus
         self.maxlen = maxlen
+        self.background = background
+        self._queue: collections.deque[EpisodeEvent] = collections.deque()
+        self._pump: asyncio.Task[None] | None = None
 
-    async def emit(self, event: EpisodeEvent) -> None:
+    async def _publish(self, event: EpisodeEvent) -> None:
         await self.bus.publish(
             events_stream(event.episode_id), {"data": event.model_dump_json()}, maxlen=self.maxlen
         )
+
+    async def emit(self, event: EpisodeEvent) -> None:
+        if not self.background:
+            await self._publish(event)
+            return
+        self._queue.append(event)
+        if self._pump is None or self._pump.done():
+            self._pump = asyncio.create_task(self._run_pump())
+
+    async def _run_pump(self) -> None:
+        while self._queue:
+            event = self._queue.popleft()
+            try:
+                await self._publish(event)
+            except Exception:
+                log.exception("publishing %s of episode %s failed", event.kind, event.episode_id)
+
+    async def drain(self) -> None:
+        """Wait until every event emitted so far is published."""
+        while self._pump is not None and not self._pump.done():
+            await asyncio.shield(self._pump)
 
 
 class FanoutSink:
@@ -103,6 +158,13 @@ class FanoutSink:
                 await sink.emit(event)
             except Exception:
                 log.exception("event sink %s failed on %s of episode %s", type(sink).__name__, event.kind, event.episode_id)
+
+    async def drain(self) -> None:
+        """Drain every sink that buffers (those with a ``drain`` method)."""
+        for sink in self.sinks:
+            drain = getattr(sink, "drain", None)
+            if drain is not None:
+                await drain()
 
 
 def engine_config(submission: SubmitProblem, *, worker_timeout_s: float | None = None) -> EngineConfig:

@@ -9,7 +9,8 @@ task (at most ``max_concurrent_episodes`` at once):
 2. creates the episode if the gateway did not (a submission written straight to the stream) and marks
    it ``running`` — committed before any worker is dispatched;
 3. runs the engine with a sink that saves each worker segment as it completes (:class:`StoreSink`) and
-   publishes every event to ``events_stream(episode_id)`` (:class:`BusSink`);
+   publishes every event to ``events_stream(episode_id)`` (:class:`BusSink`), both in the background
+   so neither a database write nor an XADD sits on the path from a worker's outcome to the join;
 4. saves the finished episode (``save_episode``: the episode row and every segment with its token ids
    and masks), *then* publishes the engine's ``finished`` event, so a client that sees ``finished``
    can read the stored result;
@@ -241,15 +242,20 @@ class OrganizerService:
         if not await asyncio.to_thread(self._prepare, submission, problem):
             log.info("episode %s already finished in the store; skipping the redelivered submission", eid)
             return None
-        hold = _HoldFinished(FanoutSink(StoreSink(self.session_factory, eid), BusSink(self.bus)))
+        sinks = FanoutSink(
+            StoreSink(self.session_factory, eid, background=True), BusSink(self.bus, background=True)
+        )
+        hold = _HoldFinished(sinks)
         engine = build_engine(submission, self.backend, self.endpoints, hold, worker_timeout_s=self.worker_timeout_s)
         log.info("episode %s started: task %s, mode %s, capacity %d", eid, submission.task, submission.mode, engine.capacity)
         result = await engine.run(problem, episode_id=eid)
         config = submission.model_dump(mode="json")
+        await sinks.drain()  # live segment writes land before the complete ones
         await asyncio.to_thread(self._save, result, config)
         self.episodes_done += 1
         if hold.finished is not None:
-            await hold.sink.emit(hold.finished)
+            await sinks.emit(hold.finished)
+        await sinks.drain()
         log.info(
             "episode %s %s: answer=%r T=%d eta=%.3f forks=%d wall=%.3fs%s",
             eid, result.status, result.answer, result.latency, result.eta, result.forks, result.wall_time_s,

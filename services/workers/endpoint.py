@@ -15,7 +15,8 @@
 Duplicates (a redelivered task republishes the same outcome) resolve nobody and are dropped. On
 cancellation (the engine's worker timeout, or the organizer answering before a join) the waiter is
 removed and the Celery task is revoked (best effort: a task already running still finishes and
-publishes, and the outcome is ignored).
+publishes, and the outcome is ignored). ``send_task`` is a short synchronous Redis write done on the
+event loop (a thread hop would cost more than the write).
 
 Limits: the reader reads from the start of the stream the first time, so an organizer that re-runs an
 episode after a crash sees the outcomes already published and the workers' done-markers make the
@@ -42,57 +43,71 @@ RUN_WORKER_TASK = "asyncthink.run_worker"
 
 
 class _EpisodeReader:
-    """Tails one episode's result stream and hands each outcome to the future waiting for its agent."""
+    """Tails one episode's result stream and hands each outcome to the future waiting for its agent.
 
-    def __init__(self, bus: Bus, episode_id: str, after: str, block_ms: int) -> None:
+    The reader is never cancelled: redis-py 8's asyncio client can swallow a cancellation that lands
+    while a command is being sent, leaving the blocked XREAD (and its pooled connection) alive. It
+    stops by itself instead: it forgets each waiter it resolves and leaves its loop when none is left;
+    a waiter that goes away unresolved (timeout, cancellation) wakes the blocked read with a sentinel
+    entry (``agent`` empty) so the loop can see that nobody waits any more.
+    """
+
+    def __init__(self, bus: Bus, episode_id: str, after: str, block_ms: int, on_exit: Any) -> None:
         self.bus = bus
         self.episode_id = episode_id
         self.stream = results_stream(episode_id)
         self.after = after
         self.block_ms = block_ms
+        self.on_exit = on_exit
         self.waiters: dict[str, asyncio.Future[WorkerOutcome]] = {}
         self.task: asyncio.Task[None] | None = None
+        self._wakes: set[asyncio.Task[str]] = set()
+
+    @property
+    def running(self) -> bool:
+        return self.task is not None and not self.task.done()
 
     def register(self, agent: str) -> asyncio.Future[WorkerOutcome]:
         fut: asyncio.Future[WorkerOutcome] = asyncio.get_running_loop().create_future()
         self.waiters[agent] = fut
-        if self.task is None or self.task.done():
+        if not self.running:
             self.task = asyncio.create_task(self._loop(), name=f"results-reader-{self.episode_id}")
         return fut
 
-    def unregister(self, agent: str, fut: asyncio.Future[WorkerOutcome]) -> bool:
-        """Forget ``agent``'s waiter; True when none is left (the reader has been stopped)."""
+    def discard(self, agent: str, fut: asyncio.Future[WorkerOutcome]) -> None:
+        """Forget an unresolved waiter; wake the blocked read if it was the last one."""
         if self.waiters.get(agent) is fut:
             del self.waiters[agent]
-        if self.waiters:
-            return False
-        if self.task is not None:
-            self.task.cancel()
-            self.task = None
-        return True
+            if not self.waiters and self.running:
+                wake = asyncio.create_task(self.bus.publish(self.stream, {"agent": "", "wake": "1"}))
+                self._wakes.add(wake)
+                wake.add_done_callback(self._wakes.discard)
 
     async def _loop(self) -> None:
         delay = 0.05
-        while self.waiters:
-            try:
-                entries = await self.bus.read(self.stream, after=self.after, count=100, block_ms=self.block_ms)
-                delay = 0.05
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the bus is down: keep trying; the engine's timeout bounds the wait
-                log.warning("episode %s: reading %s failed (%s); retrying in %.2fs", self.episode_id, self.stream, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-                continue
-            for entry in entries:
-                self.after = entry.id
-                fut = self.waiters.get(entry.fields.get("agent", ""))
-                if fut is None or fut.done():
-                    continue  # a duplicate, or a worker nobody waits for any more
+        try:
+            while self.waiters:
                 try:
-                    fut.set_result(WorkerOutcome.model_validate_json(entry.fields.get("data", "")))
-                except Exception as exc:  # a malformed entry fails only its own worker
-                    fut.set_exception(ValueError(f"bad outcome entry {entry.id} on {self.stream}: {exc}"))
+                    entries = await self.bus.read(self.stream, after=self.after, count=100, block_ms=self.block_ms)
+                    delay = 0.05
+                except Exception as exc:  # the bus is down: keep trying; the engine's timeout bounds the wait
+                    log.warning(
+                        "episode %s: reading %s failed (%s); retrying in %.2fs", self.episode_id, self.stream, exc, delay
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+                    continue
+                for entry in entries:
+                    self.after = entry.id
+                    fut = self.waiters.pop(entry.fields.get("agent", ""), None)
+                    if fut is None or fut.done():
+                        continue  # a duplicate, a wake-up, or a worker nobody waits for any more
+                    try:
+                        fut.set_result(WorkerOutcome.model_validate_json(entry.fields.get("data", "")))
+                    except Exception as exc:  # a malformed entry fails only its own worker
+                        fut.set_exception(ValueError(f"bad outcome entry {entry.id} on {self.stream}: {exc}"))
+        finally:
+            self.on_exit(self)
 
 
 class CeleryWorkerEndpoint:
@@ -123,15 +138,18 @@ class CeleryWorkerEndpoint:
         reader = self._readers.get(episode_id)
         if reader is None:
             after = self._positions.pop(episode_id, "0")
-            reader = self._readers[episode_id] = _EpisodeReader(self.bus, episode_id, after, self.read_block_ms)
+            reader = _EpisodeReader(self.bus, episode_id, after, self.read_block_ms, self._reader_exited)
+            self._readers[episode_id] = reader
         return reader
 
-    def _release(self, reader: _EpisodeReader, agent: str, fut: asyncio.Future[WorkerOutcome]) -> None:
-        if reader.unregister(agent, fut) and self._readers.get(reader.episode_id) is reader:
-            del self._readers[reader.episode_id]
-            self._positions[reader.episode_id] = reader.after
-            while len(self._positions) > self._remember:
-                self._positions.popitem(last=False)
+    def _reader_exited(self, reader: _EpisodeReader) -> None:
+        """A reader left its loop: forget it (remembering its position) unless it has waiters again."""
+        if reader.waiters or self._readers.get(reader.episode_id) is not reader:
+            return
+        del self._readers[reader.episode_id]
+        self._positions[reader.episode_id] = reader.after
+        while len(self._positions) > self._remember:
+            self._positions.popitem(last=False)
 
     async def run(self, task: WorkerTask) -> WorkerOutcome:
         queue = self.queue_for_endpoint.get(task.endpoint)
@@ -152,13 +170,15 @@ class CeleryWorkerEndpoint:
         fut = reader.register(task.agent)
         task_id = uuid.uuid4().hex
         try:
-            self.app.send_task(RUN_WORKER_TASK, args=[task.model_dump_json()], queue=queue, task_id=task_id)
+            self.app.send_task(
+                RUN_WORKER_TASK, args=[task.model_dump_json()], queue=queue, task_id=task_id, ignore_result=True
+            )
             return await fut
         except asyncio.CancelledError:
             self._revoke(task_id)
             raise
         finally:
-            self._release(reader, task.agent, fut)
+            reader.discard(task.agent, fut)
 
     def _revoke(self, task_id: str) -> None:
         def revoke() -> None:
@@ -168,10 +188,11 @@ class CeleryWorkerEndpoint:
         asyncio.get_running_loop().run_in_executor(None, revoke)
 
     async def close(self) -> None:
-        """Stop every reader (waiting workers are cancelled)."""
+        """Fail every waiting worker and wake the readers so they exit."""
         for reader in list(self._readers.values()):
-            for fut in reader.waiters.values():
+            for agent, fut in list(reader.waiters.items()):
                 fut.cancel()
-            if reader.task is not None:
-                reader.task.cancel()
-        self._readers.clear()
+                reader.discard(agent, fut)
+        tasks = [r.task for r in self._readers.values() if r.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=2.0)
