@@ -199,6 +199,16 @@ class AgentRunner:
         self.endpoints: dict[str | None, WorkerEndpoint] = dict(endpoints or {})
         self.endpoints.setdefault(None, ModelWorker(self))
         self.sink: EventSink = sink or NullSink()
+        self._emitters: dict[str, _Emitter] = {}
+
+    def emitter(self, episode_id: str) -> _Emitter:
+        """The episode's event emitter, shared by its organizer and in-process workers (one ``seq``)."""
+        if episode_id not in self._emitters:
+            self._emitters[episode_id] = _Emitter(episode_id, self.sink)
+        return self._emitters[episode_id]
+
+    def forget(self, episode_id: str) -> None:
+        self._emitters.pop(episode_id, None)
 
     async def run_agent(
         self,
@@ -325,12 +335,12 @@ class AgentRunner:
         for s in steps:
             if isinstance(s, tuple):
                 fid = s[1]
-                outcome = outcomes.get(fid)
-                child_tl = Timeline.from_json(outcome.timeline) if outcome else Timeline()
+                done = outcomes.get(fid)
+                child_tl = Timeline.from_json(done.timeline) if done else Timeline()
                 resolved.append(ForkStep(fid, child_tl))
-                if outcome is not None:
-                    child_segments.extend(outcome.segments)
-                    errors.extend(outcome.format_errors)
+                if done is not None:
+                    child_segments.extend(done.segments)
+                    errors.extend(done.format_errors)
                 else:
                     child_segments.append(
                         SegmentRecord(
@@ -417,8 +427,26 @@ class ModelWorker:
         self.runner = runner
 
     async def run(self, task: WorkerTask) -> WorkerOutcome:
-        emit = _Emitter(task.episode_id, self.runner.sink)
-        run = await self.runner.run_agent(
+        owns_emitter = task.episode_id not in self.runner._emitters  # a remote worker process: no organizer here
+        emit = self.runner.emitter(task.episode_id)
+        try:
+            run = await self._run(task, emit)
+        finally:
+            if owns_emitter:
+                self.runner.forget(task.episode_id)
+        seg = run.segment.model_copy(
+            update={"fork_id": task.fork_id, "parent": task.parent, "endpoint": task.endpoint, "query": task.query}
+        )
+        returned = run.final if run.final is not None else seg.text
+        return WorkerOutcome(
+            returned=returned,
+            timeline=run.timeline.to_json(),
+            segments=[seg, *run.children],
+            format_errors=run.errors,
+        )
+
+    async def _run(self, task: WorkerTask, emit: _Emitter) -> _AgentRun:
+        return await self.runner.run_agent(
             episode_id=task.episode_id,
             agent=task.agent,
             role=Role.WORKER,
@@ -431,16 +459,6 @@ class ModelWorker:
             worker_timeout_s=3600.0,
             depth=task.depth,
             emit=emit,
-        )
-        seg = run.segment.model_copy(
-            update={"fork_id": task.fork_id, "parent": task.parent, "endpoint": task.endpoint, "query": task.query}
-        )
-        returned = run.final if run.final is not None else seg.text
-        return WorkerOutcome(
-            returned=returned,
-            timeline=run.timeline.to_json(),
-            segments=[seg, *run.children],
-            format_errors=run.errors,
         )
 
 
@@ -468,7 +486,7 @@ class Engine:
 
     async def run(self, problem: Problem, *, episode_id: str | None = None) -> EpisodeResult:
         episode_id = episode_id or uuid.uuid4().hex
-        emit = _Emitter(episode_id, self.runner.sink)
+        emit = self.runner.emitter(episode_id)
         cfg = self.config
         await emit("started", task=self.task.name, problem_id=problem.id, mode=cfg.mode.value, capacity=self.capacity)
         t0 = time.monotonic()
@@ -492,6 +510,7 @@ class Engine:
             latency=result.latency,
             eta=result.eta,
         )
+        self.runner.forget(episode_id)
         return result
 
     async def _run_organizer(self, problem: Problem, episode_id: str, emit: _Emitter) -> EpisodeResult:

@@ -51,6 +51,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("service", choices=("gateway", "organizer"), help="which service")
     p.add_argument("--host", default="127.0.0.1", help="gateway bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
+    p.add_argument("options", nargs=argparse.REMAINDER,
+                   help="organizer: options passed on (see python -m services.organizer --help)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -319,7 +321,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     from services.organizer.__main__ import main as organizer_main
 
-    return int(organizer_main() or 0)
+    organizer_main(list(args.options))
+    return 0
 
 
 def _masked(url: str) -> str:
