@@ -1,0 +1,150 @@
+"""``SlotEngineBackend``: the slot engine behind the async :class:`~shared.backends.base.ModelBackend` API.
+
+Purpose: let many concurrent episodes (each an asyncio task calling ``generate``) share every decode
+step. ``generate`` hands its request to one driver thread and awaits a future; the driver admits new
+requests between steps, runs steps while anything is active, and resolves each future on the event
+loop that asked when its request finishes. The thread (not an asyncio task) keeps device syncs off
+the event loop.
+
+Limits: one engine per backend; requests from several event loops work (each future is resolved on
+its own loop); ``aclose`` aborts waiting and running requests with ``FinishReason.ABORT``; an
+exception inside a step fails every outstanding request with that exception and stops the driver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+from shared.backends.base import FinishReason, GenerateRequest, GenerateResult
+from trainer.rollout.slot_engine import EngineStats, SlotEngine
+
+
+class Tokenizer(Protocol):
+    def encode(self, text: str, **kwargs: Any) -> list[int]: ...
+
+    def decode(self, ids: list[int], **kwargs: Any) -> str: ...
+
+
+@dataclass
+class _Waiter:
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[GenerateResult]
+
+
+class SlotEngineBackend:
+    """A :class:`~shared.backends.base.ModelBackend` over a :class:`SlotEngine`."""
+
+    def __init__(
+        self,
+        engine: SlotEngine,
+        tokenizer: Tokenizer,
+        *,
+        model_id: str = "slot-engine",
+        weight_version: str = "0",
+    ) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self._weight_version = weight_version
+        self._cond = threading.Condition()
+        self._incoming: list[tuple[GenerateRequest, _Waiter]] = []
+        self._waiters: dict[int, _Waiter] = {}
+        self._closed = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drive, name="slot-engine", daemon=True)
+        self._thread.start()
+
+    # ModelBackend -----------------------------------------------------------------------------
+    @property
+    def weight_version(self) -> str:
+        return self._weight_version
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
+        except TypeError:  # a plain tokenizer without the transformers keyword
+            return list(self.tokenizer.encode(text))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    async def generate(self, request: GenerateRequest) -> GenerateResult:
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(loop, loop.create_future())
+        with self._cond:
+            if self._error is not None:
+                raise RuntimeError("the slot engine's driver stopped") from self._error
+            if self._closed:
+                raise RuntimeError("SlotEngineBackend is closed")
+            self._incoming.append((request, waiter))
+            self._cond.notify()
+        result = await waiter.future
+        if result.weight_version is None:
+            result = _with_version(result, self._weight_version)
+        return result
+
+    async def aclose(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        await asyncio.to_thread(self._thread.join)
+
+    # extras -----------------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        """Engine counters: tokens, steps, mean active slots, tokens/s (read without locking)."""
+        return self.engine.stats
+
+    def set_weight_version(self, version: str) -> None:
+        self._weight_version = version
+
+    # driver -----------------------------------------------------------------------------------
+    def _drive(self) -> None:
+        engine = self.engine
+        try:
+            while True:
+                with self._cond:
+                    while not self._incoming and not engine.has_work and not self._closed:
+                        self._cond.wait()
+                    if self._closed:
+                        break
+                    incoming, self._incoming = self._incoming, []
+                for request, waiter in incoming:
+                    try:
+                        self._waiters[engine.submit(request)] = waiter
+                    except Exception as exc:  # a request the engine refuses fails alone
+                        _settle(waiter, exc)
+                if engine.has_work:
+                    for handle, result in engine.step():
+                        _settle(self._waiters.pop(handle), result)
+        except BaseException as exc:  # a broken step fails everyone waiting
+            with self._cond:
+                self._error = exc
+                self._closed = True
+            for waiter in self._waiters.values():
+                _settle(waiter, exc)
+            for _, waiter in self._incoming:
+                _settle(waiter, exc)
+            return
+        aborted = GenerateResult(output_ids=[], text="", finish=FinishReason.ABORT)
+        for waiter in list(self._waiters.values()) + [w for _, w in self._incoming]:
+            _settle(waiter, aborted)
+
+
+def _with_version(result: GenerateResult, version: str) -> GenerateResult:
+    return replace(result, weight_version=version)
+
+
+def _settle(waiter: _Waiter, outcome: GenerateResult | BaseException) -> None:
+    def apply() -> None:
+        if waiter.future.done():
+            return
+        if isinstance(outcome, BaseException):
+            waiter.future.set_exception(outcome)
+        else:
+            waiter.future.set_result(outcome)
+
+    if not waiter.loop.is_closed():
+        waiter.loop.call_soon_threadsafe(apply)

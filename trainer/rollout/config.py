@@ -1,0 +1,61 @@
+"""Configuration and counters of the slot engine (plain dataclasses, no torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class SlotEngineConfig:
+    """Sizes and switches of a :class:`SlotEngine`."""
+
+    max_slots: int = 256  # sequences decoding at once (KV-cache slots)
+    max_len: int = 2048  # tokens per slot: prompt + injected text + output
+    batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)  # graph batch sizes
+    min_ctx_bucket: int = 128  # smallest attention window; windows double up to max_len + 1
+    cuda_graphs: bool = True  # capture and replay the decode step on CUDA (ignored on CPU)
+    prefill_token_budget: int = 65536  # padded (sequences x context) per prefill call
+    reuse_prefix: bool = True  # keep finished slots' caches for continuations
+    pipeline: bool = True  # launch step t+1 before reading step t back (CUDA only gains)
+    admit_interval: int = 8  # admit at most every this many steps while slots are busy (batches prefills)
+    admit_batch: int = 0  # ...or as soon as this many can be admitted (0: max_slots // 16)
+    seed: int = 0  # seeds for requests that bring none
+    dtype: str | None = None  # "bfloat16" / "float32"; default bf16 on CUDA, fp32 on CPU
+
+    def __post_init__(self) -> None:
+        if self.max_slots < 1:
+            raise ValueError(f"max_slots must be >= 1, got {self.max_slots}")
+        if self.max_len < 2:
+            raise ValueError(f"max_len must be >= 2, got {self.max_len}")
+        if self.min_ctx_bucket < 1:
+            raise ValueError(f"min_ctx_bucket must be >= 1, got {self.min_ctx_bucket}")
+
+
+@dataclass
+class EngineStats:
+    """Counters since the engine was built (or since :meth:`SlotEngine.reset_stats`)."""
+
+    steps: int = 0  # decode steps launched
+    tokens: int = 0  # output tokens delivered to requests
+    active_slot_steps: int = 0  # sum over steps of busy slots
+    padded_slot_steps: int = 0  # sum over steps of the batch bucket
+    prefill_tokens: int = 0  # prompt tokens run through prefill
+    reused_tokens: int = 0  # prompt tokens found in a retained slot's cache
+    requests: int = 0  # requests finished
+    graphs: int = 0  # CUDA graphs captured
+    busy_s: float = 0.0  # wall time inside step()
+    admit_s: float = 0.0  # of which: admission (host work and prefill launches)
+    wait_s: float = 0.0  # of which: waiting for the device to finish a step
+
+    @property
+    def mean_active(self) -> float:
+        return self.active_slot_steps / self.steps if self.steps else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.busy_s if self.busy_s else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        out = {k: float(v) for k, v in self.__dict__.items()}
+        out.update(mean_active=self.mean_active, tokens_per_s=self.tokens_per_s)
+        return out

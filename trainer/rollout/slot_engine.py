@@ -1,0 +1,545 @@
+"""The batched slot engine: many sequences from many episodes share each decode step.
+
+Purpose: fast GRPO rollouts for Qwen2-shaped models (DESIGN.md §7). One preallocated KV cache
+``[layers, slots, kv_heads, max_len + 1, head_dim]`` holds one *slot* per running sequence (an
+organizer or a worker of any episode). Between decode steps the engine
+
+- **admits** waiting requests into free slots (batched prefill of every prompt token but the last;
+  the decode step feeds the last one and samples the first output token). While slots are busy,
+  admission waits for a batch of ready requests or at most ``admit_interval`` steps, because each
+  eager prefill launch costs milliseconds of host time,
+- **retires** finished requests (EOS, ``max_new_tokens``, the stop regex), freeing their slots, and
+- **reuses a prefix**: a finished sequence's slot keeps its K/V and its token ids; a later request
+  whose ``input_ids`` start with exactly those ids (an organizer resuming after a fork stop, or after a
+  join appended the worker's text) takes that slot and prefills only the appended ids. Otherwise, or
+  once the slot was needed for someone else, it gets a full prefill.
+
+The decode step runs over slots ``0 .. B-1`` (``B`` the smallest batch bucket holding the highest
+busy slot; idle slots in that range compute into a scratch column) and attends over the first
+``n_ctx`` cache columns (the smallest context bucket past every busy slot's position). On CUDA each
+``(B, n_ctx, sampling mode)`` step is captured once as a CUDA graph and replayed; on CPU it runs
+eagerly. The sampled tokens stay on the device as the next step's input, so the engine keeps one step
+in flight: it launches step ``t + 1`` before reading step ``t``'s tokens back and checking stops on the
+CPU. A sequence that finishes at step ``t`` therefore computes one extra token, which is dropped.
+
+Stop checks: EOS and length on every token; the stop regex only after tokens that can end a match
+(see :mod:`trainer.rollout.stops`), on the decode of the whole output so far.
+
+Limits: one device, one process; no paged or shared-prefix cache (two episodes with one prompt each
+prefill it); a prompt must be shorter than ``max_len`` (``submit`` raises otherwise) and generation
+stops with ``LENGTH`` when the slot's cache is full; ``update_weights`` copies new weights in place
+(graphs stay valid) but the caller must not call it while a step is in flight on another thread.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from shared.backends.base import FinishReason, GenerateRequest, GenerateResult, find_stop
+from trainer.rollout import qwen2
+from trainer.rollout.config import EngineStats, SlotEngineConfig
+from trainer.rollout.sampling import SampleMode, sample
+from trainer.rollout.slots import SlotPool
+from trainer.rollout.stops import trigger_chars, trigger_ids
+from trainer.rollout.upload import Uploader
+
+
+class Decoder(Protocol):
+    """The one tokenizer method the engine needs (a transformers tokenizer has it)."""
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+@dataclass(eq=False)
+class _Seq:
+    """A request while it holds a slot (or waits for one)."""
+
+    handle: int
+    request: GenerateRequest
+    max_new: int
+    pattern: re.Pattern[str] | None
+    triggers: frozenset[int] | None  # ids after which to check the pattern; None: after every id
+    mode: SampleMode
+    seed: int
+    out: list[int] = field(default_factory=list)
+    cached: int = 0  # prompt tokens reused from a retained slot
+    checked: int = 0  # output characters already searched for the stop pattern
+    done: bool = False
+
+
+@dataclass
+class _Inflight:
+    host: Tensor  # [B] sampled ids, on the CPU (pinned on CUDA)
+    event: torch.cuda.Event | None
+    seqs: list[_Seq | None]  # who owned each row when the step was launched
+
+
+def _buckets_up_to(values: tuple[int, ...], cap: int) -> list[int]:
+    out = sorted({v for v in values if 0 < v < cap} | {cap})
+    return out
+
+
+class SlotEngine:
+    """Synchronous core: ``submit`` requests, call ``step`` until ``has_work`` is false.
+
+    Not thread-safe; :class:`trainer.rollout.backend.SlotEngineBackend` drives it from one thread.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Decoder,
+        config: SlotEngineConfig | None = None,
+        *,
+        device: str | torch.device | None = None,
+        eos_token_ids: list[int] | None = None,
+    ) -> None:
+        self.config = cfg = config or SlotEngineConfig()
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype_name = cfg.dtype or ("bfloat16" if self.device.type == "cuda" else "float32")
+        self.dtype: torch.dtype = getattr(torch, dtype_name)
+        self.tokenizer = tokenizer
+        self.weights = qwen2.Qwen2Weights.from_hf(model, device=self.device, dtype=self.dtype)
+        self.eos_ids = frozenset(eos_token_ids if eos_token_ids is not None else _eos_from(model, tokenizer))
+        w, slots, max_len = self.weights, cfg.max_slots, cfg.max_len
+        n_layers = len(w.layers)
+        # [layers, slots, kv_heads, max_len + 1, head_dim]; column max_len is the scratch column
+        cache_shape = (n_layers, slots, w.n_kv_heads, max_len + 1, w.head_dim)
+        self.k_cache = torch.zeros(cache_shape, device=self.device, dtype=self.dtype)
+        self.v_cache = torch.zeros(cache_shape, device=self.device, dtype=self.dtype)
+        self.cos, self.sin = w.rope_table(max_len + 1)  # [max_len + 1, hd] each
+        dev = self.device
+        # per-slot device state read by the decode step, all [slots]
+        self.tokens = torch.zeros(slots, dtype=torch.long, device=dev)  # next id to feed
+        self.pos = torch.full((slots,), max_len, dtype=torch.long, device=dev)  # its position
+        self.active = torch.zeros(slots, dtype=torch.long, device=dev)  # 1 while busy
+        self.counters = torch.zeros(slots, dtype=torch.long, device=dev)  # tokens sampled so far
+        self.seeds = torch.zeros(slots, dtype=torch.long, device=dev)
+        self.temperature = torch.zeros(slots, dtype=torch.float32, device=dev)
+        self.top_p = torch.ones(slots, dtype=torch.float32, device=dev)
+        self.top_k = torch.full((slots,), w.vocab_size, dtype=torch.long, device=dev)
+        self.sampled = torch.zeros(slots, dtype=torch.long, device=dev)  # the step's output
+        self.batch_buckets = _buckets_up_to(cfg.batch_buckets, slots)
+        ctx = [cfg.min_ctx_bucket]
+        while ctx[-1] < max_len + 1:
+            ctx.append(ctx[-1] * 2)
+        self.ctx_buckets = _buckets_up_to(tuple(ctx), max_len + 1)
+        self.use_graphs = cfg.cuda_graphs and self.device.type == "cuda"
+        self._graphs: dict[tuple[int, int, SampleMode], torch.cuda.CUDAGraph] = {}
+        self._graph_pool: Any = None
+        self._host_bufs: list[Tensor] = []
+        # CPU-side state
+        self._slot_seq: list[_Seq | None] = [None] * slots
+        self._slot_pos = [max_len] * slots  # mirrors self.pos for busy slots
+        self._pool = SlotPool(slots)  # free and retained slots
+        capacity = cfg.prefill_token_budget + 4 * slots
+        self._ints = Uploader(self.device, torch.long, capacity)
+        self._floats = Uploader(self.device, torch.float32, 2 * slots)
+        self._pending: deque[_Seq] = deque()
+        self._last_admit = 0  # stats.steps at the last admission
+        self._inflight: deque[_Inflight] = deque()
+        self._mode_counts = {m: 0 for m in SampleMode}
+        self._trigger_cache: dict[frozenset[str], frozenset[int]] = {}
+        self._next_handle = 0
+        self._seed_rng = torch.Generator().manual_seed(cfg.seed)
+        self.stats = EngineStats()
+
+    # ------------------------------------------------------------------ construction helpers
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        config: SlotEngineConfig | None = None,
+        *,
+        tokenizer: Decoder | None = None,
+        device: str | torch.device | None = None,
+    ) -> SlotEngine:
+        """Load ``Qwen2ForCausalLM`` weights (and, unless given, the tokenizer) from a local directory."""
+        from transformers import AutoTokenizer, Qwen2ForCausalLM
+
+        model = Qwen2ForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        tok: Any = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(str(path))
+        return cls(model, tok, config, device=device)
+
+    def update_weights(self, model: torch.nn.Module) -> None:
+        """Copy a model's weights into the engine's tensors in place (captured graphs stay valid)."""
+        new = qwen2.Qwen2Weights.from_hf(model, device=self.device, dtype=self.dtype)
+        pairs: list[tuple[Tensor | None, Tensor | None]] = [
+            (self.weights.embed, new.embed),
+            (self.weights.norm, new.norm),
+            (self.weights.lm_head, new.lm_head),
+        ]
+        for old_l, new_l in zip(self.weights.layers, new.layers, strict=True):
+            pairs += [(getattr(old_l, f), getattr(new_l, f)) for f in old_l.__dataclass_fields__]
+        for dst, src in pairs:
+            if dst is not None and src is not None:
+                dst.copy_(src)
+        self._pool.forget_caches()  # cached K/V came from the old weights
+
+    # ------------------------------------------------------------------ public API
+    def submit(self, request: GenerateRequest) -> int:
+        """Queue a request; returns its handle (results come back from :meth:`step`)."""
+        n = len(request.input_ids)
+        if n == 0:
+            raise ValueError("input_ids is empty; a request needs at least one token")
+        if n >= self.config.max_len:
+            raise ValueError(
+                f"prompt of {n} tokens does not fit a slot of max_len={self.config.max_len}; raise max_len"
+            )
+        sp = request.sampling
+        mode = SampleMode.GREEDY
+        if sp.temperature > 0:
+            filtered = sp.top_p < 1.0 or 0 < sp.top_k < self.weights.vocab_size
+            mode = SampleMode.FILTERED if filtered else SampleMode.SAMPLE
+        if sp.seed is not None:
+            seed = sp.seed
+        else:
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self._seed_rng))
+        pattern = re.compile(request.stop_regex) if request.stop_regex else None
+        seq = _Seq(
+            handle=self._next_handle,
+            request=request,
+            max_new=min(request.max_new_tokens, self.config.max_len - n + 1),
+            pattern=pattern,
+            triggers=self._triggers_for(pattern) if pattern is not None else None,
+            mode=mode,
+            seed=seed,
+        )
+        self._next_handle += 1
+        self._pending.append(seq)
+        return seq.handle
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._pending or self._inflight or any(self._slot_seq))
+
+    @property
+    def n_active(self) -> int:
+        return sum(s is not None for s in self._slot_seq)
+
+    @property
+    def n_pending(self) -> int:
+        return len(self._pending)
+
+    @torch.no_grad()
+    def step(self) -> list[tuple[int, GenerateResult]]:
+        """Admit, launch one decode step, and read back the oldest step in flight.
+
+        Returns ``(handle, result)`` for every request that finished.
+        """
+        t0 = time.perf_counter()
+        finished: list[tuple[int, GenerateResult]] = []
+        self._admit(finished)
+        self.stats.admit_s += time.perf_counter() - t0
+        launched = self._launch()
+        depth = 1 if (launched and self.config.pipeline and self.device.type == "cuda") else 0
+        while len(self._inflight) > depth:
+            self._process(self._inflight.popleft(), finished)
+        self.stats.busy_s += time.perf_counter() - t0
+        return finished
+
+    def run(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
+        """Run ``requests`` to completion; results in request order."""
+        handles = [self.submit(r) for r in requests]
+        results: dict[int, GenerateResult] = {}
+        while self.has_work:
+            results.update(self.step())
+        return [results[h] for h in handles]
+
+    def reset_stats(self) -> None:
+        self.stats = EngineStats(graphs=self.stats.graphs)
+        self._last_admit = 0
+
+    @torch.no_grad()
+    def capture_graphs(self, modes: tuple[SampleMode, ...] = (SampleMode.SAMPLE,)) -> None:
+        """Capture every ``(batch, context)`` bucket for ``modes`` now rather than on first use."""
+        if not self.use_graphs:
+            return
+        for mode in modes:
+            for bsz in self.batch_buckets:
+                for n_ctx in self.ctx_buckets:
+                    self._graph(bsz, n_ctx, mode)
+
+    # ------------------------------------------------------------------ admission
+    def _triggers_for(self, pattern: re.Pattern[str]) -> frozenset[int] | None:
+        chars = trigger_chars(pattern)
+        if chars is None:
+            return None
+        if chars not in self._trigger_cache:
+            self._trigger_cache[chars] = trigger_ids(self.tokenizer.decode, self.weights.vocab_size, chars)
+        return self._trigger_cache[chars]
+
+    def _admit_now(self) -> bool:
+        """Admit on this step? Prefill launches cost host time, so while the device is busy they wait
+        for a batch (``admit_batch`` ready requests) or at most ``admit_interval`` steps."""
+        if not self._pending:
+            return False
+        n_busy = self.config.max_slots - self._pool.n_available
+        if n_busy == 0 or self.stats.steps - self._last_admit >= self.config.admit_interval:
+            return True
+        ready = min(len(self._pending), self._pool.n_available)
+        return ready >= (self.config.admit_batch or max(1, self.config.max_slots // 16))
+
+    def _admit(self, finished: list[tuple[int, GenerateResult]]) -> None:
+        if not self._admit_now():
+            return
+        self._last_admit = self.stats.steps
+        admitted: list[tuple[int, _Seq, int]] = []  # (slot, seq, cached length)
+        while self._pending:
+            seq = self._pending[0]
+            if seq.max_new <= 0:
+                self._pending.popleft()
+                finished.append((seq.handle, self._result(seq, FinishReason.LENGTH, None)))
+                continue
+            found = None
+            if self.config.reuse_prefix:
+                found = self._pool.take_continuation(seq.request.session, seq.request.input_ids)
+            if found is not None:
+                slot, start = found
+            else:
+                start = 0
+                free = self._pool.take_free()
+                if free is None:
+                    break
+                slot = free
+            self._pending.popleft()
+            admitted.append((slot, seq, start))
+        if not admitted:
+            return
+        # prefill everything but the last id (the decode step feeds that one), in token-budget chunks
+        todo = [(slot, seq, start) for slot, seq, start in admitted if len(seq.request.input_ids) - 1 > start]
+        todo.sort(key=lambda t: len(t[1].request.input_ids))
+        chunk: list[tuple[int, _Seq, int]] = []
+        for item in todo:
+            width = len(item[1].request.input_ids)
+            if chunk and (len(chunk) + 1) * width > self.config.prefill_token_budget:
+                self._prefill(chunk)
+                chunk = []
+            chunk.append(item)
+        if chunk:
+            self._prefill(chunk)
+        # per-slot state, one indexed write per buffer
+        slots = [slot for slot, _, _ in admitted]
+        for slot, seq, start in admitted:
+            seq.cached = start
+            self.stats.reused_tokens += start
+            self._slot_seq[slot] = seq
+            self._slot_pos[slot] = len(seq.request.input_ids) - 1
+            self._mode_counts[seq.mode] += 1
+        seqs = [seq for _, seq, _ in admitted]
+        vocab = self.weights.vocab_size
+        idx, tokens, pos, seeds, top_k = self._ints.upload(
+            slots,
+            [s.request.input_ids[-1] for s in seqs],
+            [len(s.request.input_ids) - 1 for s in seqs],
+            [s.seed for s in seqs],
+            [s.request.sampling.top_k if s.request.sampling.top_k > 0 else vocab for s in seqs],
+        )
+        temperature, top_p = self._floats.upload(
+            [s.request.sampling.temperature for s in seqs], [s.request.sampling.top_p for s in seqs]
+        )
+        self.tokens[idx] = tokens
+        self.pos[idx] = pos
+        self.seeds[idx] = seeds
+        self.top_k[idx] = top_k
+        self.temperature[idx] = temperature
+        self.top_p[idx] = top_p
+        self.active.index_fill_(0, idx, 1)
+        self.counters.index_fill_(0, idx, 0)
+
+    def _prefill(self, chunk: list[tuple[int, _Seq, int]]) -> None:
+        seqs = [seq.request.input_ids[start:-1] for _, seq, start in chunk]
+        starts = [start for _, _, start in chunk]
+        flat, lens, width = qwen2.pad_batch(seqs)
+        ids, lens_t, starts_t, slots_t = self._ints.upload(flat, lens, starts, [slot for slot, _, _ in chunk])
+        n_ctx = max(st + n for st, n in zip(starts, lens, strict=True))
+        qwen2.prefill(
+            self.weights,
+            self.k_cache,
+            self.v_cache,
+            self.cos,
+            self.sin,
+            ids.view(len(seqs), width),
+            lens_t,
+            starts_t,
+            slots_t,
+            n_ctx,
+        )
+        self.stats.prefill_tokens += sum(lens)
+
+    # ------------------------------------------------------------------ decode
+    def _body(self, bsz: int, n_ctx: int, mode: SampleMode) -> None:
+        """One decode step over slots ``0 .. bsz-1``; reads and writes only the static buffers."""
+        logits = qwen2.decode_step(
+            self.weights,
+            self.k_cache,
+            self.v_cache,
+            self.cos,
+            self.sin,
+            self.tokens[:bsz],
+            self.pos[:bsz],
+            n_ctx,
+        )  # [B, V]
+        nxt = sample(
+            logits,
+            self.temperature[:bsz],
+            self.top_p[:bsz],
+            self.top_k[:bsz],
+            self.seeds[:bsz],
+            self.counters[:bsz],
+            mode,
+        )  # [B]
+        self.sampled[:bsz].copy_(nxt)
+        self.tokens[:bsz].copy_(nxt)
+        act = self.active[:bsz]
+        self.pos[:bsz] += act
+        self.counters[:bsz] += act
+
+    def _graph(self, bsz: int, n_ctx: int, mode: SampleMode) -> torch.cuda.CUDAGraph:
+        key = (bsz, n_ctx, mode)
+        graph = self._graphs.get(key)
+        if graph is not None:
+            return graph
+        state = [t.clone() for t in (self.tokens, self.pos, self.counters, self.sampled)]
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm up (cuBLAS handles, allocator) off the capture
+            self._body(bsz, n_ctx, mode)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        for dst, src in zip((self.tokens, self.pos, self.counters, self.sampled), state, strict=True):
+            dst.copy_(src)  # undo the warm-up's state advance; its K/V writes are the same as the real step's
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            self._body(bsz, n_ctx, mode)
+        self._graphs[key] = graph
+        self.stats.graphs += 1
+        return graph
+
+    def _launch(self) -> bool:
+        busy = [i for i, s in enumerate(self._slot_seq) if s is not None]
+        if not busy:
+            return False
+        top = busy[-1] + 1
+        bsz = next(b for b in self.batch_buckets if b >= top)
+        need_ctx = max(self._slot_pos[i] for i in busy) + 1
+        n_ctx = next(c for c in self.ctx_buckets if c >= need_ctx)
+        counts = self._mode_counts
+        mode = (
+            SampleMode.FILTERED
+            if counts[SampleMode.FILTERED]
+            else SampleMode.SAMPLE
+            if counts[SampleMode.SAMPLE]
+            else SampleMode.GREEDY
+        )
+        if self.use_graphs:
+            self._graph(bsz, n_ctx, mode).replay()
+        else:
+            self._body(bsz, n_ctx, mode)
+        event = None
+        if self.device.type == "cuda":
+            if len(self._host_bufs) < 3:
+                self._host_bufs.append(torch.empty(self.config.max_slots, dtype=torch.long, pin_memory=True))
+            host = self._host_bufs[self.stats.steps % len(self._host_bufs)][:bsz]
+            host.copy_(self.sampled[:bsz], non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host = self.sampled[:bsz].clone()
+        self._inflight.append(_Inflight(host=host, event=event, seqs=self._slot_seq[:bsz]))
+        for i in busy:
+            self._slot_pos[i] += 1
+        self.stats.steps += 1
+        self.stats.active_slot_steps += len(busy)
+        self.stats.padded_slot_steps += bsz
+        return True
+
+    # ------------------------------------------------------------------ read back and stop checks
+    def _process(self, step: _Inflight, finished: list[tuple[int, GenerateResult]]) -> None:
+        if step.event is not None:
+            t0 = time.perf_counter()
+            step.event.synchronize()
+            self.stats.wait_s += time.perf_counter() - t0
+        toks: list[int] = step.host.tolist()
+        eos = self.eos_ids
+        retired: list[int] = []
+        n_tokens = 0
+        for slot, seq in enumerate(step.seqs):
+            if seq is None or seq.done:
+                continue
+            tok = toks[slot]
+            seq.out.append(tok)
+            n_tokens += 1
+            reason: FinishReason | None = None
+            match: re.Match[str] | None = None
+            if tok in eos:
+                reason = FinishReason.EOS
+            elif seq.pattern is not None and (seq.triggers is None or tok in seq.triggers):
+                text = self.tokenizer.decode(seq.out)
+                match = find_stop(text, seq.pattern, seq.checked)
+                seq.checked = len(text)
+                if match is not None:
+                    reason = FinishReason.STOP
+            if reason is None and len(seq.out) >= seq.max_new:
+                reason = FinishReason.LENGTH
+            if reason is not None:
+                seq.done = True
+                finished.append((seq.handle, self._result(seq, reason, match)))
+                retired.append(slot)
+        self.stats.tokens += n_tokens
+        if retired:
+            self._retire(retired)
+
+    def _retire(self, slots: list[int]) -> None:
+        max_len = self.config.max_len
+        for slot in slots:
+            seq = self._slot_seq[slot]
+            assert seq is not None
+            self._slot_seq[slot] = None
+            self._slot_pos[slot] = max_len
+            self._mode_counts[seq.mode] -= 1
+            full = seq.request.input_ids + seq.out
+            # the last sampled id was never fed for sure, so its K/V may be missing
+            cached = full[:-1] if self.config.reuse_prefix else None
+            self._pool.release(slot, seq.request.session, cached)
+        (idx,) = self._ints.upload(slots)
+        self.active.index_fill_(0, idx, 0)
+        self.pos.index_fill_(0, idx, max_len)  # idle slots write to the scratch column
+
+    def _result(self, seq: _Seq, reason: FinishReason, match: re.Match[str] | None) -> GenerateResult:
+        self.stats.requests += 1
+        return GenerateResult(
+            output_ids=list(seq.out),
+            text=self.tokenizer.decode(seq.out),
+            finish=reason,
+            matched=match.group(0) if match is not None else None,
+            cached_tokens=seq.cached,
+        )
+
+
+def _eos_from(model: Any, tokenizer: Any) -> list[int]:
+    """EOS ids from the model's generation config, else its config, else the tokenizer."""
+    sources: list[Callable[[], Any]] = [
+        lambda: model.generation_config.eos_token_id,
+        lambda: model.config.eos_token_id,
+        lambda: tokenizer.eos_token_id,
+    ]
+    for get in sources:
+        try:
+            value = get()
+        except AttributeError:
+            continue
+        if value is None:
+            continue
+        return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+    return []
