@@ -1,0 +1,285 @@
+"""Format SFT with TRL's ``SFTTrainer`` on synthesized organizer / worker / sequential records.
+
+Loss mask. Each record (:mod:`trainer.synth.records`) is tokenized the way the engine builds a
+sequence: the prompt, then the completion cut at its injected spans, **each piece tokenized on its own
+and the ids concatenated** (the engine also encodes a join's injected text separately). Prompt and
+injected pieces get mask 0, generated pieces mask 1 (:func:`tokenize_record`). The installed TRL
+(1.x) accepts such a pre-tokenized dataset directly: with ``completion_only_loss=True`` it turns an
+``input_ids`` + ``completion_mask`` dataset into ``labels`` with ``-100`` wherever the mask is 0. So no
+subclass or custom collator is needed: a mask that is 0 *inside* the completion (a join's result) is
+expressed the same way as the prompt. Records longer than ``max_length`` are dropped (and counted),
+never truncated, so a model never learns a cut-off trace.
+
+Models. ``--model DIR`` fine-tunes any local Hugging Face causal LM directory. ``--preset NAME`` builds
+one from scratch (:mod:`trainer.modeling`) with a byte-level BPE tokenizer trained locally on the
+records' own text (:mod:`trainer.tokenizer`), written to ``OUT/base``.
+
+Output. Checkpoints ``OUT/checkpoint-<step>`` (Trainer format, resumable) each carry
+``asyncthink_sft_config.json`` and ``asyncthink_metrics.json``; a run resumes from the last one when
+``resume`` is on; the final model and tokenizer are written to ``OUT`` with ``save_pretrained``, with
+the config and final metrics (loss on a held-in sample before and after training) beside them.
+
+Limits: single process (no multi-GPU launch here); bf16 autocast only on CUDA; the loss sample used
+for before/after metrics is taken from the training data, so it measures fitting, not generalisation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainer.synth.records import KINDS, TraceRecord, read_jsonl
+
+CONFIG_FILE = "asyncthink_sft_config.json"
+METRICS_FILE = "asyncthink_metrics.json"
+
+
+@dataclass
+class SFTConfigArgs:
+    data: list[str] = field(default_factory=list, metadata={"help": "JSONL files of synthesized records"})
+    out: str = field(default="", metadata={"help": "output directory (checkpoints and the final model)"})
+    model: str | None = field(default=None, metadata={"help": "a local HF model directory to fine-tune"})
+    preset: str | None = field(default=None, metadata={"help": "build a model from scratch: test | small"})
+    vocab_size: int = field(
+        default=4096, metadata={"help": "tokenizer vocabulary when building from a preset"}
+    )
+    kinds: tuple[str, ...] = field(default=KINDS, metadata={"help": "record kinds to train on"})
+    epochs: float = field(default=1.0, metadata={"help": "passes over the data (ignored when max_steps > 0)"})
+    max_steps: int = field(default=-1, metadata={"help": "optimizer steps; -1 = use epochs"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (cosine schedule with warmup)"})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "fraction of steps spent warming up"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    batch_size: int = field(default=32, metadata={"help": "sequences per device per step"})
+    grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps"})
+    max_length: int = field(
+        default=1024, metadata={"help": "longest tokenized record kept (longer: dropped)"}
+    )
+    seed: int = field(default=0, metadata={"help": "data order, initialisation and tokenizer seed"})
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bf16 autocast; None = on when CUDA is available"}
+    )
+    append_eos: bool = field(default=True, metadata={"help": "end each sequence with EOS (in the loss)"})
+    logging_steps: int = field(default=10, metadata={"help": "log every N steps"})
+    save_steps: int = field(default=500, metadata={"help": "checkpoint every N steps"})
+    save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
+    resume: bool = field(default=True, metadata={"help": "resume from the last checkpoint in out, if any"})
+    eval_records: int = field(default=64, metadata={"help": "records in the before/after loss sample"})
+    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, str):
+            self.data = [self.data]
+        if not self.data:
+            raise ValueError(
+                "SFT needs at least one data file (--data path.jsonl); make one with `asyncthink synth`"
+            )
+        if not self.out:
+            raise ValueError("SFT needs an output directory (--out DIR)")
+        if (self.model is None) == (self.preset is None):
+            raise ValueError(
+                "give exactly one of --model DIR (fine-tune) or --preset NAME (build from scratch)"
+            )
+        if self.preset is not None:
+            from trainer.modeling import PRESETS
+
+            if self.preset not in PRESETS:
+                raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        unknown = set(self.kinds) - set(KINDS)
+        if unknown or not self.kinds:
+            raise ValueError(f"kinds must be a non-empty subset of {KINDS}, got {self.kinds}")
+        if self.lr <= 0 or not math.isfinite(self.lr):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if self.max_steps <= 0 and self.epochs <= 0:
+            raise ValueError("set epochs > 0 or max_steps > 0")
+        for name in (
+            "batch_size",
+            "grad_accum",
+            "max_length",
+            "logging_steps",
+            "save_steps",
+            "save_total_limit",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+# ---------------------------------------------------------------------------------- tokenization
+def tokenize_record(record: TraceRecord, encode: Any, eos_id: int | None = None) -> dict[str, list[int]]:
+    """``input_ids`` and ``completion_mask`` (1 = a token this agent generated) for one record.
+
+    The prompt and every piece of the completion are encoded separately and concatenated, so each
+    injected span maps exactly onto masked tokens. ``encode(text) -> list[int]`` adds no special tokens.
+    """
+    ids: list[int] = list(encode(record.prompt))
+    mask = [0] * len(ids)
+    for text, generated in record.pieces():
+        piece = list(encode(text))
+        ids += piece
+        mask += [int(generated)] * len(piece)
+    if eos_id is not None:
+        ids.append(eos_id)
+        mask.append(1)
+    return {"input_ids": ids, "completion_mask": mask}
+
+
+def load_records(paths: list[str], kinds: tuple[str, ...]) -> list[TraceRecord]:
+    out: list[TraceRecord] = []
+    for p in paths:
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"no data file {p}; make one with `asyncthink synth --out {p}`")
+        out.extend(r for r in read_jsonl(p) if r.kind in kinds)
+    if not out:
+        raise ValueError(f"no records of kinds {kinds} in {paths}")
+    return out
+
+
+def masked_loss(model: Any, rows: list[dict[str, list[int]]], batch_size: int = 16) -> float:
+    """Mean cross-entropy over the tokens with mask 1 (what SFT trains), in eval mode, no grad."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for k in range(0, len(rows), batch_size):
+            for row in rows[k : k + batch_size]:  # one at a time: no padding subtleties
+                ids = torch.tensor([row["input_ids"]], device=device)
+                labels = ids.clone()
+                labels[0, torch.tensor(row["completion_mask"], device=device) == 0] = -100
+                logits = model(input_ids=ids).logits[0, :-1].float()
+                target = labels[0, 1:]
+                loss = torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction="sum")
+                total += float(loss)
+                count += int((target != -100).sum())
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+# ---------------------------------------------------------------------------------- training
+def _load_or_build(cfg: SFTConfigArgs, records: list[TraceRecord]) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = Path(cfg.model) if cfg.model else Path(cfg.out) / "base"
+    if cfg.preset is not None and not (model_dir / "config.json").is_file():
+        from trainer.modeling import build_model
+        from trainer.tokenizer import default_corpus, train_tokenizer
+
+        corpus = [r.prompt + r.completion for r in records]
+        new_tokenizer = train_tokenizer([*corpus, *default_corpus(seed=cfg.seed)], cfg.vocab_size)
+        build_model(model_dir, new_tokenizer, preset=cfg.preset, seed=cfg.seed)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{model_dir} is not a model directory (no config.json); build one with `asyncthink model`"
+        )
+    tokenizer: Any = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, dtype=torch.float32)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+
+
+def run_sft(cfg: SFTConfigArgs) -> dict[str, Any]:
+    """Train; returns the final metrics (also written to ``OUT/asyncthink_metrics.json``)."""
+    import torch
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import SFTConfig, SFTTrainer
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records = load_records(cfg.data, cfg.kinds)
+    model, tokenizer = _load_or_build(cfg, records)
+    fast = tokenizer.backend_tokenizer
+
+    def encode(text: str) -> list[int]:
+        return list(fast.encode(text, add_special_tokens=False).ids)
+
+    eos = tokenizer.eos_token_id if cfg.append_eos else None
+    rows = [tokenize_record(r, encode, eos) for r in records]
+    kept = [r for r in rows if len(r["input_ids"]) <= cfg.max_length and any(r["completion_mask"])]
+    too_long = len(rows) - len(kept)
+    if not kept:
+        raise ValueError(f"every record is longer than max_length={cfg.max_length}; raise --max-length")
+    sample = random.Random(cfg.seed).sample(kept, min(cfg.eval_records, len(kept)))
+    loss_before = masked_loss(model, sample)
+    bf16 = torch.cuda.is_available() if cfg.bf16 is None else cfg.bf16
+    args = SFTConfig(
+        output_dir=str(out),
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        max_length=cfg.max_length,
+        completion_only_loss=True,
+        packing=False,
+        seed=cfg.seed,
+        bf16=bf16,
+        logging_steps=cfg.logging_steps,
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        report_to="none",
+        disable_tqdm=not cfg.progress,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+    config_json = {
+        **asdict(cfg),
+        "records": len(records),
+        "sequences": len(kept),
+        "dropped_too_long": too_long,
+    }
+
+    class _SaveSidecars(TrainerCallback):  # type: ignore[misc]
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            ckpt = out / f"checkpoint-{state.global_step}"
+            if ckpt.is_dir():
+                _write_json(ckpt / CONFIG_FILE, config_json)
+                logs = [h for h in state.log_history if "loss" in h]
+                _write_json(
+                    ckpt / METRICS_FILE, {"step": state.global_step, "last_log": logs[-1] if logs else {}}
+                )
+
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(kept),
+        processing_class=tokenizer,
+        callbacks=[_SaveSidecars()],
+    )
+    last = get_last_checkpoint(str(out)) if cfg.resume and out.is_dir() else None
+    result = trainer.train(resume_from_checkpoint=last)
+    trained: Any = trainer.model
+    loss_after = masked_loss(trained, sample)
+    trained.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    metrics = {
+        "train_loss": result.training_loss,
+        "global_step": result.global_step,
+        "loss_before": loss_before,
+        "loss_after": loss_after,
+        "sequences": len(kept),
+        "dropped_too_long": too_long,
+        "resumed_from": last,
+        "bf16": bf16,
+        **{k: v for k, v in result.metrics.items() if isinstance(v, int | float)},
+    }
+    _write_json(out / CONFIG_FILE, config_json)
+    _write_json(out / METRICS_FILE, metrics)
+    return metrics

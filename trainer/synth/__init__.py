@@ -1,0 +1,1 @@
+"""Cold-start trace synthesis: skeletons (structure initialization), teachers, checked SFT records."""
