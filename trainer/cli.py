@@ -16,6 +16,7 @@ def register(sub: SubParsers) -> None:
     """Add the training verbs of this module to the ``asyncthink`` sub-command parser."""
     register_synth(sub)
     register_sft(sub)
+    register_grpo(sub)
 
 
 # ---------------------------------------------------------------------------------------- synth
@@ -179,3 +180,53 @@ def _sft_config(args: argparse.Namespace) -> Any:
         progress=not args.no_progress,
     )
 
+
+# ---------------------------------------------------------------------------------------- grpo
+GRPO_HELP = """GRPO over thinking structures (DESIGN.md §4): each step runs P problems x G episodes
+(organizer plus concurrent workers) through the engine, gives every token an episode generated its
+group-relative advantage (joined-in text masked), and updates the model; the rollout backend gets the
+new weights after every step. Writes OUT/metrics.jsonl, OUT/checkpoint-<step>/ and OUT/final/.
+
+examples:
+  asyncthink grpo --model runs/sft --out runs/grpo --steps 200 --problems-per-step 16 --group-size 8
+  asyncthink grpo --model runs/sft-seq --out runs/grpo-seq --mode sequential --steps 200
+  asyncthink grpo --model runs/sft --out runs/grpo-nolam --lam 0            # the "without R_η" ablation
+  asyncthink grpo --model runs/sft --out runs/grpo --steps 200 --resume --max-minutes 25
+"""
+
+
+def register_grpo(sub: SubParsers) -> None:
+    from trainer.grpo.config import add_arguments  # no torch: only the config dataclass
+
+    p = sub.add_parser(
+        "grpo",
+        help="GRPO over thinking structures (whole-episode rollouts, shared group advantage)",
+        description=GRPO_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(p)
+    p.set_defaults(func=cmd_grpo)
+
+
+def cmd_grpo(args: argparse.Namespace) -> int:
+    import json
+
+    from shared.cli import CliError
+    from trainer.grpo.config import from_namespace
+
+    try:
+        config = from_namespace(args)
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    from trainer.grpo.loop import train_grpo
+
+    try:
+        run = train_grpo(config)
+    except (ValueError, FileNotFoundError) as exc:
+        raise CliError(str(exc)) from exc
+    last = run.metrics[-1] if run.metrics else {}
+    summary = {"out": str(run.out), "step": run.step, "stopped": run.stopped,
+               "last_checkpoint": str(run.last_checkpoint) if run.last_checkpoint else None,
+               "last_step": last}
+    print(json.dumps(summary, indent=1, default=str))
+    return 0
