@@ -482,6 +482,9 @@ class Engine:
 
     @property
     def capacity(self) -> int:
+        """c: the organizer plus its workers; for parallel thinking, the k traces that decode at once."""
+        if self.config.mode is Mode.PARALLEL:
+            return self.config.parallel_k
         return self.config.capacity or self.task.default_capacity
 
     async def run(self, problem: Problem, *, episode_id: str | None = None) -> EpisodeResult:

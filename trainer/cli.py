@@ -138,6 +138,11 @@ def register_sft(sub: SubParsers) -> None:
     p.add_argument("--logging-steps", type=int, default=10, help="log every N steps (default 10)")
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT has checkpoints")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--engine", choices=("auto", "trl", "torch"), default="auto",
+                   help="trl: TRL's SFTTrainer; torch: a plain loop with the same masks (for machines "
+                   "without TRL); auto (default): trl when installed")
+    p.add_argument("--max-minutes", type=float, default=0.0,
+                   help="torch engine: stop and save after this many minutes (default 0 = no limit)")
     p.set_defaults(func=cmd_sft)
 
 
@@ -173,6 +178,8 @@ def _sft_config(args: argparse.Namespace) -> Any:
         grad_accum=args.grad_accum,
         max_length=args.max_length,
         seed=args.seed,
+        engine=args.engine,
+        max_minutes=args.max_minutes,
         bf16={"auto": None, "on": True, "off": False}[args.bf16],
         save_steps=args.save_steps,
         logging_steps=args.logging_steps,

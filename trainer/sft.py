@@ -69,6 +69,13 @@ class SFTConfigArgs:
     resume: bool = field(default=True, metadata={"help": "resume from the last checkpoint in out, if any"})
     eval_records: int = field(default=64, metadata={"help": "records in the before/after loss sample"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
+    engine: str = field(
+        default="auto",
+        metadata={"help": "trl (SFTTrainer) | torch (a plain loop, same masks) | auto: trl when installed"},
+    )
+    max_minutes: float = field(
+        default=0.0, metadata={"help": "torch engine: stop and save after this many minutes (0 = no limit)"}
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.data, str):
@@ -105,6 +112,10 @@ class SFTConfigArgs:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.engine not in ("auto", "trl", "torch"):
+            raise ValueError(f"engine must be auto, trl or torch, got {self.engine!r}")
+        if self.max_minutes < 0:
+            raise ValueError(f"max_minutes must be >= 0, got {self.max_minutes}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 
@@ -190,8 +201,18 @@ def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
 
 
+def _use_trl(cfg: SFTConfigArgs) -> bool:
+    if cfg.engine != "auto":
+        return cfg.engine == "trl"
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("trl", "datasets"))
+
+
 def run_sft(cfg: SFTConfigArgs) -> dict[str, Any]:
     """Train; returns the final metrics (also written to ``OUT/asyncthink_metrics.json``)."""
+    if not _use_trl(cfg):
+        return run_sft_torch(cfg)
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -281,5 +302,125 @@ def run_sft(cfg: SFTConfigArgs) -> dict[str, Any]:
         **{k: v for k, v in result.metrics.items() if isinstance(v, int | float)},
     }
     _write_json(out / CONFIG_FILE, config_json)
+    _write_json(out / METRICS_FILE, metrics)
+    return metrics
+
+
+def run_sft_torch(cfg: SFTConfigArgs) -> dict[str, Any]:
+    """The same SFT without TRL: one plain AdamW loop over the same tokenized rows and masks.
+
+    For machines where TRL and ``datasets`` (with pyarrow) are not installed, such as the lent GPU
+    machine that trains the shipped model. Loss: mean cross-entropy over mask-1 tokens of each batch
+    (the same objective as TRL's ``completion_only_loss``); cosine schedule with linear warmup; bf16
+    autocast on CUDA; batches of similar length; ``max_minutes`` stops early and still saves. No
+    mid-run checkpoints: a run is short; resume by passing the saved directory as ``--model``.
+    """
+    import time
+
+    import torch
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records = load_records(cfg.data, cfg.kinds)
+    model, tokenizer = _load_or_build(cfg, records)
+    fast = tokenizer.backend_tokenizer
+
+    def encode(text: str) -> list[int]:
+        return list(fast.encode(text, add_special_tokens=False).ids)
+
+    eos = tokenizer.eos_token_id if cfg.append_eos else None
+    rows = [tokenize_record(r, encode, eos) for r in records]
+    kept = [r for r in rows if len(r["input_ids"]) <= cfg.max_length and any(r["completion_mask"])]
+    too_long = len(rows) - len(kept)
+    if not kept:
+        raise ValueError(f"every record is longer than max_length={cfg.max_length}; raise --max-length")
+    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    sample = rng.sample(kept, min(cfg.eval_records, len(kept)))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).train()
+    loss_before = masked_loss(model, sample)
+    bf16 = torch.cuda.is_available() if cfg.bf16 is None else cfg.bf16
+    per_epoch = math.ceil(len(kept) / cfg.batch_size)
+    total = cfg.max_steps if cfg.max_steps > 0 else max(1, int(per_epoch * cfg.epochs))
+    warmup = int(cfg.warmup_ratio * total)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return cfg.lr * (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        if cfg.max_minutes:  # a time-bounded run decays by whichever ends first: steps or minutes
+            progress = max(progress, (time.monotonic() - t0) / (60 * cfg.max_minutes))
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def batches() -> Any:
+        while True:
+            order = sorted(kept, key=lambda r: len(r["input_ids"]) + rng.random() * 32)
+            chunks = [order[k : k + cfg.batch_size] for k in range(0, len(order), cfg.batch_size)]
+            rng.shuffle(chunks)
+            yield from chunks
+
+    t0 = time.monotonic()
+    step, losses = 0, []
+    log: list[dict[str, float]] = []
+    stream = batches()
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="sft", disable=not cfg.progress, mininterval=2.0)
+    while step < total:
+        if cfg.max_minutes and time.monotonic() - t0 > 60 * cfg.max_minutes:
+            break
+        batch = next(stream)
+        width = max(len(r["input_ids"]) for r in batch)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.bool)
+        attn = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, r in enumerate(batch):  # right padding
+            n = len(r["input_ids"])
+            ids[i, :n] = torch.tensor(r["input_ids"])
+            mask[i, :n] = torch.tensor(r["completion_mask"], dtype=torch.bool)
+            attn[i, :n] = 1
+        ids, mask, attn = ids.to(device), mask.to(device), attn.to(device)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]  # [B, L-1, V]
+        target = ids[:, 1:].masked_fill(~mask[:, 1:], -100)  # predict token t+1 where it was generated
+        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), target.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        losses.append(float(loss))
+        bar.update(1)
+        if step % cfg.logging_steps == 0:
+            entry = {"step": step, "loss": sum(losses[-cfg.logging_steps :]) / cfg.logging_steps,
+                     "lr": lr_at(step), "elapsed_s": time.monotonic() - t0}
+            log.append(entry)
+            bar.set_postfix(loss=f"{entry['loss']:.3f}")
+    bar.close()
+    model.eval()
+    loss_after = masked_loss(model, sample)
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    metrics = {
+        "engine": "torch",
+        "train_loss": sum(losses[-50:]) / max(1, len(losses[-50:])),
+        "global_step": step,
+        "planned_steps": total,
+        "loss_before": loss_before,
+        "loss_after": loss_after,
+        "sequences": len(kept),
+        "dropped_too_long": too_long,
+        "bf16": bf16,
+        "train_runtime": time.monotonic() - t0,
+        "log": log,
+    }
+    _write_json(out / CONFIG_FILE, {**asdict(cfg), "records": len(records), "sequences": len(kept),
+                                    "dropped_too_long": too_long})
     _write_json(out / METRICS_FILE, metrics)
     return metrics

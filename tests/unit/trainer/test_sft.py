@@ -119,6 +119,25 @@ def test_a_few_sft_steps_lower_the_loss_and_resume(tiny_model_dir: Path, tmp_pat
     assert again["global_step"] == 14
 
 
+def test_torch_engine_lowers_the_loss_with_the_same_masks(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from trainer.sft import METRICS_FILE, SFTConfigArgs, run_sft
+
+    task = CountdownTask()
+    result = synthesize(CountdownTeacher(task), task.problems("test", 12), sequential=True, seed=0)
+    data = tmp_path / "cd.jsonl"
+    write_jsonl(result.records, data)
+    out = tmp_path / "torch-run"
+    cfg = SFTConfigArgs(data=[str(data)], out=str(out), model=str(tiny_model_dir), max_steps=12, lr=3e-3,
+                        batch_size=8, eval_records=16, progress=False, logging_steps=4, engine="torch")
+    metrics = run_sft(cfg)
+    assert metrics["engine"] == "torch" and metrics["global_step"] == 12
+    assert metrics["loss_after"] < metrics["loss_before"] - 0.3
+    assert (out / "model.safetensors").is_file()
+    assert json.loads((out / METRICS_FILE).read_text())["global_step"] == 12
+    with pytest.raises(ValueError, match="engine must be"):
+        SFTConfigArgs(data=[str(data)], out=str(out), model=str(tiny_model_dir), engine="jax")
+
+
 def test_cli_registers_verbs_and_stays_light() -> None:
     code = (
         "import sys, argparse\n"
