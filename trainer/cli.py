@@ -36,6 +36,8 @@ def register_synth(sub: SubParsers) -> None:
     p.add_argument("--capacity", type=int, default=None, help="pool size c (default: the task's, 2 for countdown)")
     p.add_argument("--topologies", default=None, help="comma-separated skeleton topologies (default: all)")
     p.add_argument("--jobs", type=int, default=1, help="processes for problem generation (default 1)")
+    p.add_argument("--problems-file", default=None,
+                   help="JSONL of problems (one task payload per line) instead of generating --n from --seed")
     p.add_argument("--teacher", choices=("programmatic", "llm"), default="programmatic", help="who writes traces")
     p.add_argument("--base-url", default=None, help="LLM teacher: OpenAI-compatible base URL, e.g. http://host:8000/v1")
     p.add_argument("--model", default=None, help="LLM teacher: model name at the endpoint")
@@ -85,7 +87,10 @@ def _synth(args: argparse.Namespace) -> int:
         from trainer.synth.teacher import CountdownTeacher
 
         teacher = CountdownTeacher(task, capacity=capacity, topologies=topologies)
-    problems = train_problems(task, args.n, args.seed, jobs=args.jobs)
+    if args.problems_file:
+        problems = _read_problem_file(task, args.problems_file)
+    else:
+        problems = train_problems(task, args.n, args.seed, jobs=args.jobs)
     from tqdm import tqdm
 
     with tqdm(total=len(problems), desc="synth", unit="problem") as bar:
@@ -109,6 +114,22 @@ def _synth(args: argparse.Namespace) -> int:
 
         print(json.dumps(length_stats(result.records, count, capacity), indent=1))
     return 0
+
+
+def _read_problem_file(task: Any, path: str) -> list[Any]:
+    import json
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no problems file {path}")
+    problems = []
+    for k, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                problems.append(task.problem_from_payload(json.loads(line), f"{Path(path).stem}-{k}"))
+            except (ValueError, json.JSONDecodeError) as exc:
+                raise ValueError(f"{path}:{k}: not a {task.name} problem: {exc}") from exc
+    return problems
 
 
 # ---------------------------------------------------------------------------------------- sft

@@ -130,9 +130,9 @@ def open_eval_backend(model_dir: Path, device: str) -> Any:
     import torch
 
     if device.startswith("cuda") and torch.cuda.is_available():
-        from trainer.rollout import SlotEngine, SlotEngineBackend, SlotEngineConfig
-
         from transformers import AutoTokenizer
+
+        from trainer.rollout import SlotEngine, SlotEngineBackend, SlotEngineConfig
 
         tokenizer: Any = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         engine = SlotEngine.from_pretrained(str(model_dir), SlotEngineConfig(max_slots=1024, max_len=2048),
