@@ -207,9 +207,9 @@ def stage_export(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     work = Path(args.work)
-    src = work / "grpo-async" / "final"
-    if not (src / "config.json").is_file():
-        src = work / "sft-async"
+    src = work / args.export_from
+    if not (src / "config.json").is_file() and args.export_from == "grpo-async/final":
+        src = work / "sft-async"  # GRPO did not run: ship the SFT model
     out = work / "export" / args.export_name
     out.mkdir(parents=True, exist_ok=True)
     model = AutoModelForCausalLM.from_pretrained(str(src), local_files_only=True, dtype=torch.bfloat16)
@@ -246,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--worker-budget", type=int, default=256)
     p.add_argument("--eval-n", type=int, default=400, help="held-out problems per evaluation (default all 400)")
     p.add_argument("--export-name", default="asyncthink-countdown-small")
+    p.add_argument("--export-from", default="grpo-async/final", help="model subdirectory of --work to export")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     Path(args.work).mkdir(parents=True, exist_ok=True)
