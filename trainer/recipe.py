@@ -80,9 +80,12 @@ def stage_sft(args: argparse.Namespace) -> None:
     common = dict(model=str(base), engine="torch", max_minutes=args.sft_minutes, epochs=1000.0, lr=args.sft_lr,
                   batch_size=args.sft_batch, max_length=1024, seed=args.seed, progress=False, logging_steps=50,
                   warmup_ratio=0.02)
+    wanted = {f"sft-{r.strip()}" for r in args.sft_runs.split(",")}
     for name, data, kinds in (("sft-async", args.data_async, ("organizer", "worker")),
                               ("sft-seq", args.data_seq, ("sequential",))):
         out = work / name
+        if name not in wanted:
+            continue
         if (out / "model.safetensors").is_file():
             log.info("%s exists; skipped", out)
             continue
@@ -182,8 +185,12 @@ def stage_eval(args: argparse.Namespace) -> None:
     work = Path(args.work)
     path = work / "eval.json"
     table: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
-    runs = [*EVAL_RUNS, ("sudoku-zero-shot", "grpo-async/final", "asyncthink", 1)]
+    runs = [*EVAL_RUNS, ("sudoku-zero-shot", "grpo-async/final", "asyncthink", 1),
+            ("sudoku-zero-shot-sft-only", "sft-async", "asyncthink", 1)]
+    only = {x.strip() for x in args.eval_only.split(",") if x.strip()}
     for name, sub, mode, k in runs:
+        if only and name not in only:
+            continue
         model_dir = work / sub
         if not (model_dir / "config.json").is_file():
             log.info("eval %s: no model at %s; skipped", name, model_dir)
@@ -234,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda", help="eval device (default cuda)")
     p.add_argument("--sft-minutes", type=float, default=1.4, help="minutes per SFT run (both runs get the same)")
     p.add_argument("--sft-lr", type=float, default=1e-3)
+    p.add_argument("--sft-runs", default="async,seq", help="which SFT runs: async, seq or both (default)")
+    p.add_argument("--eval-only", default="", help="comma-separated evaluation names to run (default: all)")
     p.add_argument("--sft-batch", type=int, default=64)
     p.add_argument("--grpo-minutes", type=float, default=1.3, help="minutes for grpo-async and for grpo-seq each")
     p.add_argument("--ablation-minutes", type=float, default=0.8, help="minutes for the no-R_η ablation")
