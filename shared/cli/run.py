@@ -51,8 +51,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("service", choices=("gateway", "organizer"), help="which service")
     p.add_argument("--host", default="127.0.0.1", help="gateway bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
-    p.add_argument("options", nargs=argparse.REMAINDER,
-                   help="organizer: options passed on (see python -m services.organizer --help)")
+    p.add_argument("--organizer-args", default="",
+                   help="organizer: options passed on, e.g. \"--local-workers --migrate\" "
+                   "(see python -m services.organizer --help)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -319,9 +320,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         uvicorn.run(create_app(), host=args.host, port=args.port)
         return 0
+    import shlex
+
     from services.organizer.__main__ import main as organizer_main
 
-    organizer_main(list(args.options))
+    organizer_main(shlex.split(args.organizer_args))
     return 0
 
 
