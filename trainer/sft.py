@@ -395,7 +395,7 @@ def run_sft_torch(cfg: SFTConfigArgs) -> dict[str, Any]:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         step += 1
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         bar.update(1)
         if step % cfg.logging_steps == 0:
             entry = {"step": step, "loss": sum(losses[-cfg.logging_steps :]) / cfg.logging_steps,
