@@ -197,6 +197,25 @@ def _load_or_build(cfg: SFTConfigArgs, records: list[TraceRecord]) -> tuple[Any,
     return model, tokenizer
 
 
+def _prepare(cfg: SFTConfigArgs) -> tuple[Path, list[TraceRecord], Any, Any, list[dict[str, list[int]]], int]:
+    """Output dir, records, model, tokenizer, the tokenized rows kept, and how many were too long."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    records = load_records(cfg.data, cfg.kinds)
+    model, tokenizer = _load_or_build(cfg, records)
+    fast = tokenizer.backend_tokenizer
+
+    def encode(text: str) -> list[int]:
+        return list(fast.encode(text, add_special_tokens=False).ids)
+
+    eos = tokenizer.eos_token_id if cfg.append_eos else None
+    rows = [tokenize_record(r, encode, eos) for r in records]
+    kept = [r for r in rows if len(r["input_ids"]) <= cfg.max_length and any(r["completion_mask"])]
+    if not kept:
+        raise ValueError(f"every record is longer than max_length={cfg.max_length}; raise --max-length")
+    return out, records, model, tokenizer, kept, len(rows) - len(kept)
+
+
 def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
 
@@ -219,21 +238,7 @@ def run_sft(cfg: SFTConfigArgs) -> dict[str, Any]:
     from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig, SFTTrainer
 
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    records = load_records(cfg.data, cfg.kinds)
-    model, tokenizer = _load_or_build(cfg, records)
-    fast = tokenizer.backend_tokenizer
-
-    def encode(text: str) -> list[int]:
-        return list(fast.encode(text, add_special_tokens=False).ids)
-
-    eos = tokenizer.eos_token_id if cfg.append_eos else None
-    rows = [tokenize_record(r, encode, eos) for r in records]
-    kept = [r for r in rows if len(r["input_ids"]) <= cfg.max_length and any(r["completion_mask"])]
-    too_long = len(rows) - len(kept)
-    if not kept:
-        raise ValueError(f"every record is longer than max_length={cfg.max_length}; raise --max-length")
+    out, records, model, tokenizer, kept, too_long = _prepare(cfg)
     sample = random.Random(cfg.seed).sample(kept, min(cfg.eval_records, len(kept)))
     loss_before = masked_loss(model, sample)
     bf16 = torch.cuda.is_available() if cfg.bf16 is None else cfg.bf16
@@ -319,21 +324,7 @@ def run_sft_torch(cfg: SFTConfigArgs) -> dict[str, Any]:
 
     import torch
 
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    records = load_records(cfg.data, cfg.kinds)
-    model, tokenizer = _load_or_build(cfg, records)
-    fast = tokenizer.backend_tokenizer
-
-    def encode(text: str) -> list[int]:
-        return list(fast.encode(text, add_special_tokens=False).ids)
-
-    eos = tokenizer.eos_token_id if cfg.append_eos else None
-    rows = [tokenize_record(r, encode, eos) for r in records]
-    kept = [r for r in rows if len(r["input_ids"]) <= cfg.max_length and any(r["completion_mask"])]
-    too_long = len(rows) - len(kept)
-    if not kept:
-        raise ValueError(f"every record is longer than max_length={cfg.max_length}; raise --max-length")
+    out, records, model, tokenizer, kept, too_long = _prepare(cfg)
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
     sample = rng.sample(kept, min(cfg.eval_records, len(kept)))

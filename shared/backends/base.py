@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 
 class FinishReason(StrEnum):
@@ -75,6 +75,19 @@ class ModelBackend(Protocol):
     async def generate(self, request: GenerateRequest) -> GenerateResult: ...
 
     async def aclose(self) -> None: ...
+
+
+class TokenizerCodec:
+    """``encode``/``decode`` through a local Hugging Face tokenizer (``self.tokenizer``), adding no special
+    tokens: for backends that talk token ids to a server, which must mean what the served model means."""
+
+    tokenizer: Any
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
 
 def find_stop(text: str, pattern: re.Pattern[str] | None, search_from: int = 0) -> re.Match[str] | None:

@@ -39,7 +39,7 @@ from typing import Any
 
 import httpx
 
-from shared.backends.base import FinishReason, GenerateRequest, GenerateResult, find_stop
+from shared.backends.base import FinishReason, GenerateRequest, GenerateResult, TokenizerCodec, find_stop
 from shared.backends.sglang import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def literal_stops(stop_regex: str, max_fork_id: int) -> list[str]:
     return stops
 
 
-class OpenAICompatBackend:
+class OpenAICompatBackend(TokenizerCodec):
     """:class:`shared.backends.base.ModelBackend` over ``POST {base_url}/completions``."""
 
     def __init__(
@@ -126,12 +126,6 @@ class OpenAICompatBackend:
     @property
     def weight_version(self) -> str:
         return self.model
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
-
-    def decode(self, ids: list[int]) -> str:
-        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
     def _pattern(self, stop_regex: str | None) -> re.Pattern[str] | None:
         if not stop_regex:

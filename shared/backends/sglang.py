@@ -53,7 +53,7 @@ from typing import Any, Literal
 
 import httpx
 
-from shared.backends.base import FinishReason, GenerateRequest, GenerateResult, find_stop
+from shared.backends.base import FinishReason, GenerateRequest, GenerateResult, TokenizerCodec, find_stop
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def rendezvous_order(urls: list[str], key: str) -> list[str]:
     return sorted(urls, key=lambda u: hashlib.sha256(f"{u}\x00{key}".encode()).digest(), reverse=True)
 
 
-class SGLangBackend:
+class SGLangBackend(TokenizerCodec):
     """:class:`shared.backends.base.ModelBackend` over SGLang replicas (native HTTP API, 0.5.23)."""
 
     def __init__(
@@ -144,12 +144,6 @@ class SGLangBackend:
     @property
     def weight_version(self) -> str:
         return self._weight_version
-
-    def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
-
-    def decode(self, ids: list[int]) -> str:
-        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
     def replica_for(self, session: str | None) -> str:
         """The replica a session is pinned to (round robin without a session)."""

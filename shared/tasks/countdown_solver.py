@@ -44,7 +44,8 @@ def number_leaf(n: int) -> Leaf:
     return Fraction(n), number_form(n), str(n), ATOM_PRECEDENCE
 
 
-def _apply(op: str, a: Fraction, b: Fraction) -> Fraction | None:
+def apply_op(op: str, a: Fraction, b: Fraction) -> Fraction | None:
+    """``a op b`` exactly; None for a division by zero."""
     if op == "+":
         return a + b
     if op == "-":
@@ -99,7 +100,7 @@ def _tabulate(ms: tuple[Leaf, ...], keep: Callable[[Fraction], bool] | None) -> 
                 for op in _OPS:
                     if op in "+*" and left > right:
                         continue  # commutative: the mirrored split adds the same forms
-                    result = _apply(op, a_value, b_value)
+                    result = apply_op(op, a_value, b_value)
                     if result is not None and (keep is None or keep(result)):
                         _combine_into(out, op, result, a, b)
     return out
@@ -133,7 +134,7 @@ def _hits(ms: tuple[Leaf, ...], target: Fraction) -> Table:
                 else:
                     continue
                 for b_value, b in candidates:
-                    if _apply(op, a_value, b_value) == target:
+                    if apply_op(op, a_value, b_value) == target:
                         _combine_into(out, op, target, a, b)
     return out
 
@@ -190,7 +191,7 @@ def solutions_starting_with(numbers: Sequence[int], target: int, pair: tuple[int
     found: dict[Canonical, str] = {}
     for op in _OPS:
         for left, right in ((a, b), (b, a)):
-            value = _apply(op, left[0], right[0])
+            value = apply_op(op, left[0], right[0])
             if value is None or (op == "-" and value == 0) or (op == "/" and value == 1):
                 continue
             leaf = (

@@ -37,7 +37,7 @@ from fractions import Fraction
 from itertools import combinations
 
 from shared.tasks.base import Mode, Problem, Task
-from shared.tasks.countdown_solver import solve
+from shared.tasks.countdown_solver import apply_op, solve
 from shared.tasks.expr import BinOp, Canonical, Expr, ExprError, Num, check_solution, leaves, parse, to_text
 from trainer.synth.records import Episode, OrganizerWriter, TraceRecord, check_episode, check_sequential
 from trainer.synth.structure import Skeleton, StepKind, sample_skeleton, sequential_skeleton
@@ -88,15 +88,10 @@ def _steps(node: Expr) -> list[str] | None:
 
 
 def _apply(op: str, a: Fraction, b: Fraction) -> Fraction:
-    if op == "+":
-        return a + b
-    if op == "-":
-        return a - b
-    if op == "*":
-        return a * b
-    if b == 0:
+    value = apply_op(op, a, b)
+    if value is None:
         raise ExprError("division by zero")
-    return a / b
+    return value
 
 
 def _substitutions(node: Expr, value: int, pair: Expr) -> list[Expr]:
