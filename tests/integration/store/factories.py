@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import time
 
-from shared.rewards import RewardParts
-
 from shared.engine import EpisodeResult
 from shared.messages import SegmentRecord
 from shared.metrics import Decode, ForkStep, JoinStep, Timeline
+from shared.rewards import RewardParts
 from shared.tasks.base import Mode, Problem, Score
 
 
