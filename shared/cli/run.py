@@ -281,7 +281,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
                           "model_version": backend.weight_version, "modes": summaries,
                           "episode_ids": episode_ids}, indent=2))
     else:
-        Console().print(summary_table(task.name, backend.model_id, summaries))
+        out = Console()
+        if not out.is_terminal:  # a pipe or a log file: do not squeeze the table into 80 columns
+            out = Console(width=140)
+        out.print(summary_table(task.name, backend.model_id, summaries))
         print(f"stored {sum(len(v) for v in episode_ids.values())} episodes in {_masked(settings.database_url)}")
     return 0
 
