@@ -126,12 +126,16 @@ def error_outcome(task: WorkerTask, error: str) -> WorkerOutcome:
     return WorkerOutcome(returned=f"[worker {task.fork_id} failed: {error}]", segments=[segment], error=error)
 
 
-async def compute(rt: WorkerRuntime, task: WorkerTask) -> WorkerOutcome:
-    """Run the sub-query (no idempotency here): the model, a tool, or an unknown-endpoint error."""
+async def compute(rt: WorkerRuntime, task: WorkerTask, sink: BusSink | None = None) -> WorkerOutcome:
+    """Run the sub-query (no idempotency here): the model, a tool, or an unknown-endpoint error.
+
+    The worker's live events go through ``sink`` (background publishing: an event's XADD never sits
+    between the worker's last token and its outcome); the caller drains it after the outcome is out.
+    """
     if task.endpoint is None:
         from shared.tasks import get_task
 
-        runner = AgentRunner(rt.backend, get_task(task.task), sink=BusSink(rt.bus))
+        runner = AgentRunner(rt.backend, get_task(task.task), sink=sink or BusSink(rt.bus))
         return await runner.endpoints[None].run(task)
     if task.endpoint in TOOL_NAMES:
         return run_tool(task)
@@ -162,8 +166,9 @@ async def run_once(rt: WorkerRuntime, task: WorkerTask, *, final_attempt: bool) 
         log.info("episode %s worker %s: already done, republishing", task.episode_id, task.agent)
         await finish(rt, task, None)
         return
+    sink = BusSink(rt.bus, background=True)
     try:
-        outcome = await compute(rt, task)
+        outcome = await compute(rt, task, sink)
     except RETRYABLE as exc:
         if not final_attempt:
             raise
@@ -173,6 +178,7 @@ async def run_once(rt: WorkerRuntime, task: WorkerTask, *, final_attempt: bool) 
         log.exception("episode %s worker %s failed", task.episode_id, task.agent)
         outcome = error_outcome(task, f"{type(exc).__name__}: {exc}")
     await finish(rt, task, outcome)
+    await sink.drain()
 
 
 @app.task(name="asyncthink.run_worker", bind=True, acks_late=True, ignore_result=True, max_retries=MAX_RETRIES)
