@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared.backends.scripted import ScriptedBackend, ScriptRouter
+
 REPO = Path(__file__).resolve().parent.parent
 RATE_ENV = "ASYNCTHINK_BENCH_TOKENS_PER_S"
 PAYLOAD = {"numbers": [1, 2, 3, 4], "target": 10, "n_solutions": 1}
@@ -71,35 +73,19 @@ SCRIPTS: dict[str, dict[str, str]] = {
 }
 
 
-class BenchBackend:
+class BenchBackend(ScriptRouter):
     """Scripted backends routed by the episode id's prefix; "wall" decodes at a fixed rate."""
 
     model_id = "scripted-bench"
 
     def __init__(self, tokens_per_s: float) -> None:
-        from shared.backends.scripted import ScriptedBackend
-
         self._backends = {
             "rt": ScriptedBackend(SCRIPTS["rt"]),
             "wall": ScriptedBackend(SCRIPTS["wall"], tokens_per_s=tokens_per_s),
         }
 
-    @property
-    def weight_version(self) -> str:
-        return "scripted"
-
-    def encode(self, text: str) -> list[int]:
-        return [ord(c) for c in text]
-
-    def decode(self, ids: list[int]) -> str:
-        return "".join(chr(i) for i in ids)
-
-    async def generate(self, request: Any) -> Any:
-        kind = (request.session or "").split("--", 1)[0]
-        return await self._backends[kind].generate(request)
-
-    async def aclose(self) -> None:
-        return None
+    def route(self, request: Any) -> ScriptedBackend:
+        return self._backends[(request.session or "").split("--", 1)[0]]
 
 
 def backend_factory(settings: object = None) -> BenchBackend:
@@ -164,18 +150,9 @@ class Harness:
         return eid
 
     async def events(self, eid: str, timeout_s: float = 60.0) -> list[Any]:
-        from shared.messages import EpisodeEvent, events_stream
+        from services.runtime import events_until_finished
 
-        out: list[Any] = []
-        after = "0"
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            for e in await self.bus.read(events_stream(eid), after=after, block_ms=1000):
-                after = e.id
-                out.append(EpisodeEvent.model_validate_json(e.fields["data"]))
-            if any(e.kind == "finished" for e in out):
-                return out
-        raise TimeoutError(f"episode {eid} did not finish in {timeout_s} s")
+        return await events_until_finished(self.bus, eid, timeout_s=timeout_s)
 
 
 async def measure(h: Harness, res: SetupResults, args: argparse.Namespace) -> None:

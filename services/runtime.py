@@ -201,3 +201,22 @@ def build_engine(
     task = get_task(submission.task)
     config = engine_config(submission, worker_timeout_s=worker_timeout_s)
     return Engine(backend, task, config, endpoints=endpoints, sink=sink)
+
+
+async def events_until_finished(
+    bus: Bus, episode_id: str, *, timeout_s: float = 60.0, block_ms: int = 500
+) -> list[EpisodeEvent]:
+    """Every event of an episode, read from its stream until the ``finished`` one (TimeoutError after
+    ``timeout_s`` naming the kinds seen so far)."""
+    import time
+
+    events: list[EpisodeEvent] = []
+    after = "0"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for entry in await bus.read(events_stream(episode_id), after=after, block_ms=block_ms):
+            after = entry.id
+            events.append(EpisodeEvent.model_validate_json(entry.fields["data"]))
+        if any(e.kind == "finished" for e in events):
+            return events
+    raise TimeoutError(f"episode {episode_id} did not finish in {timeout_s} s; events: {[e.kind for e in events]}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from shared.backends.base import FinishReason, GenerateRequest, GenerateResult
 
@@ -73,6 +74,34 @@ class ScriptedBackend:
         else:
             await asyncio.sleep(0)
         return GenerateResult(self.encode(piece), piece, finish, matched)
+
+    async def aclose(self) -> None:
+        return None
+
+
+class ScriptRouter:
+    """Routes each request to one of several :class:`ScriptedBackend` s, chosen by :meth:`route`
+    (for suites and benchmarks that run many scripted episodes, keyed by episode id, through one backend).
+    Token ids are code points, as in :class:`ScriptedBackend`."""
+
+    model_id = "scripted-router"
+
+    @property
+    def weight_version(self) -> str:
+        return "scripted"
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) for c in text]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(chr(i) for i in ids)
+
+    def route(self, request: GenerateRequest) -> Any:
+        raise NotImplementedError
+
+    async def generate(self, request: GenerateRequest) -> GenerateResult:
+        result: GenerateResult = await self.route(request).generate(request)
+        return result
 
     async def aclose(self) -> None:
         return None

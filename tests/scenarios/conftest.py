@@ -35,8 +35,9 @@ from typing import Any
 import pytest
 
 from services.organizer.service import OrganizerService
+from services.runtime import events_until_finished
 from shared.bus.base import Bus
-from shared.messages import PROBLEMS_STREAM, EpisodeEvent, SubmitProblem, events_stream
+from shared.messages import PROBLEMS_STREAM, EpisodeEvent, SubmitProblem
 from tests.scenarios.scripts import WORKER_TIMEOUT_S, ScenarioBackend
 
 REPO = Path(__file__).resolve().parents[2]
@@ -152,16 +153,7 @@ class Setup:
         await self.bus.publish(PROBLEMS_STREAM, {"data": submission.model_dump_json()})
 
     async def events_until_finished(self, episode_id: str, timeout_s: float = 30.0) -> list[EpisodeEvent]:
-        events: list[EpisodeEvent] = []
-        after = "0"
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            for entry in await self.bus.read(events_stream(episode_id), after=after, block_ms=500):
-                after = entry.id
-                events.append(EpisodeEvent.model_validate_json(entry.fields["data"]))
-            if any(e.kind == "finished" for e in events):
-                return events
-        raise AssertionError(f"no finished event for {episode_id} in {timeout_s} s; got {[e.kind for e in events]}")
+        return await events_until_finished(self.bus, episode_id, timeout_s=timeout_s)
 
 
 @contextlib.asynccontextmanager

@@ -20,8 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.backends.base import GenerateRequest, GenerateResult
-from shared.backends.scripted import ScriptedBackend
+from shared.backends.base import GenerateRequest
+from shared.backends.scripted import ScriptedBackend, ScriptRouter
 
 PAYLOAD: dict[str, Any] = {"numbers": [1, 2, 3, 4], "target": 10, "n_solutions": 2}
 WORKER_BUDGET = 64  # tokens per worker; also what a timed-out worker is charged on the clock
@@ -242,7 +242,7 @@ def scenario_of(episode_id: str | None) -> Scenario:
     return BY_NAME[name]
 
 
-class ScenarioBackend:
+class ScenarioBackend(ScriptRouter):
     """Routes each request by its episode id to the scenario's :class:`ScriptedBackend` (see module doc)."""
 
     model_id = "scripted-scenarios"
@@ -251,23 +251,10 @@ class ScenarioBackend:
         self._fast = {s.name: ScriptedBackend(s.script, tokens_per_s=tokens_per_s) for s in SCENARIOS}
         self._slow = {s.name: ScriptedBackend(s.script, tokens_per_s=SLOW_TOKENS_PER_S) for s in SCENARIOS}
 
-    @property
-    def weight_version(self) -> str:
-        return "scripted"
-
-    def encode(self, text: str) -> list[int]:
-        return [ord(c) for c in text]
-
-    def decode(self, ids: list[int]) -> str:
-        return "".join(chr(i) for i in ids)
-
-    async def generate(self, request: GenerateRequest) -> GenerateResult:
+    def route(self, request: GenerateRequest) -> ScriptedBackend:
         scenario = scenario_of(request.session)
         pool = self._slow if request.tag in scenario.slow_agents else self._fast
-        return await pool[scenario.name].generate(request)
-
-    async def aclose(self) -> None:
-        return None
+        return pool[scenario.name]
 
 
 def backend_factory(settings: object = None) -> ScenarioBackend:
