@@ -221,7 +221,8 @@ class ProtocolParser:
             if status == "malformed":
                 gt = self._buf.find(">")
                 n = gt + 1 if 0 <= gt < MAX_TAG_LEN else 1
-                yield self._error(ErrorKind.MALFORMED_TAG, self._pos, f"malformed tag {self._buf[:n]!r}")
+                shown = self._buf[: max(n, min(len(self._buf), 24))]  # enough text to see what went wrong
+                yield self._error(ErrorKind.MALFORMED_TAG, self._pos, f"malformed tag at {shown!r}")
                 yield from self._text(self._buf[:n])
                 continue
             assert match is not None
