@@ -82,11 +82,18 @@ def _synth(args: argparse.Namespace) -> int:
         )
         teacher = LLMTeacher(task, config)
     else:
-        if args.task != "countdown":
-            raise ValueError(f"the programmatic teacher covers countdown only; use --teacher llm for {args.task}")
-        from trainer.synth.teacher import CountdownTeacher
+        if args.task == "countdown":
+            from trainer.synth.teacher import CountdownTeacher
 
-        teacher = CountdownTeacher(task, capacity=capacity, topologies=topologies)
+            teacher = CountdownTeacher(task, capacity=capacity, topologies=topologies)
+        elif args.task == "sudoku":
+            from trainer.synth.sudoku_teacher import SudokuTeacher
+
+            teacher = SudokuTeacher(task, capacity=capacity, topologies=topologies)
+        else:
+            raise ValueError(
+                f"the programmatic teacher covers countdown and sudoku; use --teacher llm for {args.task}"
+            )
     if args.problems_file:
         problems = _read_problem_file(task, args.problems_file)
     else:
