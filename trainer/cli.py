@@ -27,7 +27,7 @@ def register_synth(sub: SubParsers) -> None:
         description="Write checked AsyncThink traces (one JSONL record per agent) from a programmatic "
         "teacher (countdown) or an OpenAI-compatible LLM; prints kept and dropped counts.",
     )
-    p.add_argument("--task", default="countdown", help="task name (countdown; sudoku and math with --teacher llm)")
+    p.add_argument("--task", default="countdown", help="task name: countdown or sudoku (programmatic teacher), math (--teacher llm)")
     p.add_argument("--n", type=int, default=1000, help="number of training problems (default 1000)")
     p.add_argument("--seed", type=int, default=1, help="problem and skeleton seed (default 1)")
     p.add_argument("--out", required=True, help="output JSONL path")
