@@ -623,9 +623,5 @@ class Engine:
 
 
 def _agent_spans(sched: Schedule) -> dict[str, tuple[int, int]]:
-    """First and last organizer-clock step of each agent's decoding."""
-    spans: dict[str, tuple[int, int]] = {}
-    for iv in sched.intervals:
-        lo, hi = spans.get(iv.agent, (iv.start, iv.end))
-        spans[iv.agent] = (min(lo, iv.start), max(hi, iv.end))
-    return spans
+    """When each agent started and finished on the organizer clock (a worker starts at its fork)."""
+    return {span.agent: (span.start, span.end) for span in sched.spans}

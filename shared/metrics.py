@@ -88,12 +88,14 @@ class Interval:
 class Schedule:
     end: int  # when this agent finished (for the organizer: T)
     intervals: tuple[Interval, ...]  # every decoding interval of this agent and its descendants
+    spans: tuple[Interval, ...] = ()  # [start, end) of this agent and each descendant, waits included
 
 
 def schedule(timeline: Timeline, start: int = 0, agent: str = "organizer") -> Schedule:
     """Place every decoded token of an agent (and of the workers it forks) on the organizer clock."""
     clock = start
     intervals: list[Interval] = []
+    spans: list[Interval] = []
     children: dict[int, Schedule] = {}
     for step in timeline.steps:
         if isinstance(step, Decode):
@@ -107,11 +109,12 @@ def schedule(timeline: Timeline, start: int = 0, agent: str = "organizer") -> Sc
             child = schedule(step.child, clock, name)
             children[step.fork_id] = child
             intervals.extend(child.intervals)
+            spans.extend(child.spans)
         else:
             if step.fork_id not in children:
                 raise ValueError(f"join of fork {step.fork_id}, which was not forked before")
             clock = max(clock, children[step.fork_id].end)
-    return Schedule(clock, tuple(intervals))
+    return Schedule(clock, tuple(intervals), (Interval(agent, start, clock), *spans))
 
 
 def critical_path(timeline: Timeline) -> int:

@@ -92,3 +92,11 @@ def test_empty_and_invalid_timelines() -> None:
 def test_json_round_trip() -> None:
     tl = Timeline.of(Decode(3), ForkStep(2, Timeline.of(Decode(4))), JoinStep(2))
     assert Timeline.from_json(tl.to_json()) == tl
+
+
+def test_spans_start_at_the_fork_and_include_waits() -> None:
+    child = Timeline.of(Decode(6), ForkStep(1, worker(20)), Decode(2), JoinStep(1), Decode(3))
+    tl = Timeline.of(Decode(4), ForkStep(1, child), ForkStep(2, Timeline()), JoinStep(1), Decode(1))
+    spans = {s.agent: (s.start, s.end) for s in schedule(tl).spans}
+    # worker 1 starts at its fork (4), waits for 1.1 (ends 30), decodes 3 more -> 33; a 0-token tool at 4
+    assert spans == {"organizer": (0, 34), "1": (4, 33), "1.1": (10, 30), "2": (4, 4)}
