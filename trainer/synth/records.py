@@ -76,6 +76,37 @@ class TraceRecord:
         return out
 
 
+def worker_record(
+    task: Task, problem: Problem, *, episode_id: str, fork_id: int, query: str, completion: str,
+    capacity: int, topology: str,
+) -> TraceRecord:
+    """A worker's record: the engine's worker prompt for ``query`` and the text the worker generates."""
+    return TraceRecord(
+        kind="worker", problem_id=problem.id, prompt=task.worker_prompt(query), completion=completion,
+        task=task.name, episode_id=episode_id, fork_id=fork_id, capacity=capacity, topology=topology,
+    )
+
+
+def organizer_record(
+    task: Task, problem: Problem, writer: OrganizerWriter, *, episode_id: str, capacity: int, topology: str
+) -> TraceRecord:
+    """The organizer's record from its writer (completion and injected spans), with the AsyncThink prompt."""
+    return TraceRecord(
+        kind="organizer", problem_id=problem.id, prompt=task.organizer_prompt(problem, Mode.ASYNCTHINK),
+        completion=writer.text, injected=writer.injected, task=task.name, episode_id=episode_id,
+        capacity=capacity, topology=topology,
+    )
+
+
+def sequential_record(task: Task, problem: Problem, completion: str) -> TraceRecord:
+    """A sequential trace of ``problem``: one thread, the sequential prompt, no forks."""
+    return TraceRecord(
+        kind="sequential", problem_id=problem.id, prompt=task.organizer_prompt(problem, Mode.SEQUENTIAL),
+        completion=completion, task=task.name, episode_id=f"{problem.id}-seq", capacity=1,
+        topology="sequential",
+    )
+
+
 class OrganizerWriter:
     """Builds an organizer completion piece by piece, recording where the runtime injects text."""
 

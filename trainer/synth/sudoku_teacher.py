@@ -37,9 +37,18 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from shared.tasks.base import Mode, Problem, Task
+from shared.tasks.base import Problem, Task
 from shared.tasks.sudoku import SIZE, grid_text, parse_grid
-from trainer.synth.records import Episode, OrganizerWriter, TraceRecord, check_episode, check_sequential
+from trainer.synth.records import (
+    Episode,
+    OrganizerWriter,
+    TraceRecord,
+    check_episode,
+    check_sequential,
+    organizer_record,
+    sequential_record,
+    worker_record,
+)
 from trainer.synth.structure import Skeleton, StepKind, sample_skeleton
 
 OPENER = "fill by row, col, box\n"  # the organizer's brief plan before it notes the givens
@@ -216,16 +225,9 @@ class SudokuTeacher:
                 active[step.fork_id] = chosen
                 w.fork(step.fork_id, chosen.query)
                 w.think("\n")
-                workers[step.fork_id] = TraceRecord(
-                    kind="worker",
-                    problem_id=problem.id,
-                    prompt=self.task.worker_prompt(chosen.query),
-                    completion=chosen.worker_text(),
-                    task=self.task.name,
-                    episode_id=episode_id,
-                    fork_id=step.fork_id,
-                    capacity=skeleton.capacity,
-                    topology=skeleton.topology,
+                workers[step.fork_id] = worker_record(
+                    self.task, problem, episode_id=episode_id, fork_id=step.fork_id, query=chosen.query,
+                    completion=chosen.worker_text(), capacity=skeleton.capacity, topology=skeleton.topology,
                 )
             else:
                 grid = _apply(grid, chosen)
@@ -233,16 +235,8 @@ class SudokuTeacher:
         if 0 in grid:
             return None
         w.answer(rows_text(grid))
-        organizer = TraceRecord(
-            kind="organizer",
-            problem_id=problem.id,
-            prompt=self.task.organizer_prompt(problem, Mode.ASYNCTHINK),
-            completion=w.text,
-            injected=w.injected,
-            task=self.task.name,
-            episode_id=episode_id,
-            capacity=skeleton.capacity,
-            topology=skeleton.topology,
+        organizer = organizer_record(
+            self.task, problem, w, episode_id=episode_id, capacity=skeleton.capacity, topology=skeleton.topology
         )
         return Episode(problem, organizer, workers)
 
@@ -253,16 +247,7 @@ class SudokuTeacher:
             grid = _apply(grid, p)
             parts.append(p.organizer_text() + f"grid {rows_text(grid)}\n")
         parts.append(f"<ANSWER>{rows_text(grid)}</ANSWER>")
-        return TraceRecord(
-            kind="sequential",
-            problem_id=problem.id,
-            prompt=self.task.organizer_prompt(problem, Mode.SEQUENTIAL),
-            completion="".join(parts),
-            task=self.task.name,
-            episode_id=f"{problem.id}-seq",
-            capacity=1,
-            topology="sequential",
-        )
+        return sequential_record(self.task, problem, "".join(parts))
 
     # ----------------------------------------------------------------------------- checked output
     def episode(self, problem: Problem, rng: random.Random) -> Episode | None:

@@ -36,10 +36,19 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from itertools import combinations
 
-from shared.tasks.base import Mode, Problem, Task
+from shared.tasks.base import Problem, Task
 from shared.tasks.countdown_solver import apply_op, solve
 from shared.tasks.expr import BinOp, Canonical, Expr, ExprError, Num, check_solution, leaves, parse, to_text
-from trainer.synth.records import Episode, OrganizerWriter, TraceRecord, check_episode, check_sequential
+from trainer.synth.records import (
+    Episode,
+    OrganizerWriter,
+    TraceRecord,
+    check_episode,
+    check_sequential,
+    organizer_record,
+    sequential_record,
+    worker_record,
+)
 from trainer.synth.structure import Skeleton, StepKind, sample_skeleton, sequential_skeleton
 
 OPENER = "split by pair\n"  # the organizer's brief plan before its first action
@@ -251,16 +260,9 @@ class CountdownTeacher:
                 unit_of_fork[step.fork_id] = unit
                 w.fork(step.fork_id, unit.query)
                 w.think("\n")
-                workers[step.fork_id] = TraceRecord(
-                    kind="worker",
-                    problem_id=problem.id,
-                    prompt=self.task.worker_prompt(unit.query),
-                    completion=unit.worker_text(),
-                    task=self.task.name,
-                    episode_id=episode_id,
-                    fork_id=step.fork_id,
-                    capacity=skeleton.capacity,
-                    topology=skeleton.topology,
+                workers[step.fork_id] = worker_record(
+                    self.task, problem, episode_id=episode_id, fork_id=step.fork_id, query=unit.query,
+                    completion=unit.worker_text(), capacity=skeleton.capacity, topology=skeleton.topology,
                 )
             elif step.kind is StepKind.JOIN:
                 assert step.fork_id is not None
@@ -273,16 +275,8 @@ class CountdownTeacher:
                 w.think(units[step.unit].organizer_text())
                 tally(units[step.unit])
         w.answer("; ".join(list(have.values())[:need]))
-        organizer = TraceRecord(
-            kind="organizer",
-            problem_id=problem.id,
-            prompt=self.task.organizer_prompt(problem, Mode.ASYNCTHINK),
-            completion=w.text,
-            injected=w.injected,
-            task=self.task.name,
-            episode_id=episode_id,
-            capacity=skeleton.capacity,
-            topology=skeleton.topology,
+        organizer = organizer_record(
+            self.task, problem, w, episode_id=episode_id, capacity=skeleton.capacity, topology=skeleton.topology
         )
         return Episode(problem, organizer, workers)
 
@@ -297,16 +291,7 @@ class CountdownTeacher:
                 have.setdefault(key, expr)
             parts.append(f"have {len(have)}\n")
         parts.append(f"<ANSWER>{'; '.join(list(have.values())[:need])}</ANSWER>")
-        return TraceRecord(
-            kind="sequential",
-            problem_id=problem.id,
-            prompt=self.task.organizer_prompt(problem, Mode.SEQUENTIAL),
-            completion="".join(parts),
-            task=self.task.name,
-            episode_id=f"{problem.id}-seq",
-            capacity=1,
-            topology="sequential",
-        )
+        return sequential_record(self.task, problem, "".join(parts))
 
     # ----------------------------------------------------------------------------- checked output
     def episode(self, problem: Problem, rng: random.Random) -> Episode | None:
