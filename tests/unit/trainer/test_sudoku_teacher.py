@@ -11,6 +11,7 @@ from shared.cli import main
 from shared.protocol import Answer, Fork, Join, Return, Role, join_result, parse
 from shared.tasks.base import Mode, Problem
 from shared.tasks.sudoku import SudokuTask, parse_grid, solve
+from tests.helpers import peak_active_workers
 from trainer.synth.dataset import synthesize
 from trainer.synth.records import TraceRecord, read_jsonl
 from trainer.synth.structure import TOPOLOGIES
@@ -89,16 +90,7 @@ def test_capacity_three_keeps_two_workers_running(problems: list[Problem]) -> No
     teacher = SudokuTeacher(TASK, capacity=3, topologies=("fork_all",))
     result = synthesize(teacher, problems, seed=2)
     assert result.kept["asyncthink"] >= 45 and set(result.dropped) <= {"no_fit"}
-    most = 0
-    for rec in result.records:
-        if rec.kind == "organizer":
-            events, errors = parse(rec.completion, Role.ORGANIZER, capacity=3)
-            assert errors == []
-            active = 0
-            for e in events:
-                active += 1 if isinstance(e, Fork) else -1 if isinstance(e, Join) else 0
-                most = max(most, active)
-    assert most == 2
+    assert peak_active_workers(result.records, capacity=3) == 2
 
 
 def test_elimination_lines_are_sound(problems: list[Problem]) -> None:

@@ -12,6 +12,7 @@ import pytest
 from shared.protocol import Answer, Fork, Join, Return, Role, join_result, parse
 from shared.tasks.base import Mode, Problem
 from shared.tasks.countdown import CountdownTask
+from tests.helpers import peak_active_workers
 from trainer.synth.dataset import length_stats, organizer_timeline, synthesize
 from trainer.synth.llm_teacher import LLMTeacher, LLMTeacherConfig
 from trainer.synth.records import read_jsonl, write_jsonl
@@ -117,16 +118,7 @@ def test_capacity_three_traces_use_several_workers(problems: list[Problem]) -> N
     teacher = CountdownTeacher(TASK, capacity=3, topologies=("fork_all",))
     result = synthesize(teacher, problems[:60], seed=2)
     assert result.kept["asyncthink"] > 40 and set(result.dropped) <= {"too_few_solutions"}
-    most = 0
-    for rec in result.records:
-        if rec.kind == "organizer":
-            events, errors = parse(rec.completion, Role.ORGANIZER, capacity=3)
-            assert errors == []
-            active = 0
-            for e in events:
-                active += 1 if isinstance(e, Fork) else -1 if isinstance(e, Join) else 0
-                most = max(most, active)
-    assert most == 2
+    assert peak_active_workers(result.records, capacity=3) == 2
 
 
 def test_corrupt_traces_are_dropped_and_counted(problems: list[Problem]) -> None:
