@@ -12,6 +12,7 @@ Implementations: ``transformers_backend`` (in-process, CPU or GPU), ``sglang`` (
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -88,6 +89,16 @@ class TokenizerCodec:
 
     def decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+
+@functools.lru_cache(maxsize=64)
+def _compile(regex: str) -> re.Pattern[str]:
+    return re.compile(regex)
+
+
+def stop_pattern(regex: str | None) -> re.Pattern[str] | None:
+    """The compiled stop regex of a request (compiled once per pattern; a bad pattern raises re.error)."""
+    return _compile(regex) if regex else None
 
 
 def find_stop(text: str, pattern: re.Pattern[str] | None, search_from: int = 0) -> re.Match[str] | None:

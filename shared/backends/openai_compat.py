@@ -39,7 +39,14 @@ from typing import Any
 
 import httpx
 
-from shared.backends.base import FinishReason, GenerateRequest, GenerateResult, TokenizerCodec, find_stop
+from shared.backends.base import (
+    FinishReason,
+    GenerateRequest,
+    GenerateResult,
+    TokenizerCodec,
+    find_stop,
+    stop_pattern,
+)
 from shared.backends.sglang import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -121,18 +128,10 @@ class OpenAICompatBackend(TokenizerCodec):
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s), headers=headers, transport=transport
         )
-        self._patterns: dict[str, re.Pattern[str]] = {}
 
     @property
     def weight_version(self) -> str:
         return self.model
-
-    def _pattern(self, stop_regex: str | None) -> re.Pattern[str] | None:
-        if not stop_regex:
-            return None
-        if stop_regex not in self._patterns:
-            self._patterns[stop_regex] = re.compile(stop_regex)
-        return self._patterns[stop_regex]
 
     def request_body(self, request: GenerateRequest) -> tuple[dict[str, Any], bool]:
         """(the JSON body, whether stops are applied here while streaming)."""
@@ -189,7 +188,7 @@ class OpenAICompatBackend(TokenizerCodec):
         output_ids = [int(i) for i in ids] if ids is not None else self.encode(text)
         if ids is not None:
             text = self.decode(output_ids)
-        m = find_stop(text, self._pattern(request.stop_regex))
+        m = find_stop(text, stop_pattern(request.stop_regex))
         if reason == "length":
             finish, matched = FinishReason.LENGTH, None
         elif reason == "stop":
@@ -208,7 +207,7 @@ class OpenAICompatBackend(TokenizerCodec):
     async def _stream_until_stop(
         self, body: dict[str, Any], request: GenerateRequest
     ) -> tuple[str, str, Any]:
-        pattern = self._pattern(request.stop_regex)
+        pattern = stop_pattern(request.stop_regex)
         text, reason, usage = "", "stop", None
         async with asyncio.timeout(self.timeout_s + 1.0):
             async with self._connect_with_retries(body) as r:

@@ -46,14 +46,20 @@ import asyncio
 import hashlib
 import itertools
 import logging
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import httpx
 
-from shared.backends.base import FinishReason, GenerateRequest, GenerateResult, TokenizerCodec, find_stop
+from shared.backends.base import (
+    FinishReason,
+    GenerateRequest,
+    GenerateResult,
+    TokenizerCodec,
+    find_stop,
+    stop_pattern,
+)
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +140,6 @@ class SGLangBackend(TokenizerCodec):
         self._admin_key = admin_api_key or api_key
         self._weight_version = "unknown"  # until a response or check_server() tells
         self._turn = itertools.count()
-        self._patterns: dict[str, re.Pattern[str]] = {}
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s), transport=transport
         )
@@ -237,7 +242,7 @@ class SGLangBackend(TokenizerCodec):
         if kind == "stop":
             if isinstance(reason.get("matched"), int):  # a token id: EOS (we send no stop_token_ids)
                 return FinishReason.EOS, None
-            pattern = self._pattern(request.stop_regex)
+            pattern = stop_pattern(request.stop_regex)
             m = find_stop(text, pattern)
             return FinishReason.STOP, (m.group(0) if m else None)
         if kind == "length":
@@ -245,13 +250,6 @@ class SGLangBackend(TokenizerCodec):
         if kind != "abort":
             log.warning("SGLang returned an unknown finish_reason %r; treating it as abort", reason)
         return FinishReason.ABORT, None
-
-    def _pattern(self, stop_regex: str | None) -> re.Pattern[str] | None:
-        if not stop_regex:
-            return None
-        if stop_regex not in self._patterns:
-            self._patterns[stop_regex] = re.compile(stop_regex)
-        return self._patterns[stop_regex]
 
     async def aclose(self) -> None:
         await self._client.aclose()

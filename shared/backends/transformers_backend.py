@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from shared.backends.base import FinishReason, GenerateRequest, GenerateResult, find_stop
+from shared.backends.base import FinishReason, GenerateRequest, GenerateResult, find_stop, stop_pattern
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +321,7 @@ class _Scheduler:
                 generator.seed()
         return _Seq(
             item=item,
-            pattern=re.compile(req.stop_regex) if req.stop_regex else None,
+            pattern=stop_pattern(req.stop_regex),
             limit=min(req.max_new_tokens, self.b.max_length - len(req.input_ids)),
             pos=len(req.input_ids),
             generator=generator,

@@ -44,7 +44,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from shared.backends.base import FinishReason, GenerateRequest, GenerateResult, find_stop
+from shared.backends.base import FinishReason, GenerateRequest, GenerateResult, find_stop, stop_pattern
 from trainer.rollout import qwen2
 from trainer.rollout.config import EngineStats, SlotEngineConfig
 from trainer.rollout.sampling import SampleMode, sample
@@ -204,7 +204,7 @@ class SlotEngine:
             seed = sp.seed
         else:
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self._seed_rng))
-        pattern = re.compile(request.stop_regex) if request.stop_regex else None
+        pattern = stop_pattern(request.stop_regex)
         seq = _Seq(
             handle=self._next_handle,
             request=request,
