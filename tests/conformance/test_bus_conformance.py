@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 import pytest
 
@@ -44,17 +46,22 @@ async def test_read_of_missing_stream_is_empty(bus_case: BusUnderTest) -> None:
     assert await bus_case.bus.read(bus_case.stream("nothing"), after="0") == []
 
 
-async def test_blocking_read_wakes_on_publish(bus_case: BusUnderTest) -> None:
-    bus, s = bus_case.bus, bus_case.stream()
-    first = await bus.publish(s, {"n": "0"})
-    reader = asyncio.create_task(bus.read(s, after=first, block_ms=3000))
+async def assert_wakes_on_publish(bus: Any, stream: str, blocking_read: Coroutine[Any, Any, list[Any]]) -> None:
+    """A blocking read waits while the stream has nothing new, then returns within a second of a publish."""
+    reader = asyncio.create_task(blocking_read)
     await asyncio.sleep(0.1)
     assert not reader.done()
     t0 = time.monotonic()
-    await bus.publish(s, {"n": "1"})
+    await bus.publish(stream, {"n": "1"})
     got = await asyncio.wait_for(reader, 2)
     assert [e.fields["n"] for e in got] == ["1"]
     assert time.monotonic() - t0 < 1.0
+
+
+async def test_blocking_read_wakes_on_publish(bus_case: BusUnderTest) -> None:
+    bus, s = bus_case.bus, bus_case.stream()
+    first = await bus.publish(s, {"n": "0"})
+    await assert_wakes_on_publish(bus, s, bus.read(s, after=first, block_ms=3000))
 
 
 async def test_blocking_read_from_dollar_sees_only_new(bus_case: BusUnderTest) -> None:
@@ -114,14 +121,7 @@ async def test_group_delivers_each_entry_to_one_consumer(bus_case: BusUnderTest)
 async def test_blocking_read_group_wakes_on_publish(bus_case: BusUnderTest) -> None:
     bus, s = bus_case.bus, bus_case.stream()
     await bus.ensure_group(s, "g")
-    reader = asyncio.create_task(bus.read_group(s, "g", "c1", block_ms=3000))
-    await asyncio.sleep(0.1)
-    assert not reader.done()
-    t0 = time.monotonic()
-    await bus.publish(s, {"n": "1"})
-    got = await asyncio.wait_for(reader, 2)
-    assert [e.fields["n"] for e in got] == ["1"]
-    assert time.monotonic() - t0 < 1.0
+    await assert_wakes_on_publish(bus, s, bus.read_group(s, "g", "c1", block_ms=3000))
 
 
 async def test_ack_removes_from_pending(bus_case: BusUnderTest) -> None:
