@@ -32,7 +32,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from shared.backends.base import FinishReason, GenerateRequest, ModelBackend, SamplingParams
 from shared.messages import EpisodeEvent, SegmentRecord, WorkerOutcome, WorkerTask
@@ -405,8 +405,12 @@ class AgentRunner:
         return outcome
 
 
-def _failed_segment(task: WorkerTask, error: str) -> SegmentRecord:
+def worker_segment(task: WorkerTask, **fields: Any) -> SegmentRecord:
+    """A worker's segment with the identity fields of its task (agent, fork id, parent, endpoint, query)
+    filled in; ``fields`` adds the rest. Wall start and end default to now."""
     now = time.time()
+    fields.setdefault("wall_start", now)
+    fields.setdefault("wall_end", now)
     return SegmentRecord(
         agent=task.agent,
         role="worker",
@@ -414,10 +418,12 @@ def _failed_segment(task: WorkerTask, error: str) -> SegmentRecord:
         parent=task.parent,
         endpoint=task.endpoint,
         query=task.query,
-        error=error,
-        wall_start=now,
-        wall_end=now,
+        **fields,
     )
+
+
+def _failed_segment(task: WorkerTask, error: str) -> SegmentRecord:
+    return worker_segment(task, error=error)
 
 
 class ModelWorker:

@@ -43,8 +43,8 @@ from services.workers.app import app
 from services.workers.tools import TOOL_NAMES, run_tool
 from shared.backends.base import ModelBackend
 from shared.config import Settings, get_settings
-from shared.engine import AgentRunner
-from shared.messages import SegmentRecord, WorkerOutcome, WorkerTask, results_stream
+from shared.engine import AgentRunner, worker_segment
+from shared.messages import WorkerOutcome, WorkerTask, results_stream
 
 log = logging.getLogger(__name__)
 
@@ -114,15 +114,7 @@ def runtime() -> WorkerRuntime:
 
 
 def error_outcome(task: WorkerTask, error: str) -> WorkerOutcome:
-    segment = SegmentRecord(
-        agent=task.agent,
-        role="worker",
-        fork_id=task.fork_id,
-        parent=task.parent,
-        endpoint=task.endpoint,
-        query=task.query,
-        error=error,
-    )
+    segment = worker_segment(task, error=error)
     return WorkerOutcome(returned=f"[worker {task.fork_id} failed: {error}]", segments=[segment], error=error)
 
 

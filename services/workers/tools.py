@@ -18,7 +18,8 @@ import re
 import time
 from fractions import Fraction
 
-from shared.messages import SegmentRecord, WorkerOutcome, WorkerTask
+from shared.engine import worker_segment
+from shared.messages import WorkerOutcome, WorkerTask
 from shared.tasks.expr import ExprError, evaluate, parse
 
 MAX_EXPRESSIONS = 16
@@ -56,13 +57,8 @@ def run_tool(task: WorkerTask) -> WorkerOutcome:
         returned, error = evaluate_arithmetic(task.query)
     else:
         returned, error = f"[no tool {task.endpoint!r}; known tools: {', '.join(TOOL_NAMES)}]", "unknown_endpoint"
-    segment = SegmentRecord(
-        agent=task.agent,
-        role="worker",
-        fork_id=task.fork_id,
-        parent=task.parent,
-        endpoint=task.endpoint,
-        query=task.query,
+    segment = worker_segment(
+        task,
         prompt=task.query,
         text=f"<RETURN>{returned}</RETURN>",
         returned=returned,
