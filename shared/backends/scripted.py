@@ -24,16 +24,8 @@ from shared.backends.base import FinishReason, GenerateRequest, GenerateResult
 Script = Mapping[str, str] | Callable[[str, str], str]
 
 
-class ScriptedBackend:
-    """``script``: agent name -> text, or a function (agent, prompt) -> text for per-prompt scripts."""
-
-    def __init__(self, script: Script, *, tokens_per_s: float | None = None, model_id: str = "scripted") -> None:
-        self.script = script
-        self.tokens_per_s = tokens_per_s
-        self.model_id = model_id
-        self._cursor: dict[tuple[str | None, str], int] = {}
-        self._prompts: dict[tuple[str | None, str], str] = {}
-        self.calls = 0
+class CodePoints:
+    """Token ids are Unicode code points, so ``encode``/``decode`` are exact; the weights are "scripted"."""
 
     @property
     def weight_version(self) -> str:
@@ -44,6 +36,18 @@ class ScriptedBackend:
 
     def decode(self, ids: list[int]) -> str:
         return "".join(chr(i) for i in ids)
+
+
+class ScriptedBackend(CodePoints):
+    """``script``: agent name -> text, or a function (agent, prompt) -> text for per-prompt scripts."""
+
+    def __init__(self, script: Script, *, tokens_per_s: float | None = None, model_id: str = "scripted") -> None:
+        self.script = script
+        self.tokens_per_s = tokens_per_s
+        self.model_id = model_id
+        self._cursor: dict[tuple[str | None, str], int] = {}
+        self._prompts: dict[tuple[str | None, str], str] = {}
+        self.calls = 0
 
     def _text_for(self, agent: str, prompt: str) -> str:
         if callable(self.script):
@@ -79,22 +83,12 @@ class ScriptedBackend:
         return None
 
 
-class ScriptRouter:
+class ScriptRouter(CodePoints):
     """Routes each request to one of several :class:`ScriptedBackend` s, chosen by :meth:`route`
     (for suites and benchmarks that run many scripted episodes, keyed by episode id, through one backend).
     Token ids are code points, as in :class:`ScriptedBackend`."""
 
     model_id = "scripted-router"
-
-    @property
-    def weight_version(self) -> str:
-        return "scripted"
-
-    def encode(self, text: str) -> list[int]:
-        return [ord(c) for c in text]
-
-    def decode(self, ids: list[int]) -> str:
-        return "".join(chr(i) for i in ids)
 
     def route(self, request: GenerateRequest) -> Any:
         raise NotImplementedError
