@@ -1,8 +1,12 @@
-"""Small assertions shared by test modules."""
+"""Small assertions and server checks shared by test modules."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
+from typing import Any
+
+import pytest
 
 from shared.protocol import Fork, Join, Role, parse
 from trainer.synth.records import TraceRecord
@@ -22,3 +26,18 @@ def peak_active_workers(records: Iterable[TraceRecord], capacity: int) -> int:
             active += 1 if isinstance(e, Fork) else -1 if isinstance(e, Join) else 0
             most = max(most, active)
     return most
+
+
+async def redis_bus_or_skip(url: str, **options: Any) -> Any:
+    """A pinged ``RedisStreamsBus`` at ``url``; skips the test when Redis is unreachable, fails in CI."""
+    from shared.bus.redis_streams import BusConnectionError, RedisStreamsBus
+
+    bus = RedisStreamsBus(url, **{"socket_timeout_s": 5.0, "connect_timeout_s": 2.0, **options})
+    try:
+        await bus.ping()
+    except BusConnectionError as exc:
+        await bus.close()
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set but Redis is unreachable; CI must start it. {exc}")
+        pytest.skip(f"Redis unreachable (set CI=1 to make this a failure): {exc}")
+    return bus

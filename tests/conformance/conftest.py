@@ -16,7 +16,7 @@ import pytest
 
 from shared.bus.base import Bus
 from shared.bus.inprocess import InProcessBus
-from shared.bus.redis_streams import BusConnectionError, RedisStreamsBus
+from tests.helpers import redis_bus_or_skip
 
 REDIS_URL = (
     os.environ.get("ASYNCTHINK_REDIS_URL") or os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
@@ -41,16 +41,7 @@ async def bus_case(request: pytest.FixtureRequest) -> AsyncIterator[BusUnderTest
     if request.param == "inprocess":
         yield BusUnderTest(InProcessBus(max_deliveries=MAX_DELIVERIES), prefix)
         return
-    bus = RedisStreamsBus(
-        REDIS_URL, max_deliveries=MAX_DELIVERIES, socket_timeout_s=5.0, connect_timeout_s=2.0
-    )
-    try:
-        await bus.ping()
-    except BusConnectionError as exc:
-        await bus.close()
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set but Redis is unreachable; CI must start it. {exc}")
-        pytest.skip(f"Redis unreachable (set CI=1 to make this a failure): {exc}")
+    bus = await redis_bus_or_skip(REDIS_URL, max_deliveries=MAX_DELIVERIES)
     try:
         yield BusUnderTest(bus, prefix)
     finally:

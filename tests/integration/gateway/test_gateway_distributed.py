@@ -31,9 +31,10 @@ from services.gateway.app import create_app
 from services.organizer.service import OrganizerService
 from shared.backends.scripted import ScriptedBackend
 from shared.bus.base import Entry
-from shared.bus.redis_streams import BusConnectionError, RedisStreamsBus
+from shared.bus.redis_streams import RedisStreamsBus
 from shared.config import Settings
 from shared.store import Episode, make_engine, migrate, session_factory
+from tests.helpers import redis_bus_or_skip
 
 pytestmark = pytest.mark.integration
 
@@ -96,14 +97,7 @@ class PrefixedBus:
 
 
 async def _redis_or_skip(url: str = REDIS_URL) -> RedisStreamsBus:
-    bus = RedisStreamsBus(url, socket_timeout_s=5.0, connect_timeout_s=2.0)
-    try:
-        await bus.ping()
-    except BusConnectionError as exc:
-        await bus.close()
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set but Redis is unreachable; CI must start it. {exc}")
-        pytest.skip(f"Redis unreachable (set CI=1 to make this a failure): {exc}")
+    bus: RedisStreamsBus = await redis_bus_or_skip(url)
     return bus
 
 
