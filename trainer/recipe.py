@@ -115,7 +115,7 @@ def stage_grpo(args: argparse.Namespace) -> None:
             problems_file=Path(args.problems) if args.problems else None,
             steps=100_000, problems_per_step=args.grpo_problems, group_size=args.grpo_group,
             organizer_budget=args.organizer_budget, worker_budget=args.worker_budget,
-            lr=args.grpo_lr, temperature=1.0, save_every=0, seed=args.seed, max_minutes=minutes,
+            lr=args.grpo_lr, kl_beta=args.grpo_kl, temperature=1.0, save_every=0, seed=args.seed, max_minutes=minutes,
             progress=False, rollout_slots=args.slots,
             lam=GRPOConfigArgs.lam if lam is None else lam,
         )
@@ -248,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ablation-minutes", type=float, default=0.8, help="minutes for the no-R_η ablation")
     p.add_argument("--nosft-minutes", type=float, default=0.4, help="minutes for the no-format-SFT ablation")
     p.add_argument("--grpo-lr", type=float, default=1e-4)
+    p.add_argument("--grpo-kl", type=float, default=0.0, help="β of the KL penalty to the SFT model (0 = none)")
     p.add_argument("--grpo-problems", type=int, default=32, help="P: problems per GRPO step")
     p.add_argument("--grpo-group", type=int, default=8, help="G: episodes per problem")
     p.add_argument("--slots", type=int, default=512, help="rollout slot-engine KV slots")

@@ -42,9 +42,13 @@ class SynthResult:
     problems: int = 0
     kept: Counter[str] = field(default_factory=Counter)  # "asyncthink" episodes, "sequential" traces
     dropped: Counter[str] = field(default_factory=Counter)  # reason -> count
+    partial: Counter[str] = field(default_factory=Counter)  # kept, answering with fewer than asked
 
     def summary(self) -> str:
-        kept = ", ".join(f"{k} {v}" for k, v in sorted(self.kept.items())) or "none"
+        kept = ", ".join(
+            f"{k} {v}" + (f" ({self.partial[k]} partial)" if self.partial[k] else "")
+            for k, v in sorted(self.kept.items())
+        ) or "none"
         dropped = ", ".join(f"{k} {v}" for k, v in self.dropped.most_common()) or "none"
         return f"{self.problems} problems; kept: {kept}; dropped: {sum(self.dropped.values())} ({dropped})"
 
@@ -62,6 +66,7 @@ def synthesize(
     rng = random.Random(seed)
     out = SynthResult()
     before = Counter(teacher.dropped)
+    partial_before = Counter(getattr(teacher, "partial", {}))
     for problem in problems:
         out.problems += 1
         if asyncthink:
@@ -79,6 +84,9 @@ def synthesize(
     out.dropped = Counter(teacher.dropped)
     out.dropped.subtract(before)
     out.dropped = +out.dropped
+    out.partial = Counter(getattr(teacher, "partial", {}))
+    out.partial.subtract(partial_before)
+    out.partial = +out.partial
     return out
 
 

@@ -179,8 +179,12 @@ def _first_error(
     return None, events
 
 
-def check_episode(task: Task, episode: Episode, capacity: int) -> str | None:
-    """None when the episode is valid (parser and verifier); otherwise why it is not."""
+def check_episode(task: Task, episode: Episode, capacity: int, *, partial: bool = False) -> str | None:
+    """None when the episode is valid (parser and verifier); otherwise why it is not.
+
+    ``partial``: the answer may hold fewer solutions than the task asks for (every one still correct
+    and distinct), for traces that tried everything and came up short.
+    """
     org = episode.organizer
     if org.prompt != task.organizer_prompt(episode.problem, Mode.ASYNCTHINK):
         return "prompt_mismatch"
@@ -217,11 +221,14 @@ def check_episode(task: Task, episode: Episode, capacity: int) -> str | None:
         for (a, b), j in zip(expected, joins, strict=True)
     ):
         return "join_mismatch"
-    return _check_answer(task, episode.problem, events)
+    return _check_answer(task, episode.problem, events, partial)
 
 
-def check_sequential(task: Task, problem: Problem, record: TraceRecord) -> str | None:
-    """None when a sequential trace is valid (no forks, an answer scoring 1.0); otherwise why not."""
+def check_sequential(task: Task, problem: Problem, record: TraceRecord, *, partial: bool = False) -> str | None:
+    """None when a sequential trace is valid (no forks, an answer scoring 1.0); otherwise why not.
+
+    ``partial`` as for :func:`check_episode`.
+    """
     if record.prompt != task.organizer_prompt(problem, Mode.SEQUENTIAL):
         return "prompt_mismatch"
     if record.injected:
@@ -229,16 +236,20 @@ def check_sequential(task: Task, problem: Problem, record: TraceRecord) -> str |
     reason, events = _first_error(record.completion, Role.ORGANIZER, 1, False)
     if reason:
         return reason
-    return _check_answer(task, problem, events)
+    return _check_answer(task, problem, events, partial)
 
 
-def _check_answer(task: Task, problem: Problem, events: list[Any]) -> str | None:
+def _check_answer(task: Task, problem: Problem, events: list[Any], partial: bool) -> str | None:
     answer = next((e for e in events if isinstance(e, Answer)), None)
     if answer is None:  # pragma: no cover - the parser reports a missing answer
         return "format:missing_answer"
-    if task.score(problem, answer.text).accuracy < 1.0:
-        return "verifier"
-    return None
+    score = task.score(problem, answer.text)
+    if score.accuracy == 1.0:
+        return None
+    wrong = any(score.details.get(k) for k in ("invalid", "duplicate", "ignored"))
+    if partial and score.correct >= 1 and not wrong:
+        return None
+    return "verifier"
 
 
 # ------------------------------------------------------------------------------------------ JSONL

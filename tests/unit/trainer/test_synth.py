@@ -17,9 +17,18 @@ from trainer.synth.dataset import length_stats, organizer_timeline, synthesize
 from trainer.synth.llm_teacher import LLMTeacher, LLMTeacherConfig
 from trainer.synth.records import read_jsonl, write_jsonl
 from trainer.synth.structure import TOPOLOGIES, StepKind, sample_skeleton, skeleton_errors
-from trainer.synth.teacher import CountdownTeacher
+from trainer.synth.teacher import CountdownTeacher, pairs_in_order
 
 TASK = CountdownTask()
+
+
+def _assert_answer_ok(problem: Problem, answer: str, units_tried: int) -> None:
+    """All n_s solutions, or (an exhaustive trace that tried every pair) fewer, all valid and distinct."""
+    score = TASK.score(problem, answer)
+    if score.accuracy == 1.0:
+        return
+    assert units_tried == len(pairs_in_order(problem.payload["numbers"]))
+    assert score.correct >= 1 and not any(score.details[k] for k in ("invalid", "duplicate", "ignored"))
 
 
 @pytest.fixture(scope="module")
@@ -84,14 +93,16 @@ def _check_independently(records: list, problem: Problem, capacity: int) -> None
         spans = [org.completion[a:b] for a, b in org.injected]
         assert join_result(fid, returned) in spans
     answer = next(e for e in events if isinstance(e, Answer))
-    assert TASK.score(problem, answer.text).accuracy == 1.0
+    forks = sum(isinstance(e, Fork) for e in events)
+    _assert_answer_ok(problem, answer.text, forks + org.completion.count("\npair "))
 
 
 def test_programmatic_traces_are_parser_valid_and_correct(problems: list[Problem]) -> None:
     teacher = CountdownTeacher(TASK)
     result = synthesize(teacher, problems, sequential=True, seed=1)
-    assert result.kept["asyncthink"] >= 0.8 * len(problems)
+    assert result.kept["asyncthink"] >= 0.95 * len(problems)
     assert result.kept["asyncthink"] == result.kept["sequential"]
+    assert 0 < result.partial["asyncthink"] == result.partial["sequential"] < 0.2 * len(problems)
     assert set(result.dropped) <= {"too_few_solutions"}  # nothing the teacher writes is malformed
     by_episode: dict[str, list] = {}
     for r in result.records:
@@ -107,11 +118,28 @@ def test_programmatic_traces_are_parser_valid_and_correct(problems: list[Problem
             assert errors == [] and seq.injected == []
             answer = events[-1]
             assert isinstance(answer, Answer)
-            assert TASK.score(problem, answer.text).accuracy == 1.0
+            _assert_answer_ok(problem, answer.text, seq.completion.count("pair "))
         else:
             _check_independently(recs, problem, capacity=2)
             topologies[recs[0].topology] += 1
     assert set(topologies) == set(TOPOLOGIES)
+
+
+def test_partial_traces_try_every_pair_and_only_with_exhaust(problems: list[Problem]) -> None:
+    strict = synthesize(CountdownTeacher(TASK, exhaust=False), problems[:60], sequential=True, seed=1)
+    loose = synthesize(CountdownTeacher(TASK), problems[:60], sequential=True, seed=1)
+    short = strict.dropped["too_few_solutions"]
+    assert short > 0 and not strict.partial  # without exhaust the short problems are dropped...
+    assert loose.partial["sequential"] == short // 2  # ...(counted once per kind) and kept with it
+    assert loose.kept["sequential"] == strict.kept["sequential"] + short // 2
+    index = {p.id: p for p in problems}
+    partial = [r for r in loose.records if r.kind == "sequential" and TASK.score(
+        index[r.problem_id], r.completion.rpartition("<ANSWER>")[2].removesuffix("</ANSWER>")).accuracy < 1]
+    assert len(partial) == short // 2
+    for rec in partial:  # every pair is tried, in order, and the answer lists what was found
+        numbers = index[rec.problem_id].payload["numbers"]
+        tried = [tuple(map(int, line.split()[1:])) for line in rec.completion.splitlines() if line.startswith("pair ")]
+        assert tried == pairs_in_order(numbers)
 
 
 def test_capacity_three_traces_use_several_workers(problems: list[Problem]) -> None:
