@@ -311,6 +311,20 @@ def run_sft(cfg: SFTConfigArgs) -> dict[str, Any]:
     return metrics
 
 
+def lr_schedule(lr: float, warmup_ratio: float, done: float) -> float:
+    """Linear warmup over the first ``warmup_ratio`` of the run, then cosine decay to 0.
+
+    ``done`` is the fraction of the run behind us (of its steps, or of its minutes when that is
+    further): a time-bounded run warms up and decays within its minutes however many epochs it was
+    nominally given.
+    """
+    done = min(1.0, max(0.0, done))
+    if done < warmup_ratio:
+        return lr * done / warmup_ratio
+    progress = (done - warmup_ratio) / max(1e-9, 1 - warmup_ratio)
+    return lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def run_sft_torch(cfg: SFTConfigArgs) -> dict[str, Any]:
     """The same SFT without TRL: one plain AdamW loop over the same tokenized rows and masks.
 
@@ -334,16 +348,13 @@ def run_sft_torch(cfg: SFTConfigArgs) -> dict[str, Any]:
     bf16 = torch.cuda.is_available() if cfg.bf16 is None else cfg.bf16
     per_epoch = math.ceil(len(kept) / cfg.batch_size)
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, int(per_epoch * cfg.epochs))
-    warmup = int(cfg.warmup_ratio * total)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
 
     def lr_at(step: int) -> float:
-        if step < warmup:
-            return cfg.lr * (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        if cfg.max_minutes:  # a time-bounded run decays by whichever ends first: steps or minutes
-            progress = max(progress, (time.monotonic() - t0) / (60 * cfg.max_minutes))
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        done = (step + 1) / total
+        if cfg.max_minutes:  # a time-bounded run is as far along as whichever ends first: steps or minutes
+            done = max(done, (time.monotonic() - t0) / (60 * cfg.max_minutes))
+        return lr_schedule(cfg.lr, cfg.warmup_ratio, done)
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 

@@ -171,3 +171,15 @@ def test_synth_cli_writes_records(
     assert "kept: asyncthink" in printed and "sequential" in printed and "dropped" in printed
     kinds = {json.loads(line)["kind"] for line in out.read_text().splitlines()}
     assert kinds == {"organizer", "worker", "sequential"}
+
+
+def test_lr_schedule_warms_up_then_decays_within_the_run() -> None:
+    from trainer.sft import lr_schedule
+
+    assert lr_schedule(1e-3, 0.1, 0.0) == 0.0
+    assert lr_schedule(1e-3, 0.1, 0.05) == pytest.approx(5e-4)  # half-way through warmup
+    assert lr_schedule(1e-3, 0.1, 0.1) == pytest.approx(1e-3)  # the peak
+    assert lr_schedule(1e-3, 0.1, 0.55) == pytest.approx(5e-4)  # cosine half-way
+    assert lr_schedule(1e-3, 0.1, 1.0) == pytest.approx(0.0, abs=1e-12)
+    assert lr_schedule(1e-3, 0.1, 3.0) == pytest.approx(0.0, abs=1e-12)  # past the end: clamped
+    assert lr_schedule(1e-3, 0.0, 0.0) == pytest.approx(1e-3)  # no warmup
