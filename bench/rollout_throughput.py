@@ -222,6 +222,9 @@ def bench_episodes(engine: SlotEngine, args: argparse.Namespace, bsz: int) -> di
         "prefill": st.prefill_tokens,
         "admit_s": st.admit_s,
         "wait_s": st.wait_s,
+        "launch_s": st.launch_s,
+        "readback_s": st.readback_s,
+        "driver_s": elapsed - st.busy_s,
     }
 
 
@@ -246,6 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--skip-hf", action="store_true", help="leave out transformers generate")
     p.add_argument("--skip-eager", action="store_true", help="leave out the eager engine")
+    p.add_argument("--skip-uniform", action="store_true", help="leave out engine-uniform")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile-batch", type=int, default=0, help="cProfile the episode run at this batch size")
     p.add_argument("--out", default=None, help="also write the table to this file")
@@ -293,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
         variants = [False, True] if device.type == "cuda" and not args.skip_eager else [False]
         if device.type == "cuda" and args.skip_eager:
             variants = [True]
-        for graphs in variants:
+        for graphs in [] if args.skip_uniform else variants:
             eng = make_engine(model.to(device), tok, args, bsz, graphs, uniform_len)
             r = bench_uniform(eng, args, bsz)
             emit(
@@ -332,6 +336,13 @@ def main(argv: list[str] | None = None) -> None:
             f"{'cuda graph' if device.type == 'cuda' else 'eager'}, {r['steps']:.0f} steps, {r['s']:.2f} s, "
             f"prefill {r['prefill']:.0f} tok, reused {r['reused']:.0f} tok; "
             f"admission {r['admit_s']:.1f} s, device wait {r['wait_s']:.1f} s",
+        )
+        per_step = 1e3 / max(1.0, r["steps"])
+        say(
+            f"  host time per step (ms): admission {r['admit_s'] * per_step:.3f}, "
+            f"launch {r['launch_s'] * per_step:.3f}, "
+            f"read-back + stop checks + retire {r['readback_s'] * per_step:.3f}, "
+            f"device wait {r['wait_s'] * per_step:.3f}, benchmark driver {r['driver_s'] * per_step:.3f}"
         )
         del eng
         if device.type == "cuda":

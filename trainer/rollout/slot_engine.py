@@ -239,12 +239,18 @@ class SlotEngine:
         t0 = time.perf_counter()
         finished: list[tuple[int, GenerateResult]] = []
         self._admit(finished)
-        self.stats.admit_s += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        self.stats.admit_s += t1 - t0
         launched = self._launch()
+        t2 = time.perf_counter()
+        self.stats.launch_s += t2 - t1
         depth = 1 if (launched and self.config.pipeline and self.device.type == "cuda") else 0
+        wait0 = self.stats.wait_s
         while len(self._inflight) > depth:
             self._process(self._inflight.popleft(), finished)
-        self.stats.busy_s += time.perf_counter() - t0
+        t3 = time.perf_counter()
+        self.stats.readback_s += t3 - t2 - (self.stats.wait_s - wait0)
+        self.stats.busy_s += t3 - t0
         return finished
 
     def run(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
