@@ -365,8 +365,11 @@ class SlotEngine:
     def _prefill(self, chunk: list[tuple[int, _Seq, int]]) -> None:
         seqs = [seq.request.input_ids[start:-1] for _, seq, start in chunk]
         starts = [start for _, _, start in chunk]
-        flat, lens, width = qwen2.pad_batch(seqs)
-        ids, lens_t, starts_t, slots_t = self._ints.upload(flat, lens, starts, [slot for slot, _, _ in chunk])
+        padded, lens = qwen2.pad_batch(seqs)  # [P, N]
+        width = padded.shape[1]
+        ids, lens_t, starts_t, slots_t = self._ints.upload(
+            padded.ravel(), lens, starts, [slot for slot, _, _ in chunk]
+        )
         n_ctx = max(st + n for st, n in zip(starts, lens, strict=True))
         qwen2.prefill(
             self.weights,
