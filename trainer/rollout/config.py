@@ -16,7 +16,7 @@ class SlotEngineConfig:
     cuda_graphs: bool = True  # capture and replay the decode step on CUDA (ignored on CPU)
     prefill_token_budget: int = 65536  # padded (sequences x context) per prefill call
     reuse_prefix: bool = True  # keep finished slots' caches for continuations
-    pipeline: bool = True  # launch step t+1 before reading step t back (CUDA only gains)
+    pipeline_depth: int | None = None  # steps left in flight while reading back; None: 1 on CUDA, 0 on CPU
     admit_interval: int = 8  # admit at most every this many steps while slots are busy (batches prefills)
     admit_batch: int = 0  # ...or as soon as this many can be admitted (0: max_slots // 16)
     seed: int = 0  # seeds for requests that bring none
@@ -27,6 +27,10 @@ class SlotEngineConfig:
             raise ValueError(f"max_slots must be >= 1, got {self.max_slots}")
         if self.max_len < 2:
             raise ValueError(f"max_len must be >= 2, got {self.max_len}")
+        if self.pipeline_depth is not None and self.pipeline_depth < 0:
+            raise ValueError(
+                f"pipeline_depth must be >= 0 (0: wait for every step), got {self.pipeline_depth}"
+            )
         if self.min_ctx_bucket < 1:
             raise ValueError(f"min_ctx_bucket must be >= 1, got {self.min_ctx_bucket}")
 
