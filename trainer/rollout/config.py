@@ -49,6 +49,7 @@ class EngineStats:
     graphs: int = 0  # CUDA graphs captured
     busy_s: float = 0.0  # wall time inside step()
     admit_s: float = 0.0  # of which: admission (host work and prefill launches)
+    prefill_s: float = 0.0  # of admit_s: padding, uploading and launching prefills
     launch_s: float = 0.0  # of which: launching decode steps (on CPU: running them)
     wait_s: float = 0.0  # of which: waiting for the device to finish a step
     readback_s: float = 0.0  # of which: reading sampled ids back, stop checks and retiring (no wait)

@@ -390,6 +390,7 @@ class SlotEngine:
         self.counters.index_fill_(0, idx, 0)
 
     def _prefill(self, chunk: list[tuple[int, _Seq, int]]) -> None:
+        t0 = time.perf_counter()
         seqs = [seq.request.input_ids[start:-1] for _, seq, start in chunk]
         starts = [start for _, _, start in chunk]
         padded, lens = qwen2.pad_batch(seqs)  # [P, N]
@@ -411,6 +412,7 @@ class SlotEngine:
             n_ctx,
         )
         self.stats.prefill_tokens += sum(lens)
+        self.stats.prefill_s += time.perf_counter() - t0
 
     # ------------------------------------------------------------------ decode
     def _body(self, bsz: int, n_ctx: int, mode: SampleMode) -> None:
