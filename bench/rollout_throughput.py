@@ -116,6 +116,7 @@ def make_engine(
         cuda_graphs=graphs,
         seed=args.seed,
         pipeline_depth=args.pipeline_depth,
+        ctx_bucket_step=args.ctx_step,
     )
     return SlotEngine(model, tok, cfg, device=args.device, eos_token_ids=[])
 
@@ -249,6 +250,8 @@ def bench_episodes(engine: SlotEngine, args: argparse.Namespace, bsz: int) -> di
         "prefill": st.prefill_tokens,
         "admit_s": st.admit_s,
         "wait_s": st.wait_s,
+        "window": st.window_slot_steps / max(1, st.padded_slot_steps),
+        "context": st.context_slot_steps / max(1, st.active_slot_steps),
         "prefill_s": st.prefill_s,
         "launch_s": st.launch_s,
         "readback_s": st.readback_s,
@@ -298,6 +301,9 @@ def main(argv: list[str] | None = None) -> None:
         "--host-only",
         action="store_true",
         help="episodes only, eager, with the forward replaced by random ids: times the engine's host work",
+    )
+    p.add_argument(
+        "--ctx-step", type=int, default=0, help="SlotEngineConfig.ctx_bucket_step (0: windows double)"
     )
     p.add_argument(
         "--pipeline-depth", type=int, default=None, help="decode steps left in flight (default: the engine's)"
@@ -382,7 +388,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['active']:.0f}",
             f"{kind}, {r['steps']:.0f} steps, {r['s']:.2f} s, "
             f"prefill {r['prefill']:.0f} tok, reused {r['reused']:.0f} tok; "
-            f"admission {r['admit_s']:.1f} s, device wait {r['wait_s']:.1f} s",
+            f"admission {r['admit_s']:.1f} s, device wait {r['wait_s']:.1f} s; "
+            f"attention window {r['window']:.0f} columns a row, busy rows' mean context {r['context']:.0f}",
         )
         per_step = 1e3 / max(1.0, r["steps"])
         say(

@@ -12,7 +12,8 @@ class SlotEngineConfig:
     max_slots: int = 256  # sequences decoding at once (KV-cache slots)
     max_len: int = 2048  # tokens per slot: prompt + injected text + output
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)  # graph batch sizes
-    min_ctx_bucket: int = 128  # smallest attention window; windows double up to max_len + 1
+    min_ctx_bucket: int = 128  # smallest attention window; windows double up to max_len + 1 ...
+    ctx_bucket_step: int = 0  # ... or, when > 0, grow by this once they reach it (less padding, more graphs)
     cuda_graphs: bool = True  # capture and replay the decode step on CUDA (ignored on CPU)
     prefill_token_budget: int = 65536  # padded (sequences x context) per prefill call
     reuse_prefix: bool = True  # keep finished slots' caches for continuations
@@ -31,6 +32,8 @@ class SlotEngineConfig:
             raise ValueError(
                 f"pipeline_depth must be >= 0 (0: wait for every step), got {self.pipeline_depth}"
             )
+        if self.ctx_bucket_step < 0:
+            raise ValueError(f"ctx_bucket_step must be >= 0 (0: windows double), got {self.ctx_bucket_step}")
         if self.min_ctx_bucket < 1:
             raise ValueError(f"min_ctx_bucket must be >= 1, got {self.min_ctx_bucket}")
 
@@ -43,6 +46,8 @@ class EngineStats:
     tokens: int = 0  # output tokens delivered to requests
     active_slot_steps: int = 0  # sum over steps of busy slots
     padded_slot_steps: int = 0  # sum over steps of the batch bucket
+    window_slot_steps: int = 0  # sum over steps of batch bucket x attention window (the attention's work)
+    context_slot_steps: int = 0  # sum over steps of busy slots' context lengths (the work it must do)
     prefill_tokens: int = 0  # prompt tokens run through prefill
     reused_tokens: int = 0  # prompt tokens found in a retained slot's cache
     requests: int = 0  # requests finished

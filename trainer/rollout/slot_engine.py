@@ -137,10 +137,7 @@ class SlotEngine:
         self.top_k = torch.full((slots,), w.vocab_size, dtype=torch.long, device=dev)
         self.sampled = torch.zeros(slots, dtype=torch.long, device=dev)  # the step's output
         self.batch_buckets = _buckets_up_to(cfg.batch_buckets, slots)
-        ctx = [cfg.min_ctx_bucket]
-        while ctx[-1] < max_len + 1:
-            ctx.append(ctx[-1] * 2)
-        self.ctx_buckets = _buckets_up_to(tuple(ctx), max_len + 1)
+        self.ctx_buckets = _ctx_buckets(cfg.min_ctx_bucket, cfg.ctx_bucket_step, max_len + 1)
         self.use_graphs = cfg.cuda_graphs and self.device.type == "cuda"
         self._graphs: dict[tuple[int, int, SampleMode], torch.cuda.CUDAGraph] = {}
         self._graph_pool: Any = None
@@ -471,7 +468,8 @@ class SlotEngine:
             return False
         top = int(busy[-1]) + 1
         bsz = self.batch_buckets[bisect.bisect_left(self.batch_buckets, top)]
-        need_ctx = int(ledger.pos[busy].max()) + 1
+        busy_pos = ledger.pos[busy]  # [n]
+        need_ctx = int(busy_pos.max()) + 1
         n_ctx = self.ctx_buckets[bisect.bisect_left(self.ctx_buckets, need_ctx)]
         counts = self._mode_counts
         mode = (
@@ -500,6 +498,8 @@ class SlotEngine:
         self.stats.steps += 1
         self.stats.active_slot_steps += len(busy)
         self.stats.padded_slot_steps += bsz
+        self.stats.window_slot_steps += bsz * n_ctx
+        self.stats.context_slot_steps += int(busy_pos.sum()) + len(busy)
         return True
 
     # ------------------------------------------------------------------ read back and stop checks
@@ -567,6 +567,15 @@ class SlotEngine:
             matched=match.group(0) if match is not None else None,
             cached_tokens=seq.cached,
         )
+
+
+def _ctx_buckets(smallest: int, step: int, cap: int) -> list[int]:
+    """Attention windows: doubling from ``smallest``; with ``step`` > 0, growing by ``step`` once
+    they reach it; the last one is ``cap``."""
+    ctx = [smallest]
+    while ctx[-1] < cap:
+        ctx.append(ctx[-1] + step if 0 < step <= ctx[-1] else ctx[-1] * 2)
+    return _buckets_up_to(tuple(ctx), cap)
 
 
 def _eos_from(model: Any, tokenizer: Any) -> list[int]:

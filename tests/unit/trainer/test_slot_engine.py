@@ -357,3 +357,16 @@ def test_steps_in_flight_change_nothing(model: Qwen2ForCausalLM, tok: TableToken
     for (out, _, _, _), p in zip(serial[9:], [_prompt(9, seed=300 + i) for i in range(3)], strict=True):
         assert out == _hf_greedy(model, p, 12, eos=eos)
     assert piped_engine.stats.tokens == sum(len(o) for o, _, _, _ in piped)
+
+
+def test_linear_context_buckets(model: Qwen2ForCausalLM, tok: TableTokenizer) -> None:
+    eng = _engine(model, tok, eos_token_ids=[], ctx_bucket_step=32)
+    assert eng.ctx_buckets == [32, 64, 96, 128, 160, 161]
+    assert _engine(model, tok).ctx_buckets == [32, 64, 128, 161]
+    prompts = [_prompt(n, seed=500 + n) for n in (20, 70)]  # windows 64 -> 96 -> 128 as they grow
+    with torch.no_grad():
+        results = eng.run([GenerateRequest(p, 40, sampling=GREEDY) for p in prompts])
+    for p, r in zip(prompts, results, strict=True):
+        assert r.output_ids == _hf_greedy(model, p, 40)
+    with pytest.raises(ValueError, match="ctx_bucket_step"):
+        SlotEngineConfig(ctx_bucket_step=-1)
