@@ -151,6 +151,7 @@ class SlotEngine:
         self._pending: deque[_Seq] = deque()
         self._last_admit = 0  # stats.steps at the last admission
         self._inflight: deque[_Inflight] = deque()
+        self._launches = 0  # decode steps launched since construction
         # steps left in flight while reading back: the host checks step t while the device runs t + 1
         on_cuda = self.device.type == "cuda"
         self._depth = cfg.pipeline_depth if cfg.pipeline_depth is not None else int(on_cuda)
@@ -487,13 +488,14 @@ class SlotEngine:
         if self.device.type == "cuda":
             if len(self._host_bufs) < self._depth + 2:  # a buffer is rewritten only after its step was read
                 self._host_bufs.append(torch.empty(self.config.max_slots, dtype=torch.long, pin_memory=True))
-            host = self._host_bufs[self.stats.steps % len(self._host_bufs)][:bsz]
+            host = self._host_bufs[self._launches % len(self._host_bufs)][:bsz]
             host.copy_(self.sampled[:bsz], non_blocking=True)
             event = torch.cuda.Event()
             event.record()
         else:
             host = self.sampled[:bsz].clone()
         self._inflight.append(_Inflight(host=host, event=event, rows=busy, gens=ledger.gen[busy]))
+        self._launches += 1  # not stats.steps: reset_stats() must not make a buffer in flight look free
         ledger.advance(busy)
         self.stats.steps += 1
         self.stats.active_slot_steps += len(busy)
