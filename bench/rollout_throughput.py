@@ -21,19 +21,22 @@ Check on a CPU:  ``PYTHONPATH=. python3 bench/rollout_throughput.py --device cpu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import random
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from shared.backends.base import GenerateRequest, SamplingParams  # noqa: E402
-from trainer.rollout import SlotEngine, SlotEngineConfig  # noqa: E402
+from trainer.rollout import SlotEngine, SlotEngineConfig, qwen2  # noqa: E402
 from trainer.rollout.sampling import SampleMode  # noqa: E402
 
 STOP = r"</FORK-\d+>|<JOIN-\d+>|</RETURN>|</ANSWER>"  # the protocol's stops, so stop checks cost what they do
@@ -107,8 +110,33 @@ def bench_hf(model: Any, args: argparse.Namespace, bsz: int, device: torch.devic
 def make_engine(
     model: Any, tok: TableTokenizer, args: argparse.Namespace, bsz: int, graphs: bool, max_len: int
 ) -> SlotEngine:
-    cfg = SlotEngineConfig(max_slots=bsz, max_len=max_len, cuda_graphs=graphs, seed=args.seed)
+    cfg = SlotEngineConfig(
+        max_slots=bsz,
+        max_len=max_len,
+        cuda_graphs=graphs,
+        seed=args.seed,
+        pipeline_depth=args.pipeline_depth,
+        ctx_bucket_step=args.ctx_step,
+    )
     return SlotEngine(model, tok, cfg, device=args.device, eos_token_ids=[])
+
+
+@contextlib.contextmanager
+def stub_forward(engine: SlotEngine, vocab: int, seed: int) -> Iterator[None]:
+    """Swap the decode step's forward and sampling for seeded random ids, and prefill for nothing,
+    so that a run times the engine's host work alone (``--host-only``)."""
+    gen = torch.Generator(device=engine.device).manual_seed(seed)
+
+    def body(bsz: int, n_ctx: int, mode: SampleMode) -> None:
+        nxt = torch.randint(0, vocab, (bsz,), generator=gen, device=engine.device)
+        engine.sampled[:bsz].copy_(nxt)
+        engine.tokens[:bsz].copy_(nxt)
+        act = engine.active[:bsz]
+        engine.pos[:bsz] += act
+        engine.counters[:bsz] += act
+
+    with mock.patch.object(engine, "_body", body), mock.patch.object(qwen2, "prefill", lambda *a, **k: None):
+        yield
 
 
 def graph_matches_eager(model: Any, tok: TableTokenizer, args: argparse.Namespace) -> bool:
@@ -222,7 +250,29 @@ def bench_episodes(engine: SlotEngine, args: argparse.Namespace, bsz: int) -> di
         "prefill": st.prefill_tokens,
         "admit_s": st.admit_s,
         "wait_s": st.wait_s,
+        "window": st.window_slot_steps / max(1, st.padded_slot_steps),
+        "context": st.context_slot_steps / max(1, st.active_slot_steps),
+        "prefill_s": st.prefill_s,
+        "launch_s": st.launch_s,
+        "readback_s": st.readback_s,
+        "driver_s": elapsed - st.busy_s,
     }
+
+
+def run_episodes(engine: SlotEngine, args: argparse.Namespace, bsz: int, say: Any) -> dict[str, float]:
+    """:func:`bench_episodes`, under cProfile when ``bsz`` is ``--profile-batch`` (the top 25 printed)."""
+    if bsz != args.profile_batch:
+        return bench_episodes(engine, args, bsz)
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    r = prof.runcall(bench_episodes, engine, args, bsz)
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(25)
+    say(buf.getvalue())
+    return r
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -246,12 +296,26 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--skip-hf", action="store_true", help="leave out transformers generate")
     p.add_argument("--skip-eager", action="store_true", help="leave out the eager engine")
+    p.add_argument("--skip-uniform", action="store_true", help="leave out engine-uniform")
+    p.add_argument(
+        "--host-only",
+        action="store_true",
+        help="episodes only, eager, with the forward replaced by random ids: times the engine's host work",
+    )
+    p.add_argument(
+        "--ctx-step", type=int, default=0, help="SlotEngineConfig.ctx_bucket_step (0: windows double)"
+    )
+    p.add_argument(
+        "--pipeline-depth", type=int, default=None, help="decode steps left in flight (default: the engine's)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile-batch", type=int, default=0, help="cProfile the episode run at this batch size")
     p.add_argument("--out", default=None, help="also write the table to this file")
     args = p.parse_args(argv)
     if args.quick:
         args.batches, args.new_tokens, args.prompt_len, args.episode_factor = "4,16", 16, 16, 2
+    if args.host_only:
+        args.skip_uniform = args.skip_hf = True
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     batches = [int(b) for b in args.batches.split(",")]
@@ -293,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
         variants = [False, True] if device.type == "cuda" and not args.skip_eager else [False]
         if device.type == "cuda" and args.skip_eager:
             variants = [True]
-        for graphs in variants:
+        for graphs in [] if args.skip_uniform else variants:
             eng = make_engine(model.to(device), tok, args, bsz, graphs, uniform_len)
             r = bench_uniform(eng, args, bsz)
             emit(
@@ -304,19 +368,11 @@ def main(argv: list[str] | None = None) -> None:
                 f"{'cuda graph' if graphs else 'eager'}, {r['steps']:.0f} steps, {r['s']:.2f} s",
             )
             del eng
-        eng = make_engine(model.to(device), tok, args, bsz, device.type == "cuda", episode_len)
-        if bsz == args.profile_batch:
-            import cProfile
-            import io
-            import pstats
-
-            prof = cProfile.Profile()
-            r = prof.runcall(bench_episodes, eng, args, bsz)
-            buf = io.StringIO()
-            pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(20)
-            say(buf.getvalue())
-        else:
-            r = bench_episodes(eng, args, bsz)
+        graphs = device.type == "cuda" and not args.host_only
+        eng = make_engine(model.to(device), tok, args, bsz, graphs, episode_len)
+        stub = stub_forward(eng, args.vocab, args.seed) if args.host_only else contextlib.nullcontext()
+        with stub:
+            r = run_episodes(eng, args, bsz, say)
         emit(
             "episodes-steady",
             bsz,
@@ -324,14 +380,23 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['steady_active']:.0f}",
             "the same run, until the last fresh sequence is submitted (no drain tail)",
         )
+        kind = "host only (forward stubbed)" if args.host_only else "cuda graph" if graphs else "eager"
         emit(
             "engine-episodes",
             bsz,
             r["tok_s"],
             f"{r['active']:.0f}",
-            f"{'cuda graph' if device.type == 'cuda' else 'eager'}, {r['steps']:.0f} steps, {r['s']:.2f} s, "
+            f"{kind}, {r['steps']:.0f} steps, {r['s']:.2f} s, "
             f"prefill {r['prefill']:.0f} tok, reused {r['reused']:.0f} tok; "
-            f"admission {r['admit_s']:.1f} s, device wait {r['wait_s']:.1f} s",
+            f"admission {r['admit_s']:.1f} s, device wait {r['wait_s']:.1f} s; "
+            f"attention window {r['window']:.0f} columns a row, busy rows' mean context {r['context']:.0f}",
+        )
+        per_step = 1e3 / max(1.0, r["steps"])
+        say(
+            f"  host time per step (ms): admission {r['admit_s'] * per_step:.3f} "
+            f"(prefill {r['prefill_s'] * per_step:.3f}), launch {r['launch_s'] * per_step:.3f}, "
+            f"read-back + stop checks + retire {r['readback_s'] * per_step:.3f}, "
+            f"device wait {r['wait_s'] * per_step:.3f}, benchmark driver {r['driver_s'] * per_step:.3f}"
         )
         del eng
         if device.type == "cuda":

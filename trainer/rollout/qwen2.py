@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -260,10 +261,13 @@ def prefill(
     return F.linear(rms_norm(x, w.norm, w.eps), w.lm_head).float()  # [P, N, V]
 
 
-def pad_batch(seqs: list[list[int]]) -> tuple[list[int], list[int], int]:
-    """Right-pad id lists to one width: (flat ``P * N`` ids, lengths, ``N``)."""
-    width = max(len(s) for s in seqs)
-    return [t for s in seqs for t in (*s, *([0] * (width - len(s))))], [len(s) for s in seqs], width
+def pad_batch(seqs: list[list[int]]) -> tuple[np.ndarray, list[int]]:
+    """Right-pad id lists with zeros to one width: (``[P, N]`` int64 ids, lengths)."""
+    lens = [len(s) for s in seqs]
+    out = np.zeros((len(seqs), max(lens)), dtype=np.int64)
+    for row, s in zip(out, seqs, strict=True):
+        row[: len(s)] = s  # numpy converts a list of ints in C; a flat Python list costs ~15x more
+    return out, lens
 
 
 def prefill_lists(
@@ -279,7 +283,7 @@ def prefill_lists(
     return_logits: bool = False,
 ) -> Tensor | None:
     """:func:`prefill` from Python lists (tests and one-off calls; the engine uploads in one copy)."""
-    flat, lens, width = pad_batch(seqs)
+    padded, lens = pad_batch(seqs)
     dev = k_cache.device
 
     def t(values: list[int]) -> Tensor:
@@ -292,7 +296,7 @@ def prefill_lists(
         v_cache,
         cos_table,
         sin_table,
-        t(flat).view(len(seqs), width),
+        torch.from_numpy(padded).to(dev),
         t(lens),
         t(starts),
         t(slots),

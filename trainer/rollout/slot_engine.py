@@ -18,12 +18,16 @@ The decode step runs over slots ``0 .. B-1`` (``B`` the smallest batch bucket ho
 busy slot; idle slots in that range compute into a scratch column) and attends over the first
 ``n_ctx`` cache columns (the smallest context bucket past every busy slot's position). On CUDA each
 ``(B, n_ctx, sampling mode)`` step is captured once as a CUDA graph and replayed; on CPU it runs
-eagerly. The sampled tokens stay on the device as the next step's input, so the engine keeps one step
-in flight: it launches step ``t + 1`` before reading step ``t``'s tokens back and checking stops on the
-CPU. A sequence that finishes at step ``t`` therefore computes one extra token, which is dropped.
+eagerly. The sampled tokens stay on the device as the next step's input, so the engine keeps
+``pipeline_depth`` steps in flight (one on CUDA by default): it launches step ``t + 1`` before reading
+step ``t``'s tokens back and checking stops on the CPU. A sequence that finishes at step ``t``
+therefore computes ``pipeline_depth`` extra tokens, which are dropped.
 
 Stop checks: EOS and length on every token; the stop regex only after tokens that can end a match
-(see :mod:`trainer.rollout.stops`), on the decode of the whole output so far.
+(see :mod:`trainer.rollout.stops`), on the decode of the whole output so far. The per-slot state
+(positions, outputs, budgets) lives in numpy arrays (:mod:`trainer.rollout.ledger`), so appending a
+step's ids and finding the slots that need a look costs a few array operations per step; only the
+flagged slots reach the Python loop.
 
 Limits: one device, one process; no paged or shared-prefix cache (two episodes with one prompt each
 prefill it); a prompt must be shorter than ``max_len`` (``submit`` raises otherwise) and generation
@@ -33,6 +37,7 @@ stops with ``LENGTH`` when the slot's cache is full; ``update_weights`` copies n
 
 from __future__ import annotations
 
+import bisect
 import re
 import time
 from collections import deque
@@ -41,12 +46,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from shared.backends.base import FinishReason, GenerateRequest, GenerateResult, find_stop, stop_pattern
 from trainer.rollout import qwen2
 from trainer.rollout.config import EngineStats, SlotEngineConfig
+from trainer.rollout.ledger import ALWAYS, NEVER, SlotLedger
 from trainer.rollout.sampling import SampleMode, sample
 from trainer.rollout.slots import SlotPool
 from trainer.rollout.stops import trigger_chars, trigger_ids
@@ -67,20 +74,20 @@ class _Seq:
     request: GenerateRequest
     max_new: int
     pattern: re.Pattern[str] | None
-    triggers: frozenset[int] | None  # ids after which to check the pattern; None: after every id
+    stop_row: int  # the ledger's stop-table row: after which ids to search the pattern
     mode: SampleMode
     seed: int
-    out: list[int] = field(default_factory=list)
+    out: list[int] = field(default_factory=list)  # filled when the request finishes
     cached: int = 0  # prompt tokens reused from a retained slot
     checked: int = 0  # output characters already searched for the stop pattern
-    done: bool = False
 
 
 @dataclass
 class _Inflight:
     host: Tensor  # [B] sampled ids, on the CPU (pinned on CUDA)
     event: torch.cuda.Event | None
-    seqs: list[_Seq | None]  # who owned each row when the step was launched
+    rows: np.ndarray  # [n] the busy slots when the step was launched
+    gens: np.ndarray  # [n] their owners' admission generation (SlotLedger.gen) then
 
 
 def _buckets_up_to(values: tuple[int, ...], cap: int) -> list[int]:
@@ -109,8 +116,9 @@ class SlotEngine:
         self.dtype: torch.dtype = getattr(torch, dtype_name)
         self.tokenizer = tokenizer
         self.weights = qwen2.Qwen2Weights.from_hf(model, device=self.device, dtype=self.dtype)
-        self.eos_ids = frozenset(eos_token_ids if eos_token_ids is not None else _eos_from(model, tokenizer))
         w, slots, max_len = self.weights, cfg.max_slots, cfg.max_len
+        self._ledger = SlotLedger(slots, max_len, w.vocab_size)  # per-slot host state
+        self.eos_ids = frozenset(eos_token_ids if eos_token_ids is not None else _eos_from(model, tokenizer))
         n_layers = len(w.layers)
         # [layers, slots, kv_heads, max_len + 1, head_dim]; column max_len is the scratch column
         cache_shape = (n_layers, slots, w.n_kv_heads, max_len + 1, w.head_dim)
@@ -129,17 +137,13 @@ class SlotEngine:
         self.top_k = torch.full((slots,), w.vocab_size, dtype=torch.long, device=dev)
         self.sampled = torch.zeros(slots, dtype=torch.long, device=dev)  # the step's output
         self.batch_buckets = _buckets_up_to(cfg.batch_buckets, slots)
-        ctx = [cfg.min_ctx_bucket]
-        while ctx[-1] < max_len + 1:
-            ctx.append(ctx[-1] * 2)
-        self.ctx_buckets = _buckets_up_to(tuple(ctx), max_len + 1)
+        self.ctx_buckets = _ctx_buckets(cfg.min_ctx_bucket, cfg.ctx_bucket_step, max_len + 1)
         self.use_graphs = cfg.cuda_graphs and self.device.type == "cuda"
         self._graphs: dict[tuple[int, int, SampleMode], torch.cuda.CUDAGraph] = {}
         self._graph_pool: Any = None
         self._host_bufs: list[Tensor] = []
-        # CPU-side state
+        # CPU-side state (the per-slot arrays live in self._ledger)
         self._slot_seq: list[_Seq | None] = [None] * slots
-        self._slot_pos = [max_len] * slots  # mirrors self.pos for busy slots
         self._pool = SlotPool(slots)  # free and retained slots
         capacity = cfg.prefill_token_budget + 4 * slots
         self._ints = Uploader(self.device, torch.long, capacity)
@@ -147,8 +151,13 @@ class SlotEngine:
         self._pending: deque[_Seq] = deque()
         self._last_admit = 0  # stats.steps at the last admission
         self._inflight: deque[_Inflight] = deque()
+        self._launches = 0  # decode steps launched since construction
+        # steps left in flight while reading back: the host checks step t while the device runs t + 1
+        on_cuda = self.device.type == "cuda"
+        self._depth = cfg.pipeline_depth if cfg.pipeline_depth is not None else int(on_cuda)
         self._mode_counts = {m: 0 for m in SampleMode}
-        self._trigger_cache: dict[frozenset[str], frozenset[int]] = {}
+        self._stop_rows: dict[re.Pattern[str], int] = {}  # stop regex -> its ledger stop-table row
+        self._trigger_rows: dict[frozenset[str], int] = {}  # trigger characters -> stop-table row
         self._next_handle = 0
         self._seed_rng = torch.Generator().manual_seed(cfg.seed)
         self.stats = EngineStats()
@@ -210,7 +219,7 @@ class SlotEngine:
             request=request,
             max_new=min(request.max_new_tokens, self.config.max_len - n + 1),
             pattern=pattern,
-            triggers=self._triggers_for(pattern) if pattern is not None else None,
+            stop_row=self._stop_row_for(pattern) if pattern is not None else NEVER,
             mode=mode,
             seed=seed,
         )
@@ -219,12 +228,21 @@ class SlotEngine:
         return seq.handle
 
     @property
+    def eos_ids(self) -> frozenset[int]:
+        return self._eos_ids
+
+    @eos_ids.setter
+    def eos_ids(self, ids: frozenset[int]) -> None:
+        self._eos_ids = frozenset(ids)
+        self._ledger.set_eos(self._eos_ids)
+
+    @property
     def has_work(self) -> bool:
-        return bool(self._pending or self._inflight or any(self._slot_seq))
+        return bool(self._pending or self._inflight or self._ledger.live.any())
 
     @property
     def n_active(self) -> int:
-        return sum(s is not None for s in self._slot_seq)
+        return int(self._ledger.live.sum())
 
     @property
     def n_pending(self) -> int:
@@ -239,12 +257,18 @@ class SlotEngine:
         t0 = time.perf_counter()
         finished: list[tuple[int, GenerateResult]] = []
         self._admit(finished)
-        self.stats.admit_s += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        self.stats.admit_s += t1 - t0
         launched = self._launch()
-        depth = 1 if (launched and self.config.pipeline and self.device.type == "cuda") else 0
+        t2 = time.perf_counter()
+        self.stats.launch_s += t2 - t1
+        depth = self._depth if launched else 0
+        wait0 = self.stats.wait_s
         while len(self._inflight) > depth:
             self._process(self._inflight.popleft(), finished)
-        self.stats.busy_s += time.perf_counter() - t0
+        t3 = time.perf_counter()
+        self.stats.readback_s += t3 - t2 - (self.stats.wait_s - wait0)
+        self.stats.busy_s += t3 - t0
         return finished
 
     def run(self, requests: list[GenerateRequest]) -> list[GenerateResult]:
@@ -270,13 +294,20 @@ class SlotEngine:
                     self._graph(bsz, n_ctx, mode)
 
     # ------------------------------------------------------------------ admission
-    def _triggers_for(self, pattern: re.Pattern[str]) -> frozenset[int] | None:
-        chars = trigger_chars(pattern)
+    def _stop_row_for(self, pattern: re.Pattern[str]) -> int:
+        row = self._stop_rows.get(pattern)
+        if row is not None:
+            return row
+        chars = trigger_chars(pattern)  # parses the regex: ~0.1 ms, so once per pattern
         if chars is None:
-            return None
-        if chars not in self._trigger_cache:
-            self._trigger_cache[chars] = trigger_ids(self.tokenizer.decode, self.weights.vocab_size, chars)
-        return self._trigger_cache[chars]
+            row = ALWAYS
+        else:
+            if chars not in self._trigger_rows:
+                ids = trigger_ids(self.tokenizer.decode, self.weights.vocab_size, chars)
+                self._trigger_rows[chars] = self._ledger.stop_row(ids)
+            row = self._trigger_rows[chars]
+        self._stop_rows[pattern] = row
+        return row
 
     def _admit_now(self) -> bool:
         """Admit on this step? Prefill launches cost host time, so while the device is busy they wait
@@ -333,7 +364,7 @@ class SlotEngine:
             seq.cached = start
             self.stats.reused_tokens += start
             self._slot_seq[slot] = seq
-            self._slot_pos[slot] = len(seq.request.input_ids) - 1
+            self._ledger.admit(slot, len(seq.request.input_ids) - 1, seq.max_new, seq.stop_row)
             self._mode_counts[seq.mode] += 1
         seqs = [seq for _, seq, _ in admitted]
         vocab = self.weights.vocab_size
@@ -357,10 +388,14 @@ class SlotEngine:
         self.counters.index_fill_(0, idx, 0)
 
     def _prefill(self, chunk: list[tuple[int, _Seq, int]]) -> None:
+        t0 = time.perf_counter()
         seqs = [seq.request.input_ids[start:-1] for _, seq, start in chunk]
         starts = [start for _, _, start in chunk]
-        flat, lens, width = qwen2.pad_batch(seqs)
-        ids, lens_t, starts_t, slots_t = self._ints.upload(flat, lens, starts, [slot for slot, _, _ in chunk])
+        padded, lens = qwen2.pad_batch(seqs)  # [P, N]
+        width = padded.shape[1]
+        ids, lens_t, starts_t, slots_t = self._ints.upload(
+            padded.ravel(), lens, starts, [slot for slot, _, _ in chunk]
+        )
         n_ctx = max(st + n for st, n in zip(starts, lens, strict=True))
         qwen2.prefill(
             self.weights,
@@ -375,6 +410,7 @@ class SlotEngine:
             n_ctx,
         )
         self.stats.prefill_tokens += sum(lens)
+        self.stats.prefill_s += time.perf_counter() - t0
 
     # ------------------------------------------------------------------ decode
     def _body(self, bsz: int, n_ctx: int, mode: SampleMode) -> None:
@@ -427,13 +463,15 @@ class SlotEngine:
         return graph
 
     def _launch(self) -> bool:
-        busy = [i for i, s in enumerate(self._slot_seq) if s is not None]
-        if not busy:
+        ledger = self._ledger
+        busy = ledger.busy()  # [n] ascending
+        if not len(busy):
             return False
-        top = busy[-1] + 1
-        bsz = next(b for b in self.batch_buckets if b >= top)
-        need_ctx = max(self._slot_pos[i] for i in busy) + 1
-        n_ctx = next(c for c in self.ctx_buckets if c >= need_ctx)
+        top = int(busy[-1]) + 1
+        bsz = self.batch_buckets[bisect.bisect_left(self.batch_buckets, top)]
+        busy_pos = ledger.pos[busy]  # [n]
+        need_ctx = int(busy_pos.max()) + 1
+        n_ctx = self.ctx_buckets[bisect.bisect_left(self.ctx_buckets, need_ctx)]
         counts = self._mode_counts
         mode = (
             SampleMode.FILTERED
@@ -448,20 +486,22 @@ class SlotEngine:
             self._body(bsz, n_ctx, mode)
         event = None
         if self.device.type == "cuda":
-            if len(self._host_bufs) < 3:
+            if len(self._host_bufs) < self._depth + 2:  # a buffer is rewritten only after its step was read
                 self._host_bufs.append(torch.empty(self.config.max_slots, dtype=torch.long, pin_memory=True))
-            host = self._host_bufs[self.stats.steps % len(self._host_bufs)][:bsz]
+            host = self._host_bufs[self._launches % len(self._host_bufs)][:bsz]
             host.copy_(self.sampled[:bsz], non_blocking=True)
             event = torch.cuda.Event()
             event.record()
         else:
             host = self.sampled[:bsz].clone()
-        self._inflight.append(_Inflight(host=host, event=event, seqs=self._slot_seq[:bsz]))
-        for i in busy:
-            self._slot_pos[i] += 1
+        self._inflight.append(_Inflight(host=host, event=event, rows=busy, gens=ledger.gen[busy]))
+        self._launches += 1  # not stats.steps: reset_stats() must not make a buffer in flight look free
+        ledger.advance(busy)
         self.stats.steps += 1
         self.stats.active_slot_steps += len(busy)
         self.stats.padded_slot_steps += bsz
+        self.stats.window_slot_steps += bsz * n_ctx
+        self.stats.context_slot_steps += int(busy_pos.sum()) + len(busy)
         return True
 
     # ------------------------------------------------------------------ read back and stop checks
@@ -470,33 +510,34 @@ class SlotEngine:
             t0 = time.perf_counter()
             step.event.synchronize()
             self.stats.wait_s += time.perf_counter() - t0
-        toks: list[int] = step.host.tolist()
-        eos = self.eos_ids
+        ledger = self._ledger
+        n_tokens, flagged = ledger.record(step.rows, step.gens, step.host.numpy())  # every row's id appended
+        self.stats.tokens += n_tokens
+        if not len(flagged):
+            return
+        # only the flagged slots come back to Python: EOS, length, or an id that can end a stop match
         retired: list[int] = []
-        n_tokens = 0
-        for slot, seq in enumerate(step.seqs):
-            if seq is None or seq.done:
-                continue
-            tok = toks[slot]
-            seq.out.append(tok)
-            n_tokens += 1
-            reason: FinishReason | None = None
+        for slot, eos, trigger, full in zip(*ledger.reasons(flagged), strict=True):
+            seq = self._slot_seq[slot]
+            assert seq is not None
+            out = ledger.output(slot)
+            text: str | None = None
             match: re.Match[str] | None = None
-            if tok in eos:
+            reason: FinishReason | None = None
+            if eos:
                 reason = FinishReason.EOS
-            elif seq.pattern is not None and (seq.triggers is None or tok in seq.triggers):
-                text = self.tokenizer.decode(seq.out)
+            elif trigger and seq.pattern is not None:
+                text = self.tokenizer.decode(out)
                 match = find_stop(text, seq.pattern, seq.checked)
                 seq.checked = len(text)
                 if match is not None:
                     reason = FinishReason.STOP
-            if reason is None and len(seq.out) >= seq.max_new:
+            if reason is None and full:
                 reason = FinishReason.LENGTH
             if reason is not None:
-                seq.done = True
-                finished.append((seq.handle, self._result(seq, reason, match)))
+                seq.out = out
+                finished.append((seq.handle, self._result(seq, reason, match, text)))
                 retired.append(slot)
-        self.stats.tokens += n_tokens
         if retired:
             self._retire(retired)
 
@@ -506,7 +547,7 @@ class SlotEngine:
             seq = self._slot_seq[slot]
             assert seq is not None
             self._slot_seq[slot] = None
-            self._slot_pos[slot] = max_len
+            self._ledger.retire(slot)
             self._mode_counts[seq.mode] -= 1
             full = seq.request.input_ids + seq.out
             # the last sampled id was never fed for sure, so its K/V may be missing
@@ -516,15 +557,27 @@ class SlotEngine:
         self.active.index_fill_(0, idx, 0)
         self.pos.index_fill_(0, idx, max_len)  # idle slots write to the scratch column
 
-    def _result(self, seq: _Seq, reason: FinishReason, match: re.Match[str] | None) -> GenerateResult:
+    def _result(
+        self, seq: _Seq, reason: FinishReason, match: re.Match[str] | None, text: str | None = None
+    ) -> GenerateResult:
+        """``text``: the decoded output when the caller has it already."""
         self.stats.requests += 1
         return GenerateResult(
             output_ids=list(seq.out),
-            text=self.tokenizer.decode(seq.out),
+            text=self.tokenizer.decode(seq.out) if text is None else text,
             finish=reason,
             matched=match.group(0) if match is not None else None,
             cached_tokens=seq.cached,
         )
+
+
+def _ctx_buckets(smallest: int, step: int, cap: int) -> list[int]:
+    """Attention windows: doubling from ``smallest``; with ``step`` > 0, growing by ``step`` once
+    they reach it; the last one is ``cap``."""
+    ctx = [smallest]
+    while ctx[-1] < cap:
+        ctx.append(ctx[-1] + step if 0 < step <= ctx[-1] else ctx[-1] * 2)
+    return _buckets_up_to(tuple(ctx), cap)
 
 
 def _eos_from(model: Any, tokenizer: Any) -> list[int]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -18,6 +20,7 @@ class Uploader:
 
     def __init__(self, device: torch.device, dtype: torch.dtype, capacity: int, ring: int = 8) -> None:
         self.device, self.dtype = device, dtype
+        self.np_dtype = torch.empty(0, dtype=dtype).numpy().dtype
         self.cuda = device.type == "cuda"
         self.bufs = (
             [torch.empty(capacity, dtype=dtype, pin_memory=True) for _ in range(ring)] if self.cuda else []
@@ -25,9 +28,10 @@ class Uploader:
         self.events: list[torch.cuda.Event | None] = [None] * ring
         self.next = 0
 
-    def upload(self, *lists: list[Any]) -> list[Tensor]:
+    def upload(self, *lists: Sequence[Any] | np.ndarray) -> list[Tensor]:
+        """One device tensor per list (or 1-d array), in one host-to-device copy."""
         sizes = [len(v) for v in lists]
-        host = torch.tensor([x for v in lists for x in v], dtype=self.dtype)  # [sum(sizes)]
+        host = torch.from_numpy(np.concatenate([np.asarray(v, dtype=self.np_dtype) for v in lists]))
         if not self.cuda:
             return list(host.split(sizes))
         n = host.numel()

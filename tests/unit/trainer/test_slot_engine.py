@@ -320,3 +320,53 @@ def test_update_weights_forgets_retained_caches(model: Qwen2ForCausalLM, tok: Ta
         (cont,) = eng.run([GenerateRequest(full, 6, sampling=GREEDY, session="w")])
     assert cont.cached_tokens == 0
     assert cont.output_ids == _hf_greedy(model, full, 6)
+
+
+# steps in flight ------------------------------------------------------------------------------------
+def _mixed_run(eng: SlotEngine, eos: int) -> list[tuple[list[int], FinishReason, str | None, int]]:
+    """Twelve requests on eight slots (EOS, length, stop regex): one continuation, then three more."""
+    first = [_prompt(16 + 3 * i, seed=200 + i) for i in range(8)]  # 16+: SlotPool keys on 16 ids
+    stops = [None, r"[<>]", None, r"a\.|9-", None, None, r"[<>]", None]
+    results: dict[int, GenerateResult] = {}
+    with torch.no_grad():
+        handles = [
+            eng.submit(GenerateRequest(p, 6 + 2 * i, stop, GREEDY, session=f"s{i}"))
+            for i, (p, stop) in enumerate(zip(first, stops, strict=True))
+        ]
+        while handles[0] not in results:
+            results.update(eng.step())
+        cont = first[0] + results[handles[0]].output_ids + _prompt(4, seed=400)
+        handles.append(eng.submit(GenerateRequest(cont, 10, sampling=GREEDY, session="s0")))
+        handles += [
+            eng.submit(GenerateRequest(_prompt(9, seed=300 + i), 12, sampling=GREEDY)) for i in range(3)
+        ]
+        while eng.has_work:
+            results.update(eng.step())
+    return [(r.output_ids, r.finish, r.matched, r.cached_tokens) for r in (results[h] for h in handles)]
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_steps_in_flight_change_nothing(model: Qwen2ForCausalLM, tok: TableTokenizer, depth: int) -> None:
+    eos = _hf_greedy(model, _prompt(16, seed=200), 6)[3]  # ends the first request early, maybe others
+    serial = _mixed_run(_engine(model, tok, eos_token_ids=[eos], pipeline_depth=0), eos)
+    piped_engine = _engine(model, tok, eos_token_ids=[eos], pipeline_depth=depth)
+    piped = _mixed_run(piped_engine, eos)
+    assert piped == serial
+    assert {f for _, f, _, _ in serial} == {FinishReason.EOS, FinishReason.LENGTH, FinishReason.STOP}
+    assert serial[8][3] > 0  # the continuation reused its slot's cache
+    for (out, _, _, _), p in zip(serial[9:], [_prompt(9, seed=300 + i) for i in range(3)], strict=True):
+        assert out == _hf_greedy(model, p, 12, eos=eos)
+    assert piped_engine.stats.tokens == sum(len(o) for o, _, _, _ in piped)
+
+
+def test_linear_context_buckets(model: Qwen2ForCausalLM, tok: TableTokenizer) -> None:
+    eng = _engine(model, tok, eos_token_ids=[], ctx_bucket_step=32)
+    assert eng.ctx_buckets == [32, 64, 96, 128, 160, 161]
+    assert _engine(model, tok).ctx_buckets == [32, 64, 128, 161]
+    prompts = [_prompt(n, seed=500 + n) for n in (20, 70)]  # windows 64 -> 96 -> 128 as they grow
+    with torch.no_grad():
+        results = eng.run([GenerateRequest(p, 40, sampling=GREEDY) for p in prompts])
+    for p, r in zip(prompts, results, strict=True):
+        assert r.output_ids == _hf_greedy(model, p, 40)
+    with pytest.raises(ValueError, match="ctx_bucket_step"):
+        SlotEngineConfig(ctx_bucket_step=-1)
