@@ -102,7 +102,7 @@ def stage_grpo(args: argparse.Namespace) -> None:
     work = Path(args.work)
     runs = (
         ("grpo-async", "sft-async", "asyncthink", None, args.grpo_minutes),
-        ("grpo-seq", "sft-seq", "sequential", None, args.grpo_minutes),
+        ("grpo-seq", "sft-seq", "sequential", None, args.seq_grpo_minutes or args.grpo_minutes),
         ("grpo-async-nolam", "sft-async", "asyncthink", 0.0, args.ablation_minutes),
         ("grpo-nosft", "base", "asyncthink", None, args.nosft_minutes),
     )
@@ -245,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-only", default="", help="comma-separated evaluation names to run (default: all)")
     p.add_argument("--sft-batch", type=int, default=64)
     p.add_argument("--grpo-minutes", type=float, default=1.3, help="minutes for grpo-async and for grpo-seq each")
+    p.add_argument("--seq-grpo-minutes", type=float, default=0.0,
+                   help="minutes for grpo-seq if not --grpo-minutes (e.g. to match extra SFT minutes of the AsyncThink model)")
     p.add_argument("--ablation-minutes", type=float, default=0.8, help="minutes for the no-R_η ablation")
     p.add_argument("--nosft-minutes", type=float, default=0.4, help="minutes for the no-format-SFT ablation")
     p.add_argument("--grpo-lr", type=float, default=1e-4)
