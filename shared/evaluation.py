@@ -68,8 +68,22 @@ def summarize(task: str, results: Sequence[EpisodeResult]) -> dict[str, Any]:
     return out
 
 
-def plot_accuracy_latency(summaries: dict[str, dict[str, Any]], path: str | Path, *, title: str = "") -> Path:
-    """Accuracy (all-correct for countdown) against mean critical-path latency, one point per mode."""
+_METRIC_LABELS = {"all_correct": "all correct", "at_least_1": "≥1 correct", "at_least_2": "≥2 correct",
+                  "at_least_3": "≥3 correct"}
+
+
+def plot_accuracy_latency(
+    summaries: dict[str, dict[str, Any]],
+    path: str | Path,
+    *,
+    title: str = "",
+    metrics: tuple[str, ...] = ("all_correct",),
+) -> Path:
+    """Accuracy against mean critical-path latency: one point per mode and metric.
+
+    ``metrics``: summary keys to plot (countdown: ``all_correct``, ``at_least_1`` ...); a summary
+    without the key falls back to ``accuracy``. Several metrics share the axes, one marker each.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -77,17 +91,28 @@ def plot_accuracy_latency(summaries: dict[str, dict[str, Any]], path: str | Path
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(5.5, 4.0), dpi=120)
-    for mode, s in summaries.items():
-        acc = s.get("all_correct", s["accuracy"])
-        ax.scatter([s["mean_latency"]], [acc], s=60, label=mode)
-        ax.annotate(mode, (s["mean_latency"], acc), textcoords="offset points", xytext=(6, 4))
+    fig, ax = plt.subplots(figsize=(5.5 if len(metrics) == 1 else 8.0, 4.2), dpi=120)
+    markers = "os^Dv"
+    colors = {mode: f"C{i}" for i, mode in enumerate(summaries)}
+    for j, metric in enumerate(metrics):
+        for mode, s in summaries.items():
+            acc = s.get(metric, s["accuracy"])
+            label = mode if len(metrics) == 1 else f"{mode}, {_METRIC_LABELS.get(metric, metric)}"
+            ax.scatter([s["mean_latency"]], [acc], s=60, color=colors[mode], marker=markers[j % len(markers)],
+                       label=label)
+            if len(metrics) == 1:
+                ax.annotate(mode, (s["mean_latency"], acc), textcoords="offset points", xytext=(6, 4))
+    if len(metrics) > 1:
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    right = max((s["mean_latency"] for s in summaries.values()), default=1.0)
+    ax.set_xlim(0, right * 1.12)
     ax.set_xlabel("mean critical-path latency T (decoded tokens)")
-    ax.set_ylabel("all-correct (%)" if any("all_correct" in s for s in summaries.values()) else "accuracy (%)")
+    ylabel = ", ".join(_METRIC_LABELS.get(m, m) for m in metrics) if any(
+        m in s for m in metrics for s in summaries.values()) else "accuracy"
+    ax.set_ylabel(f"{ylabel} (%)")
     ax.set_title(title or "accuracy vs latency")
     ax.grid(alpha=0.3)
     ax.set_ylim(bottom=0)
-    ax.set_xlim(left=0)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

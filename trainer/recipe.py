@@ -205,7 +205,8 @@ def stage_eval(args: argparse.Namespace) -> None:
             path.write_text(json.dumps(table, indent=2) + "\n")
     plotted = {k: v for k, v in table.items() if k in ("asyncthink", "sequential", "parallel")}
     if plotted:
-        plot_accuracy_latency(plotted, work / "eval.png", title="countdown, held-out 400")
+        plot_accuracy_latency(plotted, work / "eval.png", title="countdown, held-out 400 problems",
+                              metrics=("at_least_1", "at_least_2", "all_correct"))
 
 
 # -------------------------------------------------------------------------------------- export

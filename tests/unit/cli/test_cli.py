@@ -103,3 +103,32 @@ def test_eval_plot(capsys: pytest.CaptureFixture[str], tiny_model_dir: Path, tmp
                          "--db", f"sqlite:///{tmp_path / 'p.db'}", "--plot", str(png), capsys=capsys)
     assert code == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_several_metrics_one_marker_each(tmp_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from shared.evaluation import plot_accuracy_latency
+
+    summaries = {"asyncthink": {"mean_latency": 280.0, "accuracy": 19.0, "at_least_1": 64.0, "all_correct": 0.0},
+                 "sequential": {"mean_latency": 400.0, "accuracy": 30.0}}  # no per-metric keys: falls back
+    seen: list[tuple[str, tuple[float, float]]] = []
+    real_scatter = plt.Axes.scatter
+
+    def spy(self, x, y, *a, **kw):  # type: ignore[no-untyped-def]
+        seen.append((kw["label"], (x[0], y[0])))
+        return real_scatter(self, x, y, *a, **kw)
+
+    plt.Axes.scatter = spy  # type: ignore[method-assign]
+    try:
+        png = plot_accuracy_latency(summaries, tmp_path / "p.png", metrics=("at_least_1", "all_correct"))
+    finally:
+        plt.Axes.scatter = real_scatter  # type: ignore[method-assign]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert dict(seen) == {
+        "asyncthink, ≥1 correct": (280.0, 64.0), "sequential, ≥1 correct": (400.0, 30.0),
+        "asyncthink, all correct": (280.0, 0.0), "sequential, all correct": (400.0, 30.0),
+    }
