@@ -74,7 +74,9 @@ class SFTConfigArgs:
         metadata={"help": "trl (SFTTrainer) | torch (a plain loop, same masks) | auto: trl when installed"},
     )
     max_minutes: float = field(
-        default=0.0, metadata={"help": "torch engine: stop and save after this many minutes (0 = no limit)"}
+        default=0.0,
+        metadata={"help": "torch engine: stop and save after this many minutes (0 = no limit); the learning "
+                          "rate then warms up and decays within those minutes"},
     )
 
     def __post_init__(self) -> None:
