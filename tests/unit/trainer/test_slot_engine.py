@@ -370,3 +370,23 @@ def test_linear_context_buckets(model: Qwen2ForCausalLM, tok: TableTokenizer) ->
         assert r.output_ids == _hf_greedy(model, p, 40)
     with pytest.raises(ValueError, match="ctx_bucket_step"):
         SlotEngineConfig(ctx_bucket_step=-1)
+
+
+def test_slot_pool_finds_continuations_of_short_and_long_caches() -> None:
+    from trainer.rollout.slots import SlotPool
+
+    pool = SlotPool(4)
+    short, long_ = pool.take_free(), pool.take_free()
+    assert (short, long_) == (0, 1)
+    pool.release(short, "a", [1, 2, 3])  # fewer ids than the 16 the index keys on
+    pool.release(long_, "b", list(range(20)))
+    assert pool.take_continuation("a", [1, 2, 3]) is None  # not longer: nothing to continue
+    assert pool.take_continuation("b", [1, 2, 3, 4]) is None  # another session
+    assert pool.take_continuation("a", [1, 2, 3, 4, 5]) == (0, 3)
+    assert pool.take_continuation("a", [1, 2, 3, 4, 5]) is None  # taken
+    assert pool.take_continuation("b", [*range(20), 7]) == (1, 20)
+    third = pool.take_free()
+    pool.release(third, None, [9, 9])
+    assert pool.n_available == 2  # slots 0 and 1 went to their continuations
+    pool.forget_caches()  # after a weight update every cache is gone, short keys included
+    assert pool.take_continuation(None, [9, 9, 1]) is None and pool.n_available == 2
