@@ -29,7 +29,8 @@ from trainer.synth.records import Episode, TraceRecord
 class Teacher(Protocol):
     """What :func:`synthesize` needs from a teacher (programmatic or LLM)."""
 
-    dropped: Counter[str]
+    dropped: Counter[str]  # reason -> traces dropped
+    partial: Counter[str]  # kind -> kept traces that answer with fewer parts than the task asks for
 
     def episode(self, problem: Problem, rng: random.Random) -> Episode | None: ...
 
@@ -66,7 +67,7 @@ def synthesize(
     rng = random.Random(seed)
     out = SynthResult()
     before = Counter(teacher.dropped)
-    partial_before = Counter(getattr(teacher, "partial", {}))
+    partial_before = Counter(teacher.partial)
     for problem in problems:
         out.problems += 1
         if asyncthink:
@@ -84,7 +85,7 @@ def synthesize(
     out.dropped = Counter(teacher.dropped)
     out.dropped.subtract(before)
     out.dropped = +out.dropped
-    out.partial = Counter(getattr(teacher, "partial", {}))
+    out.partial = Counter(teacher.partial)
     out.partial.subtract(partial_before)
     out.partial = +out.partial
     return out

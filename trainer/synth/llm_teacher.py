@@ -101,6 +101,7 @@ class LLMTeacher:
     config: LLMTeacherConfig
     client: Any = None  # an ``openai.OpenAI``; built from the config when None
     dropped: Counter[str] = field(default_factory=Counter)
+    partial: Counter[str] = field(default_factory=Counter)  # never written: every trace answers in full
 
     def __post_init__(self) -> None:
         if self.client is None:

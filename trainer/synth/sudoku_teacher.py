@@ -191,6 +191,7 @@ class SudokuTeacher:
     work_prob: float = 0.9  # skeleton: chance the organizer works while a worker runs
     tries: int = 24  # skeletons sampled per problem before it is dropped as ``no_fit``
     dropped: Counter[str] = field(default_factory=Counter)
+    partial: Counter[str] = field(default_factory=Counter)  # never written: every trace answers in full
 
     @staticmethod
     def givens(problem: Problem) -> Grid:
