@@ -92,6 +92,17 @@ class RedisStreamsBus:
                 "ASYNCTHINK_REDIS_URL / REDIS_URL at a reachable server."
             ) from exc
 
+    async def _group_call(self, what: str, stream: str, group: str, fn: Callable[[], Awaitable[T]]) -> T:
+        """:meth:`_call` for commands on a consumer group: a missing group is a :class:`LookupError`."""
+        try:
+            return await self._call(f"{what} {stream} {group}", fn)
+        except ResponseError as exc:
+            if "NOGROUP" in str(exc):
+                raise LookupError(
+                    f"no consumer group {group!r} on stream {stream!r}: call ensure_group first"
+                ) from exc
+            raise
+
     async def ping(self) -> None:
         """Raise :class:`BusConnectionError` unless the server answers (for readiness checks)."""
         await self._call("PING", self._client.ping)
@@ -124,19 +135,14 @@ class RedisStreamsBus:
         while True:
             left = int((deadline - time.monotonic()) * 1000)
             block = min(left, max_block) if left > 0 else None
-            try:
-                reply = await self._call(
-                    f"XREADGROUP {group} {stream}",
-                    lambda block=block: self._client.xreadgroup(  # type: ignore[misc]
-                        group, consumer, {stream: ">"}, count=count, block=block
-                    ),
-                )
-            except ResponseError as exc:
-                if "NOGROUP" in str(exc):
-                    raise LookupError(
-                        f"no consumer group {group!r} on stream {stream!r}: call ensure_group first"
-                    ) from exc
-                raise
+            reply = await self._group_call(
+                "XREADGROUP",
+                stream,
+                group,
+                lambda block=block: self._client.xreadgroup(  # type: ignore[misc]
+                    group, consumer, {stream: ">"}, count=count, block=block
+                ),
+            )
             entries = _entries(reply)
             if entries or left <= max_block:
                 return entries
@@ -153,19 +159,14 @@ class RedisStreamsBus:
         cursor = "0-0"
         for _ in range(10):  # bounded: each pass scans at most ~10 * count PEL entries
             want = count - len(out)
-            try:
-                reply = await self._call(
-                    f"XAUTOCLAIM {stream} {group}",
-                    lambda cursor=cursor, want=want: self._client.xautoclaim(  # type: ignore[misc]
-                        stream, group, consumer, min_idle_ms, start_id=cursor, count=want
-                    ),
-                )
-            except ResponseError as exc:
-                if "NOGROUP" in str(exc):
-                    raise LookupError(
-                        f"no consumer group {group!r} on stream {stream!r}: call ensure_group first"
-                    ) from exc
-                raise
+            reply = await self._group_call(
+                "XAUTOCLAIM",
+                stream,
+                group,
+                lambda cursor=cursor, want=want: self._client.xautoclaim(  # type: ignore[misc]
+                    stream, group, consumer, min_idle_ms, start_id=cursor, count=want
+                ),
+            )
             cursor, claimed = str(reply[0]), [(str(i), f) for i, f in reply[1] if f is not None]
             if claimed:
                 counts = await self._delivery_counts(stream, group, [i for i, _ in claimed])
