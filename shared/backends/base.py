@@ -107,3 +107,19 @@ def find_stop(text: str, pattern: re.Pattern[str] | None, search_from: int = 0) 
         return None
     start = max(0, search_from - 64)  # a tag is at most 64 chars; only recent text can complete one
     return pattern.search(text, start)
+
+
+def error_message(data: Any) -> str:
+    """The message of an HTTP error body: ``{"error": "..."}``, ``{"error": {"message": ...}}``,
+    ``{"message": ...}`` or FastAPI's ``{"detail": ...}``; anything else, its first 500 characters."""
+    if isinstance(data, dict):
+        err = data.get("error")
+        if isinstance(err, str):
+            return err
+        if isinstance(err, dict) and "message" in err:
+            return str(err["message"])
+        if "message" in data:
+            return str(data["message"])
+        if "detail" in data:
+            return str(data["detail"])
+    return str(data)[:500]

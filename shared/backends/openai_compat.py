@@ -44,6 +44,7 @@ from shared.backends.base import (
     GenerateRequest,
     GenerateResult,
     TokenizerCodec,
+    error_message,
     find_stop,
     stop_pattern,
 )
@@ -222,7 +223,7 @@ class OpenAICompatBackend(TokenizerCodec):
                         break
                     chunk = json.loads(payload)
                     if "error" in chunk:
-                        raise OpenAIRequestError(f"{self.base_url}/completions: {_message(chunk)}")
+                        raise OpenAIRequestError(f"{self.base_url}/completions: {error_message(chunk)}")
                     usage = chunk.get("usage") or usage
                     for choice in chunk.get("choices") or []:
                         before = len(text)
@@ -298,18 +299,6 @@ class _RetryingStream:
         await self._cm.__aexit__(*exc)
 
 
-def _message(data: Any) -> str:
-    if isinstance(data, dict):
-        err = data.get("error")
-        if isinstance(err, dict) and "message" in err:
-            return str(err["message"])
-        if isinstance(err, str):
-            return err
-        if "message" in data:
-            return str(data["message"])
-    return str(data)[:500]
-
-
 def _raise_for(r: httpx.Response, base_url: str) -> None:
     if r.status_code < 400:
         return
@@ -321,6 +310,6 @@ def _raise_for(r: httpx.Response, base_url: str) -> None:
         raise OpenAIRequestError(f"{base_url} refused the request: unauthorized (check the API key)")
     if r.status_code < 500:
         raise OpenAIRequestError(
-            f"{base_url}/completions rejected the request with {r.status_code}: {_message(data)}"
+            f"{base_url}/completions rejected the request with {r.status_code}: {error_message(data)}"
         )
-    raise OpenAIServerError(f"{base_url}/completions failed with {r.status_code}: {_message(data)}")
+    raise OpenAIServerError(f"{base_url}/completions failed with {r.status_code}: {error_message(data)}")

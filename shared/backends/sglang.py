@@ -57,6 +57,7 @@ from shared.backends.base import (
     GenerateRequest,
     GenerateResult,
     TokenizerCodec,
+    error_message,
     find_stop,
     stop_pattern,
 )
@@ -394,7 +395,7 @@ def _body(r: httpx.Response, url: str, path: str) -> Any:
         data = r.text
     if r.status_code < 400:
         return data
-    message = _error_message(data)
+    message = error_message(data)
     if r.status_code == 401:
         raise SGLangRequestError(
             f"SGLang at {url} refused {path}: unauthorized (set the API key / admin API key)"
@@ -402,18 +403,3 @@ def _body(r: httpx.Response, url: str, path: str) -> Any:
     if r.status_code < 500:
         raise SGLangRequestError(f"SGLang at {url} rejected {path} with {r.status_code}: {message}", data)
     raise SGLangServerError(f"SGLang at {url} failed on {path} with {r.status_code}: {message}")
-
-
-def _error_message(data: Any) -> str:
-    """The message of any of SGLang's error envelopes (see the reference's Errors table)."""
-    if isinstance(data, dict):
-        err = data.get("error")
-        if isinstance(err, str):
-            return err
-        if isinstance(err, dict) and "message" in err:
-            return str(err["message"])
-        if "message" in data:
-            return str(data["message"])
-        if "detail" in data:
-            return str(data["detail"])
-    return str(data)[:500]
