@@ -23,10 +23,12 @@ the units are taken in a fixed order (unit ``k`` is started before unit ``k + 1`
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 from shared.protocol import Answer, Fork, Join, Role, Think, parse, render
+from shared.tasks.base import Task
 
 TOPOLOGIES = ("interleaved", "fork_all", "pipelined", "random")
 
@@ -242,3 +244,23 @@ def sample_skeleton(
 def sequential_skeleton(n_tasks: int) -> Skeleton:
     """Every unit done by the organizer itself, in order: the shape of a sequential trace."""
     return Skeleton(tuple(Step(StepKind.WORK, unit=u) for u in range(n_tasks)), 1, "sequential")
+
+
+@dataclass
+class SkeletonTeacher:
+    """What the programmatic teachers share: the pool and skeleton settings, and what they counted."""
+
+    task: Task
+    capacity: int = 2  # pool size c of the AsyncThink traces
+    topologies: tuple[str, ...] | None = None  # skeleton samplers to draw from; None = all
+    fork_prob: float = 0.8  # skeleton: chance to fork the next unit when no worker runs
+    work_prob: float = 0.9  # skeleton: chance the organizer works while a worker runs
+    dropped: Counter[str] = field(default_factory=Counter)  # reason -> traces dropped
+    partial: Counter[str] = field(default_factory=Counter)  # kind -> kept traces answering with fewer parts
+
+    def skeleton(self, rng: random.Random, n_tasks: int) -> Skeleton:
+        """A skeleton over ``n_tasks`` units from one of ``topologies`` (any when None)."""
+        topology = rng.choice(self.topologies) if self.topologies else None
+        return sample_skeleton(
+            rng, self.capacity, n_tasks, topology, fork_prob=self.fork_prob, work_prob=self.work_prob
+        )

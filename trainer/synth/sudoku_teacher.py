@@ -33,11 +33,10 @@ finish (only user puzzles with several solutions, in practice) is dropped as ``s
 from __future__ import annotations
 
 import random
-from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from shared.tasks.base import Problem, Task
+from shared.tasks.base import Problem
 from shared.tasks.sudoku import SIZE, grid_text, parse_grid
 from trainer.synth.records import (
     Episode,
@@ -49,7 +48,7 @@ from trainer.synth.records import (
     sequential_record,
     worker_record,
 )
-from trainer.synth.structure import Skeleton, StepKind, sample_skeleton
+from trainer.synth.structure import Skeleton, SkeletonTeacher, StepKind
 
 OPENER = "fill by row, col, box\n"  # the organizer's brief plan before it notes the givens
 
@@ -181,17 +180,12 @@ def solve_passes(grid: Grid) -> list[Pass] | None:
 
 
 @dataclass
-class SudokuTeacher:
-    """Writes AsyncThink episodes and sequential traces for 4×4 Sudoku (see module docstring)."""
+class SudokuTeacher(SkeletonTeacher):
+    """Writes AsyncThink episodes and sequential traces for 4×4 Sudoku (see module docstring).
 
-    task: Task
-    capacity: int = 2  # pool size c of the AsyncThink traces
-    topologies: tuple[str, ...] | None = None  # skeleton samplers to draw from; None = all
-    fork_prob: float = 0.8  # skeleton: chance to fork the next pass when no worker runs
-    work_prob: float = 0.9  # skeleton: chance the organizer works while a worker runs
+    Every trace answers in full, so ``partial`` stays empty."""
+
     tries: int = 24  # skeletons sampled per problem before it is dropped as ``no_fit``
-    dropped: Counter[str] = field(default_factory=Counter)
-    partial: Counter[str] = field(default_factory=Counter)  # never written: every trace answers in full
 
     @staticmethod
     def givens(problem: Problem) -> Grid:
@@ -261,15 +255,7 @@ class SudokuTeacher:
         sizes = [s for s in (n, n + 1, n - 1, n + 2) if s >= 1]
         ep: Episode | None = None
         for k in range(self.tries):
-            topology = rng.choice(self.topologies) if self.topologies else None
-            skeleton = sample_skeleton(
-                rng,
-                self.capacity,
-                sizes[k % len(sizes)],
-                topology,
-                fork_prob=self.fork_prob,
-                work_prob=self.work_prob,
-            )
+            skeleton = self.skeleton(rng, sizes[k % len(sizes)])
             ep = self.write_episode(problem, skeleton, f"{problem.id}-at")
             if ep is not None:
                 break

@@ -36,11 +36,11 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from itertools import combinations
 
-from shared.tasks.base import Problem, Task
+from shared.tasks.base import Problem
 from shared.tasks.countdown_solver import apply_op, solve
 from shared.tasks.expr import BinOp, Canonical, Expr, ExprError, Num, check_solution, leaves, parse, to_text
 from trainer.synth.records import (
@@ -53,7 +53,7 @@ from trainer.synth.records import (
     sequential_record,
     worker_record,
 )
-from trainer.synth.structure import Skeleton, StepKind, sample_skeleton, sequential_skeleton
+from trainer.synth.structure import Skeleton, SkeletonTeacher, StepKind, sequential_skeleton
 
 OPENER = "split by pair\n"  # the organizer's brief plan before its first action
 
@@ -195,19 +195,12 @@ def pairs_in_order(numbers: list[int]) -> list[tuple[int, int]]:
 
 
 @dataclass
-class CountdownTeacher:
+class CountdownTeacher(SkeletonTeacher):
     """Writes AsyncThink episodes and sequential traces for countdown problems (see module docstring)."""
 
-    task: Task
-    capacity: int = 2  # pool size c of the AsyncThink traces
-    topologies: tuple[str, ...] | None = None  # skeleton samplers to draw from; None = all
     max_hits_per_state: int = 3  # solution lines per first step
     max_solutions: int = 4  # per unit
-    fork_prob: float = 0.8  # skeleton: chance to fork the next unit when no worker runs
-    work_prob: float = 0.9  # skeleton: chance the organizer works while a worker runs
     exhaust: bool = True  # keep problems the pairs cannot fill: try every pair, answer with fewer than n_s
-    dropped: Counter[str] = field(default_factory=Counter)
-    partial: Counter[str] = field(default_factory=Counter)  # kept traces that answer with fewer than n_s
 
     def units(self, problem: Problem) -> list[Unit] | None:
         """The units needed (in order) to reach ``n_s`` distinct solutions; None when they never do."""
@@ -311,10 +304,7 @@ class CountdownTeacher:
         if units is None:
             self.dropped["too_few_solutions"] += 1
             return None
-        topology = rng.choice(self.topologies) if self.topologies else None
-        skeleton = sample_skeleton(
-            rng, self.capacity, len(units), topology, fork_prob=self.fork_prob, work_prob=self.work_prob
-        )
+        skeleton = self.skeleton(rng, len(units))
         ep = self.write_episode(problem, units, skeleton, f"{problem.id}-at")
         complete = self.complete(problem, units)
         reason = check_episode(self.task, ep, self.capacity, partial=not complete)
