@@ -66,8 +66,7 @@ def synthesize(
     """Checked records for every problem the teacher handles; dropped traces counted by reason."""
     rng = random.Random(seed)
     out = SynthResult()
-    before = Counter(teacher.dropped)
-    partial_before = Counter(teacher.partial)
+    dropped_before, partial_before = Counter(teacher.dropped), Counter(teacher.partial)
     for problem in problems:
         out.problems += 1
         if asyncthink:
@@ -82,12 +81,8 @@ def synthesize(
                 out.kept["sequential"] += 1
         if progress is not None:
             progress(1)
-    out.dropped = Counter(teacher.dropped)
-    out.dropped.subtract(before)
-    out.dropped = +out.dropped
-    out.partial = Counter(teacher.partial)
-    out.partial.subtract(partial_before)
-    out.partial = +out.partial
+    out.dropped = teacher.dropped - dropped_before  # this call's counts (Counter "-" keeps positive ones)
+    out.partial = teacher.partial - partial_before
     return out
 
 
