@@ -203,7 +203,8 @@ class CountdownTeacher(SkeletonTeacher):
     exhaust: bool = True  # keep problems the pairs cannot fill: try every pair, answer with fewer than n_s
 
     def units(self, problem: Problem) -> list[Unit] | None:
-        """The units needed (in order) to reach ``n_s`` distinct solutions; None when they never do."""
+        """The units needed (in order) to reach ``n_s`` distinct solutions; when they never do, every unit
+        (with ``exhaust`` and at least one solution) or None."""
         p = problem.payload
         numbers, target, need = list(p["numbers"]), int(p["target"]), int(p["n_solutions"])
         out: list[Unit] = []
