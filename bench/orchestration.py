@@ -145,7 +145,9 @@ class Harness:
         from shared.messages import PROBLEMS_STREAM, SubmitProblem
 
         eid = f"{kind}--{uuid.uuid4().hex[:16]}"
-        sub = SubmitProblem(episode_id=eid, task="countdown", problem_id=f"bench-{kind}", payload=PAYLOAD, **fields)
+        sub = SubmitProblem(
+            episode_id=eid, task="countdown", problem_id=f"bench-{kind}", payload=PAYLOAD, **fields
+        )
         await self.bus.publish(PROBLEMS_STREAM, {"data": sub.model_dump_json()})
         return eid
 
@@ -200,8 +202,12 @@ async def run_inprocess(args: argparse.Namespace, tmp: Path) -> SetupResults:
     engine = db.make_engine(url)
     bus = InProcessBus()
     service = OrganizerService(
-        bus, db.session_factory(engine), BenchBackend(args.tokens_per_s),
-        consumer_name="bench-inprocess", max_concurrent_episodes=args.concurrency, read_block_ms=1000,
+        bus,
+        db.session_factory(engine),
+        BenchBackend(args.tokens_per_s),
+        consumer_name="bench-inprocess",
+        max_concurrent_episodes=args.concurrency,
+        read_block_ms=1000,
     )
     res = SetupResults("in-process (InProcessBus, local workers, SQLite)")
     async with Harness(bus, db.session_factory(engine), service) as h:
@@ -248,10 +254,25 @@ async def run_distributed(args: argparse.Namespace, tmp: Path) -> tuple[SetupRes
     celery = str(Path(sys.executable).with_name("celery"))
     log = (tmp / "celery.log").open("wb")
     proc = subprocess.Popen(
-        [celery, "-A", "services.workers.app", "worker", "-Q", "model,tool", "--pool=threads",
-         "-c", str(args.celery_concurrency), "--loglevel=WARNING", "--without-gossip", "--without-mingle",
-         "--without-heartbeat"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+        [
+            celery,
+            "-A",
+            "services.workers.app",
+            "worker",
+            "-Q",
+            "model,tool",
+            "--pool=threads",
+            "-c",
+            str(args.celery_concurrency),
+            "--loglevel=WARNING",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     app = make_app(args.redis_url)
     engine = None
@@ -270,8 +291,13 @@ async def run_distributed(args: argparse.Namespace, tmp: Path) -> tuple[SetupRes
         bus = RedisStreamsBus(args.redis_url)
         endpoint = CeleryWorkerEndpoint(bus, app)
         service = OrganizerService(
-            bus, db.session_factory(engine), BenchBackend(args.tokens_per_s), endpoints=endpoint.endpoints(),
-            consumer_name="bench-distributed", max_concurrent_episodes=args.concurrency, read_block_ms=1000,
+            bus,
+            db.session_factory(engine),
+            BenchBackend(args.tokens_per_s),
+            endpoints=endpoint.endpoints(),
+            consumer_name="bench-distributed",
+            max_concurrent_episodes=args.concurrency,
+            read_block_ms=1000,
         )
         res = SetupResults("Redis + Celery (worker process, PostgreSQL)")
         async with Harness(bus, db.session_factory(engine), service) as h:
@@ -299,18 +325,27 @@ def report(results: list[SetupResults], bare: list[float] | None, args: argparse
     lines.append(head)
     lines.append("-" * len(head))
     if bare:
-        lines.append(f"{'bare Celery echo round trip (ms)':<44} {b50:>9.3f} {b99:>9.3f} {1.0:>9.2f} {1.0:>9.2f}")
+        lines.append(
+            f"{'bare Celery echo round trip (ms)':<44} {b50:>9.3f} {b99:>9.3f} {1.0:>9.2f} {1.0:>9.2f}"
+        )
     for r in results:
         lines.append(f"[{r.name}]")
-        for label, values in (("fork dispatch (ms)", r.dispatch), ("join resume (ms)", r.resume),
-                              ("round trip, instant worker (ms)", r.roundtrip)):
+        for label, values in (
+            ("fork dispatch (ms)", r.dispatch),
+            ("join resume (ms)", r.resume),
+            ("round trip, instant worker (ms)", r.roundtrip),
+        ):
             p50, p99 = pct(values, 0.5), pct(values, 0.99)
             lines.append(f"  {label:<42} {p50:>9.3f} {p99:>9.3f} {p50 / b50:>9.2f} {p99 / b99:>9.2f}")
-        lines.append(f"  {'episodes/s, ' + str(args.concurrency) + ' in flight':<42} {r.episodes_per_s:>9.1f}")
+        lines.append(
+            f"  {'episodes/s, ' + str(args.concurrency) + ' in flight':<42} {r.episodes_per_s:>9.1f}"
+        )
         w50, wmax = pct(r.wall_over_bound, 0.5), max(r.wall_over_bound, default=float("nan"))
         lines.append(f"  {'wall / critical-path bound (p50, max)':<42} {w50:>9.3f} {wmax:>9.3f}")
     lines.append("")
-    lines.append("targets (printed, not asserted): round trip <= 1.5x bare Celery at p50 and p99; wall <= 1.05x bound")
+    lines.append(
+        "targets (printed, not asserted): round trip <= 1.5x bare Celery at p50 and p99; wall <= 1.05x bound"
+    )
     lines.append(
         f"settings: {args.roundtrips} round trips (+{args.warmup} warm-up), {args.episodes} episodes at "
         f"{args.concurrency} in flight, {args.wall_episodes} wall episodes at {args.tokens_per_s:g} tokens/s, "
@@ -324,16 +359,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m bench.orchestration",
         description="Orchestration overhead of Redis + Celery versus in-process, against a bare Celery round trip.",
     )
-    p.add_argument("--roundtrips", type=int, default=300, help="one-fork episodes timed one at a time (default 300)")
+    p.add_argument(
+        "--roundtrips", type=int, default=300, help="one-fork episodes timed one at a time (default 300)"
+    )
     p.add_argument("--warmup", type=int, default=20, help="untimed episodes first (default 20)")
-    p.add_argument("--episodes", type=int, default=256, help="episodes for the throughput figure (default 256)")
+    p.add_argument(
+        "--episodes", type=int, default=256, help="episodes for the throughput figure (default 256)"
+    )
     p.add_argument("--concurrency", type=int, default=64, help="episodes in flight (default 64)")
     p.add_argument("--wall-episodes", type=int, default=5, help="episodes for wall / bound (default 5)")
     p.add_argument("--tokens-per-s", type=float, default=2000.0, help="scripted decode rate (default 2000)")
     p.add_argument("--celery-concurrency", type=int, default=8, help="Celery worker threads (default 8)")
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/10", help="a Redis database it may flush")
-    p.add_argument("--pg-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test",
-                   help="PostgreSQL used to create and drop a scratch database")
+    p.add_argument(
+        "--pg-url",
+        default="postgresql+psycopg://postgres@127.0.0.1:5432/test",
+        help="PostgreSQL used to create and drop a scratch database",
+    )
     p.add_argument("--skip-distributed", action="store_true", help="only the in-process setup")
     return p.parse_args(argv)
 

@@ -108,7 +108,13 @@ def bench_hf(model: Any, args: argparse.Namespace, bsz: int, device: torch.devic
 
 
 def make_engine(
-    model: Any, tok: TableTokenizer, args: argparse.Namespace, bsz: int, graphs: bool, max_len: int
+    model: Any,
+    tok: TableTokenizer,
+    args: argparse.Namespace,
+    bsz: int,
+    graphs: bool,
+    max_len: int,
+    attention: str = "auto",
 ) -> SlotEngine:
     cfg = SlotEngineConfig(
         max_slots=bsz,
@@ -117,6 +123,7 @@ def make_engine(
         seed=args.seed,
         pipeline_depth=args.pipeline_depth,
         ctx_bucket_step=args.ctx_step,
+        decode_attention=attention,
     )
     return SlotEngine(model, tok, cfg, device=args.device, eos_token_ids=[])
 
@@ -139,24 +146,52 @@ def stub_forward(engine: SlotEngine, vocab: int, seed: int) -> Iterator[None]:
         yield
 
 
-def graph_matches_eager(model: Any, tok: TableTokenizer, args: argparse.Namespace) -> bool:
-    """Greedy tokens of a mixed batch (admissions mid-run included) agree between graph and eager."""
-    outs = []
-    for graphs in (False, True):
-        eng = make_engine(model, tok, args, 16, graphs, 256)
-        rng = random.Random(5)
-        reqs = [
-            GenerateRequest(
-                [rng.randrange(args.vocab - 1) for _ in range(rng.randint(3, 60))], rng.randint(8, 64)
-            )
-            for _ in range(24)
-        ]
-        greedy = [
-            GenerateRequest(r.input_ids, r.max_new_tokens, sampling=SamplingParams(temperature=0))
-            for r in reqs
-        ]
-        outs.append([r.output_ids for r in eng.run(greedy)])
-    return outs[0] == outs[1]
+def greedy_outputs(
+    model: Any, tok: TableTokenizer, args: argparse.Namespace, graphs: bool, attention: str
+) -> list[list[int]]:
+    """Greedy tokens of a mixed batch (admissions mid-run included)."""
+    eng = make_engine(model, tok, args, 16, graphs, 256, attention)
+    rng = random.Random(5)
+    reqs = [
+        GenerateRequest(
+            [rng.randrange(args.vocab - 1) for _ in range(rng.randint(3, 60))],
+            rng.randint(8, 64),
+            sampling=SamplingParams(temperature=0),
+        )
+        for _ in range(24)
+    ]
+    return [r.output_ids for r in eng.run(reqs)]
+
+
+def attention_checks(model: Any, tok: TableTokenizer, args: argparse.Namespace, say: Any) -> None:
+    """Graph vs eager greedy tokens per attention form; the kernel against the masked form."""
+    from trainer.rollout.attention import masked_decode_attention, varlen_decode_attention
+
+    for attention in args.attention.split(","):
+        same = greedy_outputs(model, tok, args, False, attention) == greedy_outputs(
+            model, tok, args, True, attention
+        )
+        say(f"  check ({attention} attention): CUDA-graph greedy tokens == eager greedy tokens: {same}")
+    if "masked" in args.attention and any(a != "masked" for a in args.attention.split(",")):
+        eng = make_engine(model, tok, args, 16, False, 256, "varlen")
+        w = eng.weights
+        gen = torch.Generator(device=eng.device).manual_seed(0)
+        shape = (64, w.n_kv_heads, 1025, w.head_dim)
+        k = torch.randn(shape, generator=gen, device=eng.device).to(eng.dtype)
+        v = torch.randn(shape, generator=gen, device=eng.device).to(eng.dtype)
+        q = torch.randn(64, w.n_heads, w.head_dim, generator=gen, device=eng.device).to(eng.dtype)
+        pos = torch.randint(0, 1024, (64,), generator=gen, device=eng.device)
+        ref = masked_decode_attention(q.float(), k.float(), v.float(), pos, 1024, w.head_dim**-0.5)
+        out = varlen_decode_attention(q, k, v, (pos + 1).to(torch.int32), w.head_dim**-0.5).float()
+        low = masked_decode_attention(q, k, v, pos, 1024, w.head_dim**-0.5).float()
+        say(
+            f"  check: kernel vs fp32 attention, max |diff| {(out - ref).abs().max().item():.2e} "
+            f"(masked {str(eng.dtype).removeprefix('torch.')} form: {(low - ref).abs().max().item():.2e})"
+        )
+        a = greedy_outputs(model, tok, args, True, "varlen")
+        b = greedy_outputs(model, tok, args, True, "masked")
+        same = sum(x == y for x, y in zip(a, b, strict=True))
+        say(f"  check: greedy requests identical, kernel vs masked: {same}/{len(a)}")
 
 
 def bench_uniform(engine: SlotEngine, args: argparse.Namespace, bsz: int) -> dict[str, float]:
@@ -259,6 +294,10 @@ def bench_episodes(engine: SlotEngine, args: argparse.Namespace, bsz: int) -> di
     }
 
 
+def _attention_name(engine: SlotEngine) -> str:
+    return "varlen kernel" if engine.varlen else "masked window"
+
+
 def run_episodes(engine: SlotEngine, args: argparse.Namespace, bsz: int, say: Any) -> dict[str, float]:
     """:func:`bench_episodes`, under cProfile when ``bsz`` is ``--profile-batch`` (the top 25 printed)."""
     if bsz != args.profile_batch:
@@ -308,6 +347,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--pipeline-depth", type=int, default=None, help="decode steps left in flight (default: the engine's)"
     )
+    p.add_argument(
+        "--attention",
+        default="auto",
+        help="comma-separated SlotEngineConfig.decode_attention values to run each batch with "
+        "(auto, varlen, masked); 'varlen,masked' also checks the kernel against the masked form",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile-batch", type=int, default=0, help="cProfile the episode run at this batch size")
     p.add_argument("--out", default=None, help="also write the table to this file")
@@ -348,28 +393,27 @@ def main(argv: list[str] | None = None) -> None:
     for line in head:
         say(line)
     if device.type == "cuda":
-        say(
-            f"  check: CUDA-graph greedy tokens == eager greedy tokens: {graph_matches_eager(model.to(device), tok, args)}"
-        )
+        attention_checks(model.to(device), tok, args, say)
     uniform_len = args.prompt_len + args.new_tokens + 8
     episode_len = max(uniform_len, 128 + 2 * (args.new_tokens + 40) + 16)
-    for bsz in batches:
+    for bsz, attention in [(b, a) for b in batches for a in args.attention.split(",")]:
         variants = [False, True] if device.type == "cuda" and not args.skip_eager else [False]
         if device.type == "cuda" and args.skip_eager:
             variants = [True]
         for graphs in [] if args.skip_uniform else variants:
-            eng = make_engine(model.to(device), tok, args, bsz, graphs, uniform_len)
+            eng = make_engine(model.to(device), tok, args, bsz, graphs, uniform_len, attention)
             r = bench_uniform(eng, args, bsz)
             emit(
                 "engine-uniform",
                 bsz,
                 r["tok_s"],
                 f"{r['active']:.0f}",
-                f"{'cuda graph' if graphs else 'eager'}, {r['steps']:.0f} steps, {r['s']:.2f} s",
+                f"{'cuda graph' if graphs else 'eager'}, {_attention_name(eng)}, "
+                f"{r['steps']:.0f} steps, {r['s']:.2f} s",
             )
             del eng
         graphs = device.type == "cuda" and not args.host_only
-        eng = make_engine(model.to(device), tok, args, bsz, graphs, episode_len)
+        eng = make_engine(model.to(device), tok, args, bsz, graphs, episode_len, attention)
         stub = stub_forward(eng, args.vocab, args.seed) if args.host_only else contextlib.nullcontext()
         with stub:
             r = run_episodes(eng, args, bsz, say)
@@ -378,7 +422,7 @@ def main(argv: list[str] | None = None) -> None:
             bsz,
             r["steady_tok_s"],
             f"{r['steady_active']:.0f}",
-            "the same run, until the last fresh sequence is submitted (no drain tail)",
+            f"{_attention_name(eng)}; the same run, until the last fresh sequence is submitted (no drain tail)",
         )
         kind = "host only (forward stubbed)" if args.host_only else "cuda graph" if graphs else "eager"
         emit(
@@ -386,7 +430,7 @@ def main(argv: list[str] | None = None) -> None:
             bsz,
             r["tok_s"],
             f"{r['active']:.0f}",
-            f"{kind}, {r['steps']:.0f} steps, {r['s']:.2f} s, "
+            f"{kind}, {_attention_name(eng)}, {r['steps']:.0f} steps, {r['s']:.2f} s, "
             f"prefill {r['prefill']:.0f} tok, reused {r['reused']:.0f} tok; "
             f"admission {r['admit_s']:.1f} s, device wait {r['wait_s']:.1f} s; "
             f"attention window {r['window']:.0f} columns a row, busy rows' mean context {r['context']:.0f}",

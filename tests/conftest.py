@@ -8,11 +8,16 @@ read-only: tests that need to change a model directory copy it first.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 TINY_VOCAB = 512
+
+# Triton kernels (the rollout engine's decode attention) run under Triton's interpreter on CPU tensors.
+# It is chosen when triton is imported, and transformers may import it during collection: set it first.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,9 @@ class SlotEngineConfig:
     min_ctx_bucket: int = 128  # smallest attention window; windows double up to max_len + 1 ...
     ctx_bucket_step: int = 0  # ... or, when > 0, grow by this once they reach it (less padding, more graphs)
     cuda_graphs: bool = True  # capture and replay the decode step on CUDA (ignored on CPU)
+    # decode attention: "varlen" (Triton kernel, reads each row's own columns), "masked" (one padded
+    # window for all rows), or "auto" (varlen on CUDA when Triton is installed, else masked)
+    decode_attention: str = "auto"
     prefill_token_budget: int = 65536  # padded (sequences x context) per prefill call
     reuse_prefix: bool = True  # keep finished slots' caches for continuations
     pipeline_depth: int | None = None  # steps left in flight while reading back; None: 1 on CUDA, 0 on CPU
@@ -34,6 +37,10 @@ class SlotEngineConfig:
             )
         if self.ctx_bucket_step < 0:
             raise ValueError(f"ctx_bucket_step must be >= 0 (0: windows double), got {self.ctx_bucket_step}")
+        if self.decode_attention not in ("auto", "varlen", "masked"):
+            raise ValueError(
+                f"decode_attention must be 'auto', 'varlen' or 'masked', got {self.decode_attention!r}"
+            )
         if self.min_ctx_bucket < 1:
             raise ValueError(f"min_ctx_bucket must be >= 1, got {self.min_ctx_bucket}")
 

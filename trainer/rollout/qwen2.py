@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from trainer.rollout.attention import decode_attention
+
 # cuDNN attention builds an execution plan for every new shape (~10 ms of host time on an H100), and
 # every prefill batch has a new shape; the memory-efficient kernel takes the mask with no such cost.
 _PREFILL_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
@@ -160,22 +162,22 @@ def decode_step(
     tokens: Tensor,
     pos: Tensor,
     n_ctx: int,
+    *,
+    varlen: bool = False,
 ) -> Tensor:
     """One token for each of the first ``B`` slots; returns float32 logits ``[B, V]``.
 
     ``tokens``/``pos``: ``[B]`` int64, the token to feed to slot ``b`` and its position (its K/V are
     written to column ``pos[b]`` of slot ``b``). ``n_ctx``: attend over columns ``0 .. n_ctx-1``; must
     exceed every active slot's ``pos``. Idle slots carry ``pos = max_len`` (the scratch column).
+    ``varlen``: attend with the Triton kernel, which reads only each row's own columns and ignores
+    ``n_ctx`` (:mod:`trainer.rollout.attention`).
     """
     bsz = tokens.shape[0]
     nh, nkv, hd = w.n_heads, w.n_kv_heads, w.head_dim
-    group = nh // nkv
     rows = torch.arange(bsz, device=tokens.device)  # [B]
     cos = cos_table[pos][:, None, :]  # [B, 1, hd]
     sin = sin_table[pos][:, None, :]
-    cols = torch.arange(n_ctx, device=tokens.device)  # [Lb]
-    # [B, 1, 1, Lb]; column 0 is always visible so an idle row never softmaxes over nothing
-    visible = ((cols[None, :] <= pos[:, None]) | (cols[None, :] == 0))[:, None, None, :]
     scale = hd**-0.5
     x = w.embed[tokens]  # [B, H]
     for li, lw in enumerate(w.layers):
@@ -186,13 +188,7 @@ def decode_step(
         k = apply_rope(k.view(bsz, nkv, hd), cos, sin)  # [B, nkv, hd]
         k_cache[li, rows, :, pos] = k
         v_cache[li, rows, :, pos] = v.view(bsz, nkv, hd)
-        keys = k_cache[li, :bsz, :, :n_ctx]  # [B, nkv, Lb, hd] (a view)
-        vals = v_cache[li, :bsz, :, :n_ctx]
-        qg = q.view(bsz, nkv, group, hd)  # [B, nkv, G, hd]
-        scores = torch.matmul(qg, keys.transpose(-1, -2)) * scale  # [B, nkv, G, Lb]
-        scores = scores.float().masked_fill(~visible, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(x.dtype)
-        att = torch.matmul(probs, vals).reshape(bsz, nh * hd)  # [B, nh * hd]
+        att = decode_attention(q, k_cache[li], v_cache[li], pos, n_ctx, scale, varlen=varlen)  # [B, nh * hd]
         x = x + F.linear(att, lw.wo)
         x = x + _mlp(lw, rms_norm(x, lw.ln2, w.eps))
     x = rms_norm(x, w.norm, w.eps)

@@ -15,10 +15,12 @@ organizer or a worker of any episode). Between decode steps the engine
   once the slot was needed for someone else, it gets a full prefill.
 
 The decode step runs over slots ``0 .. B-1`` (``B`` the smallest batch bucket holding the highest
-busy slot; idle slots in that range compute into a scratch column) and attends over the first
-``n_ctx`` cache columns (the smallest context bucket past every busy slot's position). On CUDA each
-``(B, n_ctx, sampling mode)`` step is captured once as a CUDA graph and replayed; on CPU it runs
-eagerly. The sampled tokens stay on the device as the next step's input, so the engine keeps
+busy slot; idle slots in that range compute into a scratch column). On CUDA with Triton its attention
+is a variable-length kernel that reads only each slot's own columns (:mod:`trainer.rollout.attention`);
+otherwise every row attends over the first ``n_ctx`` cache columns (the smallest context bucket past
+every busy slot's position), masked to its own. On CUDA each ``(B, n_ctx, sampling mode)`` step
+(``n_ctx`` is one fixed value with the kernel) is captured once as a CUDA graph and replayed; on CPU
+it runs eagerly. The sampled tokens stay on the device as the next step's input, so the engine keeps
 ``pipeline_depth`` steps in flight (one on CUDA by default): it launches step ``t + 1`` before reading
 step ``t``'s tokens back and checking stops on the CPU. A sequence that finishes at step ``t``
 therefore computes ``pipeline_depth`` extra tokens, which are dropped.
@@ -52,6 +54,7 @@ from torch import Tensor
 
 from shared.backends.base import FinishReason, GenerateRequest, GenerateResult, find_stop, stop_pattern
 from trainer.rollout import qwen2
+from trainer.rollout.attention import triton_available
 from trainer.rollout.config import EngineStats, SlotEngineConfig
 from trainer.rollout.ledger import ALWAYS, NEVER, SlotLedger
 from trainer.rollout.sampling import SampleMode, sample
@@ -139,6 +142,12 @@ class SlotEngine:
         self.batch_buckets = _buckets_up_to(cfg.batch_buckets, slots)
         self.ctx_buckets = _ctx_buckets(cfg.min_ctx_bucket, cfg.ctx_bucket_step, max_len + 1)
         self.use_graphs = cfg.cuda_graphs and self.device.type == "cuda"
+        if cfg.decode_attention == "auto":
+            self.varlen = self.device.type == "cuda" and triton_available()
+        else:
+            self.varlen = cfg.decode_attention == "varlen"
+        if self.varlen:  # the kernel reads each row's own columns: one window (and graph) per batch size
+            self.ctx_buckets = [max_len + 1]
         self._graphs: dict[tuple[int, int, SampleMode], torch.cuda.CUDAGraph] = {}
         self._graph_pool: Any = None
         self._host_bufs: list[Tensor] = []
@@ -424,6 +433,7 @@ class SlotEngine:
             self.tokens[:bsz],
             self.pos[:bsz],
             n_ctx,
+            varlen=self.varlen,
         )  # [B, V]
         nxt = sample(
             logits,
@@ -500,8 +510,10 @@ class SlotEngine:
         self.stats.steps += 1
         self.stats.active_slot_steps += len(busy)
         self.stats.padded_slot_steps += bsz
-        self.stats.window_slot_steps += bsz * n_ctx
-        self.stats.context_slot_steps += int(busy_pos.sum()) + len(busy)
+        context = int(busy_pos.sum()) + len(busy)
+        # columns the attention reads: the varlen kernel reads each busy row's own, an idle row one
+        self.stats.window_slot_steps += context + bsz - len(busy) if self.varlen else bsz * n_ctx
+        self.stats.context_slot_steps += context
         return True
 
     # ------------------------------------------------------------------ read back and stop checks
