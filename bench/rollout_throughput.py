@@ -334,6 +334,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--intermediate", type=int, default=768)
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--skip-hf", action="store_true", help="leave out transformers generate")
+    p.add_argument(
+        "--hf-batches", default=None, help="batch sizes for transformers generate (default: --batches)"
+    )
     p.add_argument("--skip-eager", action="store_true", help="leave out the eager engine")
     p.add_argument("--skip-uniform", action="store_true", help="leave out engine-uniform")
     p.add_argument(
@@ -447,7 +450,7 @@ def main(argv: list[str] | None = None) -> None:
             torch.cuda.empty_cache()
     if not args.skip_hf:
         hf_model = model.to(device=device, dtype=dtype)
-        for bsz in batches:
+        for bsz in [int(b) for b in args.hf_batches.split(",")] if args.hf_batches else batches:
             tok_s, warm = bench_hf(hf_model, args, bsz, device)
             emit(
                 "hf-static",

@@ -116,7 +116,7 @@ def stage_grpo(args: argparse.Namespace) -> None:
             steps=100_000, problems_per_step=args.grpo_problems, group_size=args.grpo_group,
             organizer_budget=args.organizer_budget, worker_budget=args.worker_budget,
             lr=args.grpo_lr, kl_beta=args.grpo_kl, temperature=1.0, save_every=0, seed=args.seed, max_minutes=minutes,
-            progress=False, rollout_slots=args.slots,
+            progress=False, rollout_slots=args.slots, rollout_attention=args.rollout_attention,
             lam=GRPOConfigArgs.lam if lam is None else lam,
         )
         run = _timed(work, name, train_grpo, cfg)
@@ -128,7 +128,7 @@ def stage_grpo(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------- eval
-def open_eval_backend(model_dir: Path, device: str) -> Any:
+def open_eval_backend(model_dir: Path, device: str, attention: str = "auto") -> Any:
     """The slot engine on CUDA (fast), the transformers backend elsewhere."""
     import torch
 
@@ -138,8 +138,9 @@ def open_eval_backend(model_dir: Path, device: str) -> Any:
         from trainer.rollout import SlotEngine, SlotEngineBackend, SlotEngineConfig
 
         tokenizer: Any = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-        engine = SlotEngine.from_pretrained(str(model_dir), SlotEngineConfig(max_slots=1024, max_len=2048),
-                                            tokenizer=tokenizer, device=torch.device(device))
+        engine_config = SlotEngineConfig(max_slots=1024, max_len=2048, decode_attention=attention)
+        engine = SlotEngine.from_pretrained(str(model_dir), engine_config, tokenizer=tokenizer,
+                                            device=torch.device(device))
         return SlotEngineBackend(engine, tokenizer, model_id=model_dir.name, weight_version=model_dir.name)
     from shared.backends.transformers_backend import TransformersBackend
 
@@ -147,7 +148,7 @@ def open_eval_backend(model_dir: Path, device: str) -> Any:
 
 
 def evaluate_model(model_dir: Path, task_name: str, mode: str, k: int, n: int, device: str,
-                   organizer_budget: int, worker_budget: int) -> dict[str, Any]:
+                   organizer_budget: int, worker_budget: int, attention: str = "auto") -> dict[str, Any]:
     from shared.engine import Engine, EngineConfig
     from shared.evaluation import run_episodes, summarize
     from shared.tasks import get_task
@@ -155,7 +156,7 @@ def evaluate_model(model_dir: Path, task_name: str, mode: str, k: int, n: int, d
 
     task = get_task(task_name)
     problems = task.problems("test", n)
-    backend = open_eval_backend(model_dir, device)
+    backend = open_eval_backend(model_dir, device, attention)
     config = EngineConfig(mode=Mode(mode), parallel_k=k, organizer_budget=organizer_budget,
                           worker_budget=worker_budget, temperature=0.0 if k == 1 else 0.7, seed=0)
     engine = Engine(backend, task, config)
@@ -198,7 +199,7 @@ def stage_eval(args: argparse.Namespace) -> None:
         task = "sudoku" if name.startswith("sudoku") else "countdown"
         n = min(args.eval_n, 100) if task == "sudoku" else args.eval_n
         summary = _timed(work, f"eval-{name}", evaluate_model, model_dir, task, mode, k, n, args.device,
-                         args.organizer_budget, args.worker_budget)
+                         args.organizer_budget, args.worker_budget, args.rollout_attention)
         if summary is not None:
             table[name] = summary
             log.info("eval %s: %s", name, {k2: v for k2, v in summary.items() if k2 != "examples"})
@@ -255,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grpo-problems", type=int, default=32, help="P: problems per GRPO step")
     p.add_argument("--grpo-group", type=int, default=8, help="G: episodes per problem")
     p.add_argument("--slots", type=int, default=512, help="rollout slot-engine KV slots")
+    p.add_argument("--rollout-attention", default="auto",
+                   help="slot-engine decode attention for GRPO and eval: auto, varlen or masked")
     p.add_argument("--organizer-budget", type=int, default=768)
     p.add_argument("--worker-budget", type=int, default=256)
     p.add_argument("--eval-n", type=int, default=400, help="held-out problems per evaluation (default all 400)")

@@ -113,6 +113,9 @@ class GRPOConfigArgs:
     )
     rollout_slots: int = _f(256, "sequences decoded at once by the rollout backend (KV slots / batch)")
     rollout_max_len: int = _f(4096, "slot engine: tokens per slot (prompt + injected text + output)")
+    rollout_attention: str = _f(
+        "auto", "slot engine decode attention: auto (the Triton kernel on CUDA when installed), varlen or masked"
+    )
     # --- bookkeeping -------------------------------------------------------------------------------
     save_every: int = _f(50, "save out/checkpoint-<step> every this many steps (0 = only at the end)")
     seed: int = _f(0, "seed of problem sampling, rollout sampling and torch")

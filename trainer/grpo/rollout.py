@@ -103,6 +103,7 @@ def open_rollout_backend(
                 max_len=config.rollout_max_len,
                 seed=config.seed,
                 dtype="bfloat16" if bf16 else "float32",
+                decode_attention=config.rollout_attention,
             ),
             device=device,
         )
