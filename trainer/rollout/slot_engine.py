@@ -26,7 +26,8 @@ step ``t``'s tokens back and checking stops on the CPU. A sequence that finishes
 therefore computes ``pipeline_depth`` extra tokens, which are dropped.
 
 Stop checks: EOS and length on every token; the stop regex only after tokens that can end a match
-(see :mod:`trainer.rollout.stops`), on the decode of the whole output so far. The per-slot state
+(see :mod:`trainer.rollout.stops`), on the decode of the ids since the last search plus a short
+lookback (a match must end in them), never the whole output. The per-slot state
 (positions, outputs, budgets) lives in numpy arrays (:mod:`trainer.rollout.ledger`), so appending a
 step's ids and finding the slots that need a look costs a few array operations per step; only the
 flagged slots reach the Python loop.
@@ -52,7 +53,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from shared.backends.base import FinishReason, GenerateRequest, GenerateResult, find_stop, stop_pattern
+from shared.backends.base import FinishReason, GenerateRequest, GenerateResult, stop_pattern
 from trainer.rollout import qwen2
 from trainer.rollout.attention import triton_available
 from trainer.rollout.config import EngineStats, SlotEngineConfig
@@ -61,6 +62,8 @@ from trainer.rollout.sampling import SampleMode, sample
 from trainer.rollout.slots import SlotPool
 from trainer.rollout.stops import trigger_chars, trigger_ids
 from trainer.rollout.upload import Uploader
+
+_STOP_LOOKBACK = 64  # ids before the last searched one that a stop match may start in (tags are shorter)
 
 
 class Decoder(Protocol):
@@ -82,7 +85,7 @@ class _Seq:
     seed: int
     out: list[int] = field(default_factory=list)  # filled when the request finishes
     cached: int = 0  # prompt tokens reused from a retained slot
-    checked: int = 0  # output characters already searched for the stop pattern
+    checked: int = 0  # output ids already searched for the stop pattern
 
 
 @dataclass
@@ -539,9 +542,12 @@ class SlotEngine:
             if eos:
                 reason = FinishReason.EOS
             elif trigger and seq.pattern is not None:
-                text = self.tokenizer.decode(out)
-                match = find_stop(text, seq.pattern, seq.checked)
-                seq.checked = len(text)
+                # a match must end in the ids since the last search; a tag spans fewer than
+                # _STOP_LOOKBACK ids (each id decodes to at least one character), so decoding that
+                # tail finds it without decoding the whole output at every trigger
+                tail = self.tokenizer.decode(out[max(0, seq.checked - _STOP_LOOKBACK) :])
+                match = seq.pattern.search(tail)
+                seq.checked = len(out)
                 if match is not None:
                     reason = FinishReason.STOP
             if reason is None and full:

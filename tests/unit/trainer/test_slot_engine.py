@@ -214,6 +214,22 @@ def test_stop_regex_ends_at_the_completing_token(model: Qwen2ForCausalLM, tok: T
         assert match is not None and r.matched == match.group(0)
 
 
+def test_stop_match_far_into_a_long_output(model: Qwen2ForCausalLM, tok: TableTokenizer) -> None:
+    """The stop search decodes only the ids since its last search plus a lookback; a match more than
+    that lookback into the output, whose trigger ids came up many times before, is still found."""
+    prompt = _prompt(5, seed=12)
+    ref = _hf_greedy(model, prompt, 140)
+    eng = _engine(model, tok, eos_token_ids=[])
+    pattern = re.escape(tok.decode(ref[110:114]))
+    expected_n = next(n for n in range(1, 141) if re.search(pattern, tok.decode(ref[:n])))
+    assert expected_n > 100
+    with torch.no_grad():
+        (r,) = eng.run([GenerateRequest(prompt, 140, stop_regex=pattern, sampling=GREEDY)])
+    assert r.finish == FinishReason.STOP
+    assert r.output_ids == ref[:expected_n]
+    assert r.text == tok.decode(ref[:expected_n]) and r.matched == tok.decode(ref[110:114])
+
+
 def test_eos_and_length(model: Qwen2ForCausalLM, tok: TableTokenizer) -> None:
     prompt = _prompt(8, seed=21)
     ref = _hf_greedy(model, prompt, 30)
