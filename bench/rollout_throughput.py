@@ -124,6 +124,8 @@ def make_engine(
         pipeline_depth=args.pipeline_depth,
         ctx_bucket_step=args.ctx_step,
         decode_attention=attention,
+        admit_interval=args.admit_interval,
+        admit_batch=args.admit_batch,
     )
     return SlotEngine(model, tok, cfg, device=args.device, eos_token_ids=[])
 
@@ -355,6 +357,18 @@ def main(argv: list[str] | None = None) -> None:
         default="auto",
         help="comma-separated SlotEngineConfig.decode_attention values to run each batch with "
         "(auto, varlen, masked); 'varlen,masked' also checks the kernel against the masked form",
+    )
+    p.add_argument(
+        "--admit-interval",
+        type=int,
+        default=SlotEngineConfig.admit_interval,
+        help="SlotEngineConfig.admit_interval",
+    )
+    p.add_argument(
+        "--admit-batch",
+        type=int,
+        default=SlotEngineConfig.admit_batch,
+        help="SlotEngineConfig.admit_batch (0: max_slots // 16)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile-batch", type=int, default=0, help="cProfile the episode run at this batch size")
