@@ -77,6 +77,10 @@ class SlotLedger:
         """The ids delivered so far to the request in ``slot``."""
         return self.out[slot, : self.n_out[slot]].tolist()
 
+    def tail(self, slot: int, start: int) -> list[int]:
+        """The ids delivered to the request in ``slot`` from index ``max(start, 0)`` on."""
+        return self.out[slot, max(start, 0) : self.n_out[slot]].tolist()
+
     # ------------------------------------------------------------------ the whole batch
     def busy(self) -> np.ndarray:
         """Busy slots, ascending: ``[n]`` int64."""

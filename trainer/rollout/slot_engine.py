@@ -535,8 +535,6 @@ class SlotEngine:
         for slot, eos, trigger, full in zip(*ledger.reasons(flagged), strict=True):
             seq = self._slot_seq[slot]
             assert seq is not None
-            out = ledger.output(slot)
-            text: str | None = None
             match: re.Match[str] | None = None
             reason: FinishReason | None = None
             if eos:
@@ -545,16 +543,18 @@ class SlotEngine:
                 # a match must end in the ids since the last search; a tag spans fewer than
                 # _STOP_LOOKBACK ids (each id decodes to at least one character), so decoding that
                 # tail finds it without decoding the whole output at every trigger
-                tail = self.tokenizer.decode(out[max(0, seq.checked - _STOP_LOOKBACK) :])
-                match = seq.pattern.search(tail)
-                seq.checked = len(out)
+                n_out = int(ledger.n_out[slot])
+                match = seq.pattern.search(
+                    self.tokenizer.decode(ledger.tail(slot, seq.checked - _STOP_LOOKBACK))
+                )
+                seq.checked = n_out
                 if match is not None:
                     reason = FinishReason.STOP
             if reason is None and full:
                 reason = FinishReason.LENGTH
             if reason is not None:
-                seq.out = out
-                finished.append((seq.handle, self._result(seq, reason, match, text)))
+                seq.out = ledger.output(slot)
+                finished.append((seq.handle, self._result(seq, reason, match)))
                 retired.append(slot)
         if retired:
             self._retire(retired)
@@ -575,14 +575,11 @@ class SlotEngine:
         self.active.index_fill_(0, idx, 0)
         self.pos.index_fill_(0, idx, max_len)  # idle slots write to the scratch column
 
-    def _result(
-        self, seq: _Seq, reason: FinishReason, match: re.Match[str] | None, text: str | None = None
-    ) -> GenerateResult:
-        """``text``: the decoded output when the caller has it already."""
+    def _result(self, seq: _Seq, reason: FinishReason, match: re.Match[str] | None) -> GenerateResult:
         self.stats.requests += 1
         return GenerateResult(
             output_ids=list(seq.out),
-            text=self.tokenizer.decode(seq.out) if text is None else text,
+            text=self.tokenizer.decode(seq.out),
             finish=reason,
             matched=match.group(0) if match is not None else None,
             cached_tokens=seq.cached,

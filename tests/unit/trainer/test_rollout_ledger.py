@@ -35,6 +35,7 @@ def test_record_appends_to_live_rows_and_flags_eos_length_and_triggers() -> None
     slots, eos, trigger, full = led.reasons(flagged)
     assert eos == [True, False, True] and trigger == [False, False, True] and full == [False, True, False]
     assert led.output(0) == [1, 7] and led.output(1) == [3, 5] and led.output(3) == [2, 7]
+    assert led.tail(0, 1) == [7] and led.tail(1, -64) == [3, 5] and led.tail(3, 2) == []
 
 
 def test_rows_of_a_finished_or_readmitted_slot_are_skipped() -> None:
