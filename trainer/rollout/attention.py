@@ -9,9 +9,10 @@ columns ``0 .. lens[b]-1`` of row ``b``: one program per (row, KV head) walks it
 blocks with an online softmax and serves the ``n_heads / n_kv_heads`` query heads of that KV head at
 once. The lengths are a device tensor, so a captured CUDA graph replays it for any mix of lengths.
 
-:func:`decode_attention` picks the kernel on CUDA when Triton is importable and the masked form
-otherwise (CPU runs, and the tests without Triton). With ``TRITON_INTERPRET=1`` set before the first
-call the kernel also runs on CPU tensors, which is how the tests check it against the masked form.
+:func:`decode_attention` runs one or the other; the slot engine chooses (``SlotEngineConfig.
+decode_attention``: by default the kernel on CUDA when Triton is importable, the masked form
+elsewhere). With ``TRITON_INTERPRET=1`` set before triton is imported the kernel also runs on CPU
+tensors, which is how the tests check it against the masked form.
 
 Layouts: ``q`` ``[B, n_heads, hd]``; ``k``/``v`` one layer of the slot cache,
 ``[slots, n_kv_heads, max_len + 1, hd]`` (only the first ``B`` slots are read); ``lens`` ``[B]``
@@ -166,8 +167,9 @@ def decode_attention(
 ) -> Tensor:
     """One decode token per row over its cache prefix ``0 .. pos[b]``.
 
-    ``varlen``: use the Triton kernel (reads only each row's own columns) instead of the masked
-    window. Idle rows (``pos`` past the window, i.e. the scratch column) attend over column 0 only.
+    ``varlen``: use the Triton kernel (reads only each row's own columns, ignores ``n_ctx``) instead
+    of the masked window. Under the kernel an idle row (``pos`` = ``max_len``, the scratch column)
+    reads column 0 only; its output is discarded either way.
     """
     if not varlen:
         return masked_decode_attention(q, k, v, pos, n_ctx, scale)
