@@ -158,6 +158,10 @@ class GRPOConfigArgs:
         for name in ("pool_size", "warmup_steps", "save_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.rollout_attention not in ("auto", "varlen", "masked"):
+            raise ValueError(
+                f"rollout_attention must be auto, varlen or masked, got {self.rollout_attention!r}"
+            )
         if self.mode not in MODES:
             raise ValueError(
                 f"mode must be one of {MODES} (parallel thinking is an eval baseline, not trained "

@@ -363,6 +363,8 @@ def test_config_validation_names_the_fix(tiny_model_dir: Path, tmp_path: Path) -
         _config(tiny_model_dir, tmp_path, format_error_reward=0.5)
     with pytest.raises(ValueError, match="temperature"):
         _config(tiny_model_dir, tmp_path, temperature=0.0)
+    with pytest.raises(ValueError, match="rollout_attention must be auto, varlen or masked"):
+        _config(tiny_model_dir, tmp_path, rollout_attention="flash")
 
 
 def test_config_options_round_trip(tiny_model_dir: Path, tmp_path: Path) -> None:
