@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grpo-problems", type=int, default=32, help="P: problems per GRPO step")
     p.add_argument("--grpo-group", type=int, default=8, help="G: episodes per problem")
     p.add_argument("--slots", type=int, default=512, help="rollout slot-engine KV slots")
-    p.add_argument("--rollout-attention", default="auto",
+    p.add_argument("--rollout-attention", default="auto", choices=("auto", "varlen", "masked"),
                    help="slot-engine decode attention for GRPO and eval: auto, varlen or masked")
     p.add_argument("--organizer-budget", type=int, default=768)
     p.add_argument("--worker-budget", type=int, default=256)
