@@ -9,9 +9,9 @@ columns ``0 .. lens[b]-1`` of row ``b``: one program per (row, KV head) walks it
 blocks with an online softmax and serves the ``n_heads / n_kv_heads`` query heads of that KV head at
 once. The lengths are a device tensor, so a captured CUDA graph replays it for any mix of lengths.
 
-:func:`decode_attention` runs one or the other; the slot engine chooses (``SlotEngineConfig.
-decode_attention``: by default the kernel on CUDA when Triton is importable, the masked form
-elsewhere). With ``TRITON_INTERPRET=1`` set before triton is imported the kernel also runs on CPU
+The slot engine chooses between them (``SlotEngineConfig.decode_attention``: by default the kernel
+on CUDA when Triton is importable, the masked form elsewhere); a decode step builds the mask
+(:func:`visible_columns`) or the lengths (:func:`row_lengths`) once and reuses them in every layer. With ``TRITON_INTERPRET=1`` set before triton is imported the kernel also runs on CPU
 tensors, which is how the tests check it against the masked form.
 
 Layouts: ``q`` ``[B, n_heads, hd]``; ``k``/``v`` one layer of the slot cache,
@@ -32,16 +32,20 @@ _BLOCK = 64  # cache columns per inner step
 _MIN_ROWS = 16  # tl.dot wants at least 16 rows: the query heads of one KV head are padded to this
 
 
-def masked_decode_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, n_ctx: int, scale: float) -> Tensor:
-    """Attention over the first ``n_ctx`` columns, each row masked to ``0 .. pos[b]`` (and column 0).
+def visible_columns(pos: Tensor, n_ctx: int) -> Tensor:
+    """The masked form's mask, ``[B, 1, 1, n_ctx]`` bool: row ``b`` sees columns ``0 .. pos[b]``.
 
     Column 0 is always visible, so an idle row (``pos`` = the scratch column) never softmaxes over
-    nothing.
+    nothing. One decode step builds it once for all its layers.
     """
+    cols = torch.arange(n_ctx, device=pos.device)  # [Lb]
+    return ((cols[None, :] <= pos[:, None]) | (cols[None, :] == 0))[:, None, None, :]
+
+
+def masked_decode_attention(q: Tensor, k: Tensor, v: Tensor, visible: Tensor, scale: float) -> Tensor:
+    """Attention over the first ``n_ctx`` columns (``visible``'s width), each row masked by ``visible``."""
     bsz, nh, hd = q.shape
-    nkv = k.shape[1]
-    cols = torch.arange(n_ctx, device=q.device)  # [Lb]
-    visible = ((cols[None, :] <= pos[:, None]) | (cols[None, :] == 0))[:, None, None, :]  # [B, 1, 1, Lb]
+    nkv, n_ctx = k.shape[1], visible.shape[-1]
     keys = k[:bsz, :, :n_ctx]  # [B, nkv, Lb, hd] (a view)
     vals = v[:bsz, :, :n_ctx]
     qg = q.view(bsz, nkv, nh // nkv, hd)  # [B, nkv, G, hd]
@@ -49,6 +53,12 @@ def masked_decode_attention(q: Tensor, k: Tensor, v: Tensor, pos: Tensor, n_ctx:
     scores = scores.float().masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(q.dtype)
     return torch.matmul(probs, vals).reshape(bsz, nh * hd)
+
+
+def row_lengths(pos: Tensor, max_len: int) -> Tensor:
+    """The kernel's lengths, ``[B]`` int32: ``pos[b] + 1`` columns, one for an idle row (``pos`` =
+    ``max_len``, the scratch column; its output is discarded). Built once per decode step."""
+    return torch.where(pos < max_len, pos + 1, 1).to(torch.int32)
 
 
 def triton_available() -> bool:
@@ -160,19 +170,3 @@ def varlen_decode_attention(q: Tensor, k: Tensor, v: Tensor, lens: Tensor, scale
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 rows stay exact; bf16 ignores it
     )
     return out.view(bsz, nh * hd)
-
-
-def decode_attention(
-    q: Tensor, k: Tensor, v: Tensor, pos: Tensor, n_ctx: int, scale: float, *, varlen: bool
-) -> Tensor:
-    """One decode token per row over its cache prefix ``0 .. pos[b]``.
-
-    ``varlen``: use the Triton kernel (reads only each row's own columns, ignores ``n_ctx``) instead
-    of the masked window. Under the kernel an idle row (``pos`` = ``max_len``, the scratch column)
-    reads column 0 only; its output is discarded either way.
-    """
-    if not varlen:
-        return masked_decode_attention(q, k, v, pos, n_ctx, scale)
-    max_len = k.shape[2] - 1
-    lens = torch.where(pos < max_len, pos + 1, 1).to(torch.int32)
-    return varlen_decode_attention(q, k, v, lens, scale)

@@ -24,6 +24,8 @@ tensor parallelism; weights are copied at construction, so a weight update needs
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from trainer.rollout.attention import decode_attention
+from trainer.rollout import attention
 
 # cuDNN attention builds an execution plan for every new shape (~10 ms of host time on an H100), and
 # every prefill batch has a new shape; the memory-efficient kernel takes the mask with no such cost.
@@ -179,6 +181,13 @@ def decode_step(
     cos = cos_table[pos][:, None, :]  # [B, 1, hd]
     sin = sin_table[pos][:, None, :]
     scale = hd**-0.5
+    attend: Callable[[Tensor, Tensor, Tensor], Tensor]  # (q, k layer, v layer) -> [B, nh * hd]
+    if varlen:  # lengths (or the mask) once per step, not once per layer
+        lens = attention.row_lengths(pos, k_cache.shape[3] - 1)
+        attend = functools.partial(attention.varlen_decode_attention, lens=lens, scale=scale)
+    else:
+        visible = attention.visible_columns(pos, n_ctx)
+        attend = functools.partial(attention.masked_decode_attention, visible=visible, scale=scale)
     x = w.embed[tokens]  # [B, H]
     for li, lw in enumerate(w.layers):
         h = rms_norm(x, lw.ln1, w.eps)
@@ -188,7 +197,7 @@ def decode_step(
         k = apply_rope(k.view(bsz, nkv, hd), cos, sin)  # [B, nkv, hd]
         k_cache[li, rows, :, pos] = k
         v_cache[li, rows, :, pos] = v.view(bsz, nkv, hd)
-        att = decode_attention(q, k_cache[li], v_cache[li], pos, n_ctx, scale, varlen=varlen)  # [B, nh * hd]
+        att = attend(q, k_cache[li], v_cache[li])  # [B, nh * hd]
         x = x + F.linear(att, lw.wo)
         x = x + _mlp(lw, rms_norm(x, lw.ln2, w.eps))
     x = rms_norm(x, w.norm, w.eps)

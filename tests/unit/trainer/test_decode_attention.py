@@ -1,5 +1,6 @@
 """The variable-length decode attention kernel (Triton, run by its interpreter on CPU) against the
-masked matmul form, and the slot engine's greedy output with it against transformers' ``generate``."""
+masked matmul form. The slot engine's greedy output with it: ``test_slot_engine.py``. Inputs are fp32:
+the interpreter computes bf16 wrongly (the bf16 kernel is checked on the GPU by the rollout bench)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,6 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-# the slot engine tests' tiny Qwen2 (fixture ``model``), tokenizer (``tok``) and helpers
-from test_slot_engine import GREEDY, TableTokenizer, _engine, _hf_greedy, _prompt, model, tok  # noqa: F401
-from transformers import Qwen2ForCausalLM
-
-from shared.backends.base import GenerateRequest
 from trainer.rollout import SlotEngineConfig, attention
 
 pytest.importorskip("triton")  # tests/conftest.py sets TRITON_INTERPRET=1 before anything imports it
@@ -42,8 +38,8 @@ def test_kernel_matches_masked_attention(interpreted: None, nh: int, nkv: int, h
     # lengths across block edges (64), a one-column row, and an idle row on the scratch column
     pos = torch.tensor([0, 5, 63, 64, 127, 190, max_len])
     q = torch.randn(len(pos), nh, hd, generator=torch.Generator().manual_seed(3))
-    ref = attention.masked_decode_attention(q, k, v, pos, 192, hd**-0.5)
-    out = attention.decode_attention(q, k, v, pos, 192, hd**-0.5, varlen=True)
+    ref = attention.masked_decode_attention(q, k, v, attention.visible_columns(pos, 192), hd**-0.5)
+    out = attention.varlen_decode_attention(q, k, v, attention.row_lengths(pos, max_len), hd**-0.5)
     active = pos < max_len
     torch.testing.assert_close(out[active], ref[active], atol=1e-5, rtol=1e-5)
     # the idle row attends over column 0 only: its output is that column's value row
@@ -68,22 +64,3 @@ def test_head_dim_must_suit_the_kernel() -> None:
         attention.varlen_decode_attention(torch.randn(2, 2, 24), k, v, torch.ones(2, dtype=torch.int32), 1.0)
     with pytest.raises(ValueError, match="decode_attention"):
         SlotEngineConfig(decode_attention="flash")
-
-
-def test_engine_greedy_with_the_kernel_matches_generate(
-    interpreted: None, request: pytest.FixtureRequest
-) -> None:
-    tiny: Qwen2ForCausalLM = request.getfixturevalue("model")
-    eng = _engine(tiny, request.getfixturevalue("tok"), eos_token_ids=[], decode_attention="varlen")
-    assert eng.varlen and eng.ctx_buckets == [eng.config.max_len + 1]
-    prompts = [_prompt(n, seed=n) for n in (3, 26, 50, 7)]
-    with torch.no_grad():
-        results = eng.run([GenerateRequest(input_ids=p, max_new_tokens=20, sampling=GREEDY) for p in prompts])
-    for p, r in zip(prompts, results, strict=True):
-        assert r.output_ids == _hf_greedy(tiny, p, 20)
-    # the attention read each busy row's own context (and one column per idle row), no padded window
-    stats = eng.stats
-    assert (
-        stats.window_slot_steps
-        == stats.context_slot_steps + stats.padded_slot_steps - stats.active_slot_steps
-    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 
 import pytest
@@ -386,6 +387,25 @@ def test_linear_context_buckets(model: Qwen2ForCausalLM, tok: TableTokenizer) ->
         assert r.output_ids == _hf_greedy(model, p, 40)
     with pytest.raises(ValueError, match="ctx_bucket_step"):
         SlotEngineConfig(ctx_bucket_step=-1)
+
+
+def test_greedy_with_the_varlen_kernel_matches_generate(model: Qwen2ForCausalLM, tok: TableTokenizer) -> None:
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":  # tests/conftest.py sets it: the kernel on CPU tensors
+        pytest.skip("the Triton kernel needs TRITON_INTERPRET=1 on CPU")
+    eng = _engine(model, tok, eos_token_ids=[], decode_attention="varlen")
+    assert eng.varlen and eng.ctx_buckets == [eng.config.max_len + 1]
+    prompts = [_prompt(n, seed=n) for n in (3, 26, 50, 7)]
+    with torch.no_grad():
+        results = eng.run([GenerateRequest(input_ids=p, max_new_tokens=20, sampling=GREEDY) for p in prompts])
+    for p, r in zip(prompts, results, strict=True):
+        assert r.output_ids == _hf_greedy(model, p, 20)
+    # the attention read each busy row's own context (and one column per idle row), no padded window
+    stats = eng.stats
+    assert (
+        stats.window_slot_steps
+        == stats.context_slot_steps + stats.padded_slot_steps - stats.active_slot_steps
+    )
 
 
 def test_slot_pool_finds_continuations_of_short_and_long_caches() -> None:
