@@ -9,7 +9,22 @@ from typing import Any
 import pytest
 
 from shared.protocol import Fork, Join, Role, parse
-from trainer.synth.records import TraceRecord
+from trainer.synth.records import Episode, TraceRecord
+
+
+def corrupt_episode(ep: Episode, nth: int, wrong_answer: str) -> None:
+    """Break the ``nth`` (1-based) synthesized episode the way the synthesis checks must catch: 1 a fork
+    id used twice, 2 ``wrong_answer`` in place of the answer, 3 injected text that is not the worker's
+    return. Later episodes stay as they are."""
+    org = ep.organizer
+    if nth == 1:
+        org.completion = org.completion.replace("<FORK-1>", "<FORK-1>x</FORK-1><FORK-1>", 1)
+    elif nth == 2:
+        head, _, _ = org.completion.partition("<ANSWER>")
+        org.completion = head + f"<ANSWER>{wrong_answer}</ANSWER>"
+    elif nth == 3:
+        a, _ = org.injected[0]
+        org.completion = org.completion[:a] + "Z" + org.completion[a + 1 :]
 
 
 def peak_active_workers(records: Iterable[TraceRecord], capacity: int) -> int:

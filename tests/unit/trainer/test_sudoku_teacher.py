@@ -11,7 +11,7 @@ from shared.cli import main
 from shared.protocol import Answer, Fork, Join, Return, Role, join_result, parse
 from shared.tasks.base import Mode, Problem
 from shared.tasks.sudoku import SudokuTask, parse_grid, solve
-from tests.helpers import peak_active_workers
+from tests.helpers import corrupt_episode, peak_active_workers
 from trainer.synth.dataset import synthesize
 from trainer.synth.records import TraceRecord, read_jsonl
 from trainer.synth.structure import TOPOLOGIES
@@ -129,17 +129,7 @@ def test_corrupt_traces_are_dropped_and_counted(problems: list[Problem]) -> None
         if ep is None:
             return None
         calls["n"] += 1
-        if calls["n"] == 1:  # a fork id used twice
-            ep.organizer.completion = ep.organizer.completion.replace(
-                "<FORK-1>", "<FORK-1>x</FORK-1><FORK-1>", 1
-            )
-        elif calls["n"] == 2:  # a wrong answer: a given changed
-            head, _, _ = ep.organizer.completion.partition("<ANSWER>")
-            ep.organizer.completion = head + "<ANSWER>1111 2222 3333 4444</ANSWER>"
-        elif calls["n"] == 3:  # injected text that is not the worker's return
-            a, _ = ep.organizer.injected[0]
-            text = ep.organizer.completion
-            ep.organizer.completion = text[:a] + "Z" + text[a + 1 :]
+        corrupt_episode(ep, calls["n"], wrong_answer="1111 2222 3333 4444")  # the answer: a given changed
         return ep
 
     teacher.write_episode = corrupt  # type: ignore[method-assign]

@@ -12,7 +12,7 @@ import pytest
 from shared.protocol import Answer, Fork, Join, Return, Role, join_result, parse
 from shared.tasks.base import Mode, Problem
 from shared.tasks.countdown import CountdownTask
-from tests.helpers import peak_active_workers
+from tests.helpers import corrupt_episode, peak_active_workers
 from trainer.synth.dataset import length_stats, organizer_timeline, synthesize
 from trainer.synth.llm_teacher import LLMTeacher, LLMTeacherConfig
 from trainer.synth.records import read_jsonl, write_jsonl
@@ -157,17 +157,7 @@ def test_corrupt_traces_are_dropped_and_counted(problems: list[Problem]) -> None
     def corrupt(problem, units, skeleton, episode_id):  # type: ignore[no-untyped-def]
         ep = write(problem, units, skeleton, episode_id)
         calls["n"] += 1
-        if calls["n"] == 1:  # a fork id used twice
-            ep.organizer.completion = ep.organizer.completion.replace(
-                "<FORK-1>", "<FORK-1>x</FORK-1><FORK-1>", 1
-            )
-        elif calls["n"] == 2:  # a wrong answer
-            head, _, _ = ep.organizer.completion.partition("<ANSWER>")
-            ep.organizer.completion = head + "<ANSWER>1+1</ANSWER>"
-        elif calls["n"] == 3:  # injected text that is not the worker's return
-            a, b = ep.organizer.injected[0]
-            text = ep.organizer.completion
-            ep.organizer.completion = text[:a] + "Z" + text[a + 1 :]
+        corrupt_episode(ep, calls["n"], wrong_answer="1+1")
         return ep
 
     teacher.write_episode = corrupt  # type: ignore[method-assign]
