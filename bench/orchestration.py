@@ -142,11 +142,13 @@ class Harness:
             await asyncio.wait_for(self.task, 60)
 
     async def submit(self, kind: str, **fields: Any) -> str:
+        from shared.episode import EpisodeSettings
         from shared.messages import PROBLEMS_STREAM, SubmitProblem
 
         eid = f"{kind}--{uuid.uuid4().hex[:16]}"
         sub = SubmitProblem(
-            episode_id=eid, task="countdown", problem_id=f"bench-{kind}", payload=PAYLOAD, **fields
+            episode_id=eid, task="countdown", problem_id=f"bench-{kind}", payload=PAYLOAD,
+            settings=EpisodeSettings(**fields),
         )
         await self.bus.publish(PROBLEMS_STREAM, {"data": sub.model_dump_json()})
         return eid
@@ -205,6 +207,7 @@ async def run_inprocess(args: argparse.Namespace, tmp: Path) -> SetupResults:
         bus,
         db.session_factory(engine),
         BenchBackend(args.tokens_per_s),
+        endpoints={},
         consumer_name="bench-inprocess",
         max_concurrent_episodes=args.concurrency,
         read_block_ms=1000,

@@ -33,8 +33,8 @@ from shared.backends.base import ModelBackend
 from shared.bus.base import Bus
 from shared.config import Settings
 from shared.engine import Engine, EngineConfig, EventSink, WorkerEndpoint
-from shared.messages import EpisodeEvent, SegmentRecord, SubmitProblem, events_stream
-from shared.tasks import Mode, get_task
+from shared.messages import EpisodeEvent, EventKind, SegmentRecord, SubmitProblem, events_stream
+from shared.tasks import get_task
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class StoreSink:
         self._writes: set[asyncio.Task[None]] = set()
 
     async def emit(self, event: EpisodeEvent) -> None:
-        if event.kind != "segment" or event.episode_id != self.episode_id:
+        if event.kind is not EventKind.SEGMENT or event.episode_id != self.episode_id:
             return
         data = event.data.get("segment")
         if not isinstance(data, dict):
@@ -167,22 +167,13 @@ class FanoutSink:
                 await drain()
 
 
-def engine_config(submission: SubmitProblem, *, worker_timeout_s: float | None = None) -> EngineConfig:
-    """The engine configuration a submission asks for (mode, capacity, budgets, sampling)."""
-    extra: dict[str, Any] = {}
-    if worker_timeout_s is not None:
-        extra["worker_timeout_s"] = worker_timeout_s
-    return EngineConfig(
-        mode=Mode(submission.mode),
-        capacity=submission.capacity,
-        organizer_budget=submission.organizer_budget,
-        worker_budget=submission.worker_budget,
-        parallel_k=submission.parallel_k,
-        temperature=submission.temperature,
-        top_p=submission.top_p,
-        seed=submission.seed,
-        **extra,
-    )
+def engine_config(submission: SubmitProblem, *, worker_timeout_cap_s: float | None = None) -> EngineConfig:
+    """The engine configuration a submission asks for; ``worker_timeout_cap_s`` (the operator's limit)
+    caps the worker timeout it may ask for."""
+    settings = submission.settings
+    if worker_timeout_cap_s is not None and settings.worker_timeout_s > worker_timeout_cap_s:
+        settings = settings.model_copy(update={"worker_timeout_s": worker_timeout_cap_s})
+    return EngineConfig.of(settings)
 
 
 def build_engine(
@@ -191,7 +182,7 @@ def build_engine(
     endpoints: Mapping[str | None, WorkerEndpoint] | None,
     sink: EventSink,
     *,
-    worker_timeout_s: float | None = None,
+    worker_timeout_cap_s: float | None = None,
 ) -> Engine:
     """An engine for one submission: its task, its configuration, the given endpoints and sink.
 
@@ -199,7 +190,7 @@ def build_engine(
     missing ``None`` entry means the model runs workers in this process (``ModelWorker``).
     """
     task = get_task(submission.task)
-    config = engine_config(submission, worker_timeout_s=worker_timeout_s)
+    config = engine_config(submission, worker_timeout_cap_s=worker_timeout_cap_s)
     return Engine(backend, task, config, endpoints=endpoints, sink=sink)
 
 
@@ -217,6 +208,6 @@ async def events_until_finished(
         for entry in await bus.read(events_stream(episode_id), after=after, block_ms=block_ms):
             after = entry.id
             events.append(EpisodeEvent.model_validate_json(entry.fields["data"]))
-        if any(e.kind == "finished" for e in events):
+        if any(e.kind is EventKind.FINISHED for e in events):
             return events
     raise TimeoutError(f"episode {episode_id} did not finish in {timeout_s} s; events: {[e.kind for e in events]}")

@@ -2,17 +2,54 @@
 
 Only data lives here (SGLang's ``io_struct.py`` habit). Every struct is a pydantic model so it
 serialises to JSON for Redis streams, Celery and the REST API; ``SCHEMA_VERSION`` changes whenever a
-field changes meaning.
+field changes meaning (2: a submission carries its :class:`~shared.episode.EpisodeSettings` in
+``settings``; a worker task carries its ``max_depth`` and ``worker_timeout_s``). The two enums name the
+values that ``EpisodeEvent.kind`` and an episode's status take; they serialise as their plain strings.
 """
 
 from __future__ import annotations
 
 import time
+from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, Field
 
-SCHEMA_VERSION = 1
+from shared.episode import EpisodeSettings
+
+SCHEMA_VERSION = 2
+
+
+class EpisodeStatus(StrEnum):
+    """Where an episode is: stored ``pending``, ``running`` on an organizer, then one of the final three."""
+
+    PENDING = "pending"  # stored by the gateway, not yet picked up
+    RUNNING = "running"  # an organizer runs it
+    COMPLETED = "completed"  # answered without a format error (the answer may still be wrong)
+    FORMAT_ERROR = "format_error"  # broke the protocol; its reward is R_FE
+    FAILED = "failed"  # could not run to the end (a backend error, a queueing failure)
+
+    @property
+    def finished(self) -> bool:
+        return self in FINISHED_STATUSES
+
+
+FINISHED_STATUSES = frozenset({EpisodeStatus.COMPLETED, EpisodeStatus.FORMAT_ERROR, EpisodeStatus.FAILED})
+
+
+class EventKind(StrEnum):
+    """The kinds of :class:`EpisodeEvent`, in the order an episode usually produces them."""
+
+    STARTED = "started"  # data: task, problem_id, mode, capacity
+    FORK = "fork"  # data: fork_id, query, endpoint
+    JOIN = "join"  # the agent waits for a worker; data: fork_id
+    WORKER_RESULT = "worker_result"  # the join's injected text; data: fork_id, returned
+    SEGMENT = "segment"  # a worker's finished sequence (no token ids); data: segment
+    RETURN = "return"  # a worker's takeaway; data: text
+    ANSWER = "answer"  # the organizer's answer; data: text
+    FORMAT_ERROR = "format_error"  # data: error (its kind), offset, message
+    FAILED = "failed"  # the episode could not run on; data: error
+    FINISHED = "finished"  # always last; data: status, answer, accuracy, reward, latency, eta
 
 
 class SegmentRecord(BaseModel):
@@ -57,6 +94,8 @@ class WorkerTask(BaseModel):
     seed: int | None = None
     capacity: int = 2  # pool size, for recursive workers
     allow_fork: bool = False  # recursive organization: the worker may fork its own workers
+    max_depth: int = 1  # recursive organization: agents at this depth may not fork
+    worker_timeout_s: float = 300.0  # the timeout of any worker this one forks
 
 
 class WorkerOutcome(BaseModel):
@@ -76,7 +115,7 @@ class EpisodeEvent(BaseModel):
     schema_version: int = SCHEMA_VERSION
     episode_id: str
     seq: int = 0  # order within the episode
-    kind: str  # started | fork | join | worker_result | answer | format_error | segment | finished | failed
+    kind: EventKind  # what happened (see EventKind for each kind's data)
     agent: str = "organizer"  # who it is about
     clock: int = 0  # organizer clock (decoded tokens) when it happened
     data: dict[str, Any] = Field(default_factory=dict)  # kind-specific fields
@@ -91,15 +130,12 @@ class SubmitProblem(BaseModel):
     task: str  # countdown | sudoku | math
     problem_id: str  # the task's problem id
     payload: dict[str, Any]  # the task's payload (validated by the gateway)
-    mode: str = "asyncthink"  # asyncthink | sequential | parallel
-    capacity: int | None = None  # None = the task's default
-    organizer_budget: int = 1024  # max organizer tokens
-    worker_budget: int = 512  # max tokens per worker
-    parallel_k: int = 4  # traces in parallel mode
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
+    settings: EpisodeSettings = Field(default_factory=EpisodeSettings)  # mode, capacity, budgets, sampling
     model: str | None = None  # which served model; None = the default
+
+    def stored_config(self) -> dict[str, Any]:
+        """The episode's ``config`` as the store keeps it: the settings' fields and the model asked for."""
+        return self.settings.model_dump(mode="json") | {"model": self.model}
 
 
 # Stream names shared by the gateway, the organizer and the workers.

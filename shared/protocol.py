@@ -158,11 +158,12 @@ class ProtocolParser:
         self._buf += text
         return list(self._drain())
 
-    def inject(self, text: str) -> None:
+    def inject(self, text: str) -> list[Event]:
         """Record text that the runtime appended (a Join's result and ``</JOIN-i>``): never parsed."""
         self._awaiting = None  # any overflow after <JOIN-i> in the same token is plain generated text
         self._pos += len(self._buf) + len(text)
         self._buf = ""
+        return []
 
     def close(self, *, budget_exhausted: bool = False) -> list[Event]:
         """End of stream: report what was left open, and a missing answer."""

@@ -96,6 +96,7 @@ def stage_sft(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------------------- grpo
 def stage_grpo(args: argparse.Namespace) -> None:
+    from shared.episode import EpisodeSettings
     from trainer.grpo import train_grpo
     from trainer.grpo.config import GRPOConfigArgs
 
@@ -110,12 +111,13 @@ def stage_grpo(args: argparse.Namespace) -> None:
         if minutes <= 0 or (work / name / "final").is_dir() or not (work / start / "config.json").is_file():
             log.info("%s: skipped", name)
             continue
+        episode = EpisodeSettings(mode=mode, organizer_budget=args.organizer_budget,
+                                  worker_budget=args.worker_budget, temperature=1.0)
         cfg = GRPOConfigArgs(
-            model=work / start, out=work / name, task="countdown", mode=mode,
+            model=work / start, out=work / name, task="countdown", episode=episode,
             problems_file=Path(args.problems) if args.problems else None,
             steps=100_000, problems_per_step=args.grpo_problems, group_size=args.grpo_group,
-            organizer_budget=args.organizer_budget, worker_budget=args.worker_budget,
-            lr=args.grpo_lr, kl_beta=args.grpo_kl, temperature=1.0, save_every=0, seed=args.seed, max_minutes=minutes,
+            lr=args.grpo_lr, kl_beta=args.grpo_kl, save_every=0, seed=args.seed, max_minutes=minutes,
             progress=False, rollout_slots=args.slots, rollout_attention=args.rollout_attention,
             lam=GRPOConfigArgs.lam if lam is None else lam,
         )

@@ -38,45 +38,53 @@ CONFIG_FILE = "asyncthink_sft_config.json"
 METRICS_FILE = "asyncthink_metrics.json"
 
 
+def _f(default: Any = None, help: str = "", *, factory: Any = None, **cli: Any) -> Any:
+    """A config field with its help text (the CLI's ``--help``) and command-line hints (:mod:`cli.options`)."""
+    meta = {"help": help, **cli}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class SFTConfigArgs:
-    data: list[str] = field(default_factory=list, metadata={"help": "JSONL files of synthesized records"})
-    out: str = field(default="", metadata={"help": "output directory (checkpoints and the final model)"})
-    model: str | None = field(default=None, metadata={"help": "a local HF model directory to fine-tune"})
-    preset: str | None = field(default=None, metadata={"help": "build a model from scratch: test | small"})
-    vocab_size: int = field(
-        default=4096, metadata={"help": "tokenizer vocabulary when building from a preset"}
+    """Settings of :func:`run_sft`. Field help doubles as ``asyncthink sft --help``."""
+
+    data: list[str] = _f(help="JSONL files written by `asyncthink synth`", factory=list, required=True)
+    out: str = _f("", "output directory: checkpoints, then the final model", required=True)
+    model: str | None = _f(None, "a local Hugging Face model directory to fine-tune (or give --preset)")
+    preset: str | None = _f(None, "build a model from scratch instead: test (~100 k) or small (~8 M parameters)")
+    vocab_size: int = _f(4096, "tokenizer vocabulary when building from a preset")
+    kinds: tuple[str, ...] = _f(KINDS, "record kinds to train on, comma-separated")
+    epochs: float = _f(1.0, "passes over the data (ignored when --max-steps > 0)")
+    max_steps: int = _f(-1, "optimizer steps; overrides --epochs when > 0")
+    lr: float = _f(1e-3, "peak learning rate (cosine schedule after a linear warmup)")
+    warmup_ratio: float = _f(0.03, "fraction of the steps spent warming up, in [0, 1)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    batch_size: int = _f(32, "sequences per optimizer step (per device)")
+    grad_accum: int = _f(1, "gradient accumulation steps")
+    max_length: int = _f(1024, "longest tokenized record kept, in tokens (longer ones are dropped, never cut)")
+    seed: int = _f(0, "seed of the data order, the initialisation and the tokenizer")
+    bf16: bool | None = _f(
+        None, "bf16 autocast (auto: on when CUDA is available)", choices={"auto": None, "on": True, "off": False}
     )
-    kinds: tuple[str, ...] = field(default=KINDS, metadata={"help": "record kinds to train on"})
-    epochs: float = field(default=1.0, metadata={"help": "passes over the data (ignored when max_steps > 0)"})
-    max_steps: int = field(default=-1, metadata={"help": "optimizer steps; -1 = use epochs"})
-    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (cosine schedule with warmup)"})
-    warmup_ratio: float = field(default=0.03, metadata={"help": "fraction of steps spent warming up"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    batch_size: int = field(default=32, metadata={"help": "sequences per device per step"})
-    grad_accum: int = field(default=1, metadata={"help": "gradient accumulation steps"})
-    max_length: int = field(
-        default=1024, metadata={"help": "longest tokenized record kept (longer: dropped)"}
+    append_eos: bool = _f(True, "end each sequence with EOS (in the loss)")
+    logging_steps: int = _f(10, "log every N steps")
+    save_steps: int = _f(500, "checkpoint every N steps")
+    save_total_limit: int = _f(2, "checkpoints kept on disk")
+    resume: bool = _f(True, "resume from the last checkpoint in --out, if there is one")
+    eval_records: int = _f(64, "records in the before/after loss sample")
+    progress: bool = _f(True, "show a progress bar")
+    engine: str = _f(
+        "auto",
+        "trl: TRL's SFTTrainer; torch: a plain loop with the same masks (for machines without TRL); "
+        "auto: trl when installed",
+        choices=("auto", "trl", "torch"),
     )
-    seed: int = field(default=0, metadata={"help": "data order, initialisation and tokenizer seed"})
-    bf16: bool | None = field(
-        default=None, metadata={"help": "bf16 autocast; None = on when CUDA is available"}
-    )
-    append_eos: bool = field(default=True, metadata={"help": "end each sequence with EOS (in the loss)"})
-    logging_steps: int = field(default=10, metadata={"help": "log every N steps"})
-    save_steps: int = field(default=500, metadata={"help": "checkpoint every N steps"})
-    save_total_limit: int = field(default=2, metadata={"help": "checkpoints kept on disk"})
-    resume: bool = field(default=True, metadata={"help": "resume from the last checkpoint in out, if any"})
-    eval_records: int = field(default=64, metadata={"help": "records in the before/after loss sample"})
-    progress: bool = field(default=True, metadata={"help": "show a progress bar"})
-    engine: str = field(
-        default="auto",
-        metadata={"help": "trl (SFTTrainer) | torch (a plain loop, same masks) | auto: trl when installed"},
-    )
-    max_minutes: float = field(
-        default=0.0,
-        metadata={"help": "torch engine: stop and save after this many minutes (0 = no limit); the learning "
-                          "rate then warms up and decays within those minutes"},
+    max_minutes: float = _f(
+        0.0,
+        "torch engine: stop and save after this many minutes (0 = no limit); the learning rate then "
+        "warms up and decays within those minutes",
     )
 
     def __post_init__(self) -> None:

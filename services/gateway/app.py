@@ -173,11 +173,13 @@ async def _start_organizer(
     stack: contextlib.AsyncExitStack, state: GatewayState, backend: ModelBackend
 ) -> None:
     from services.organizer.service import OrganizerService
+    from services.workers.tools import local_endpoints
 
     service = OrganizerService(
         state.bus,
         state.session_factory,
         backend,
+        endpoints=local_endpoints(),
         consumer_name="gateway-embedded",
         read_block_ms=500,
         shutdown_grace_s=5.0,

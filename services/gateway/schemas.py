@@ -2,8 +2,8 @@
 
 Two families live here:
 
-* the AsyncThink API: :class:`ProblemCreate` (what ``POST /v1/problems`` accepts, with bounds on every
-  number) and :class:`ProblemAccepted` (its 202 answer); episode bodies come from
+* the AsyncThink API: :class:`ProblemCreate` (what ``POST /v1/problems`` accepts: the episode settings of
+  :class:`~shared.episode.EpisodeSettings` as top-level fields, with their bounds) and :class:`ProblemAccepted` (its 202 answer); episode bodies come from
   :mod:`shared.store.schemas`;
 * the OpenAI-compatible API: chat completion requests, responses and stream chunks, the model list
   and the error body, shaped like OpenAI's so the official ``openai`` client parses them unmodified.
@@ -18,51 +18,18 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from shared.episode import MAX_BUDGET, EpisodeSettings
 from shared.store.schemas import EpisodePublic, EpisodeSummary, SegmentPublic
 from shared.tasks import TASK_NAMES
-from shared.tasks.base import Mode
-
-MAX_CAPACITY = 64  # agent pool size c; the paper uses 2 and 4
-MAX_BUDGET = 131_072  # tokens per agent
-MAX_PARALLEL_K = 64  # traces for parallel thinking
-MAX_SEED = 2**31 - 1
 
 
 # ----------------------------------------------------------------------------- AsyncThink API
-class EpisodeOptions(BaseModel):
-    """How an episode runs; shared by ``POST /v1/problems`` and the chat completions extra fields."""
-
-    mode: Mode = Field(
-        Mode.ASYNCTHINK,
-        description="asyncthink (organizer with Fork/Join), sequential (one trace) or parallel (k traces, vote).",
-    )
-    capacity: int | None = Field(
-        None,
-        ge=1,
-        le=MAX_CAPACITY,
-        description="Agent pool size c: the organizer plus at most c-1 active workers. Default: the task's "
-        "(2 for countdown and sudoku, 4 for math).",
-    )
-    organizer_budget: int = Field(
-        1024,
-        ge=1,
-        le=MAX_BUDGET,
-        description="Most tokens the organizer (or each parallel trace) may decode.",
-    )
-    worker_budget: int = Field(512, ge=1, le=MAX_BUDGET, description="Most tokens each worker may decode.")
-    parallel_k: int = Field(4, ge=1, le=MAX_PARALLEL_K, description="Number of traces in parallel mode.")
-    temperature: float = Field(0.0, ge=0.0, le=2.0, description="Sampling temperature; 0 is greedy.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass, in (0, 1].")
-    seed: int | None = Field(
-        None, ge=0, le=MAX_SEED, description="Sampling seed; each agent derives its own."
-    )
-
-
-class ProblemCreate(EpisodeOptions):
-    """A problem to run as one episode."""
+class ProblemCreate(EpisodeSettings):
+    """A problem to run as one episode, with the episode settings as top-level fields."""
 
     model_config = ConfigDict(
         extra="forbid",
+        frozen=False,
         json_schema_extra={
             "examples": [
                 {
@@ -174,14 +141,14 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(EpisodeOptions):
+class ChatCompletionRequest(EpisodeSettings):
     """OpenAI's chat completion request plus AsyncThink's episode options as extra body fields.
 
     The last user message is the problem. ``max_tokens`` / ``max_completion_tokens`` set the
     organizer budget unless ``organizer_budget`` is given.
     """
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", frozen=False)
 
     model: str = Field(description="A served model from GET /v1/models, e.g. asyncthink-countdown.")
     messages: list[ChatMessage] = Field(min_length=1)
@@ -198,12 +165,13 @@ class ChatCompletionRequest(EpisodeOptions):
     )
     user: str | None = None
 
-    def episode_options(self) -> EpisodeOptions:
-        data = EpisodeOptions.model_validate(self.model_dump(include=set(EpisodeOptions.model_fields)))
+    def episode_settings(self) -> EpisodeSettings:
+        """The episode settings it asks for; ``max_tokens`` sets the organizer budget unless given."""
+        settings = super().episode_settings()
         budget = self.max_completion_tokens or self.max_tokens
         if budget is not None and "organizer_budget" not in self.model_fields_set:
-            data.organizer_budget = budget
-        return data
+            settings = settings.model_copy(update={"organizer_budget": budget})
+        return settings
 
 
 class AssistantMessage(BaseModel):

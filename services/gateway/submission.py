@@ -30,11 +30,18 @@ from typing import Any, TypeVar
 from sqlalchemy.orm import Session
 
 from services.gateway.errors import SubmissionError
-from services.gateway.schemas import EpisodeOptions
 from services.gateway.state import GatewayState
-from shared.messages import PROBLEMS_STREAM, EpisodeEvent, SubmitProblem, events_stream
+from shared.episode import EpisodeSettings
+from shared.messages import (
+    PROBLEMS_STREAM,
+    EpisodeEvent,
+    EpisodeStatus,
+    EventKind,
+    SubmitProblem,
+    events_stream,
+)
 from shared.store import mask_url, repository
-from shared.store.models import FINISHED_STATUSES, Episode, utcnow
+from shared.store.models import Episode, utcnow
 from shared.tasks import get_task
 from shared.tasks.base import Problem
 
@@ -42,8 +49,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-TERMINAL_EVENTS = ("finished",)  # the engine always ends an episode's events with "finished"
-FAILURE_EVENTS = ("failed",)  # sent before "finished"; the organizer may send it alone if it cannot run one
 
 
 def problem_from_request(task_name: str, payload: dict[str, Any], problem_id: str | None = None) -> Problem:
@@ -72,8 +77,8 @@ def _mark_failed(session: Session, episode_id: str, error: str) -> None:
     # The repository has no "fail a pending episode" writer yet; this is the one write the gateway
     # makes beside create_episode, and it only touches a row that is still pending.
     episode = session.get(Episode, episode_id)
-    if episode is not None and episode.status == "pending":
-        episode.status = "failed"
+    if episode is not None and episode.status == EpisodeStatus.PENDING:
+        episode.status = EpisodeStatus.FAILED
         episode.error = error
         episode.finished_at = utcnow()
         session.commit()
@@ -83,22 +88,30 @@ async def submit_episode(
     state: GatewayState,
     *,
     problem: Problem,
-    options: EpisodeOptions,
+    settings: EpisodeSettings,
     model: str | None,
     api: str,
 ) -> str:
     """Store a pending episode, then queue it for an organizer; returns the episode id (see module doc)."""
     task = get_task(problem.task)
-    capacity = options.capacity or task.default_capacity
+    capacity = settings.resolved_capacity(task.default_capacity)
     episode_id = uuid.uuid4().hex
-    config = options.model_dump(mode="json") | {"model": model}
+    message = SubmitProblem(
+        episode_id=episode_id,
+        task=problem.task,
+        problem_id=problem.id,
+        payload=problem.payload,
+        settings=settings,
+        model=model,
+    )
+    config = message.stored_config()
 
     def create(session: Session) -> None:
         repository.create_episode(
             session,
             episode_id=episode_id,
             problem=problem,
-            mode=options.mode,
+            mode=settings.mode,
             capacity=capacity,
             model_id=model or state.model_id,
             config=config,
@@ -115,21 +128,6 @@ async def submit_episode(
             f"the database at {where} did not accept the episode ({type(err).__name__}: {err}); nothing was queued",
         ) from err
 
-    message = SubmitProblem(
-        episode_id=episode_id,
-        task=problem.task,
-        problem_id=problem.id,
-        payload=problem.payload,
-        mode=options.mode.value,
-        capacity=options.capacity,
-        organizer_budget=options.organizer_budget,
-        worker_budget=options.worker_budget,
-        parallel_k=options.parallel_k,
-        temperature=options.temperature,
-        top_p=options.top_p,
-        seed=options.seed,
-        model=model,
-    )
     try:
         await asyncio.wait_for(
             state.bus.publish(PROBLEMS_STREAM, {"data": message.model_dump_json()}), state.publish_timeout_s
@@ -146,7 +144,7 @@ async def submit_episode(
         raise SubmissionError(
             503, f"{error}; episode {episode_id} is marked failed, submit again", episode_id=episode_id
         ) from err
-    state.metrics.episodes_submitted.labels(problem.task, options.mode.value, api).inc()
+    state.metrics.episodes_submitted.labels(problem.task, settings.mode.value, api).inc()
     return episode_id
 
 
@@ -162,7 +160,7 @@ def finished_event_from_row(episode: Episode) -> EpisodeEvent:
     return EpisodeEvent(
         episode_id=episode.id,
         seq=0,
-        kind="finished",
+        kind=EventKind.FINISHED,
         clock=episode.latency or 0,
         data={
             "status": episode.status,
@@ -202,7 +200,7 @@ async def follow_events(
             if failed:
                 return
             row = await stored_status(state, episode_id)
-            if row is not None and row.status in FINISHED_STATUSES:
+            if row is not None and EpisodeStatus(row.status).finished:
                 # One more non-blocking read: the finished event may have landed after the status.
                 entries = await state.bus.read(stream, after=after, count=100, block_ms=0)
                 if not entries:
@@ -219,9 +217,9 @@ async def follow_events(
                 log.warning("skipping malformed event %s on %s", entry.id, stream)
                 continue
             yield StreamItem(entry.id, event)
-            if event.kind in TERMINAL_EVENTS:
+            if event.kind is EventKind.FINISHED:  # the engine always ends an episode's events with it
                 return
-            if event.kind in FAILURE_EVENTS:
+            if event.kind is EventKind.FAILED:  # before "finished"; an organizer may send it alone
                 failed = True
 
 
@@ -236,7 +234,7 @@ async def wait_finished(state: GatewayState, episode_id: str, *, settle_s: float
     deadline = loop.time() + settle_s
     while True:
         row = await stored_status(state, episode_id)
-        if row is None or row.status in FINISHED_STATUSES or loop.time() >= deadline:
+        if row is None or EpisodeStatus(row.status).finished or loop.time() >= deadline:
             return row
         await asyncio.sleep(delay)
         delay = min(delay * 2, 0.25)

@@ -20,7 +20,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--consumer", default=None, help="consumer name in the group (default: organizer-<host>-<pid>)")
     p.add_argument("--max-episodes", type=int, default=64, help="episodes run at once (default 64)")
     p.add_argument("--claim-idle-ms", type=int, default=30_000, help="claim submissions idle this long (default 30000)")
-    p.add_argument("--worker-timeout-s", type=float, default=None, help="give up on a worker after this long")
+    p.add_argument("--worker-timeout-s", type=float, default=None,
+                   help="cap on every episode's worker timeout, in seconds (default: what each episode asks)")
     p.add_argument("--local-workers", action="store_true", help="run workers in this process instead of Celery")
     p.add_argument("--migrate", action="store_true", help="upgrade the database schema before starting")
     p.add_argument("--log-level", default="INFO")
@@ -42,14 +43,17 @@ async def amain(args: argparse.Namespace) -> None:
     await bus.ping()
     engine = db.make_engine(settings.database_url)
     backend = open_service_backend(settings)
-    endpoints = None
+    from services.workers.tools import local_endpoints
+    from shared.agents import WorkerEndpoint
+
+    endpoints: dict[str | None, WorkerEndpoint] = local_endpoints()
     celery_endpoint = None
     if not args.local_workers:
         from services.workers.app import app
         from services.workers.endpoint import CeleryWorkerEndpoint
 
         celery_endpoint = CeleryWorkerEndpoint(bus, app)
-        endpoints = celery_endpoint.endpoints()
+        endpoints = dict(celery_endpoint.endpoints())
     service = OrganizerService(
         bus,
         db.session_factory(engine),
@@ -58,7 +62,7 @@ async def amain(args: argparse.Namespace) -> None:
         consumer_name=args.consumer,
         max_concurrent_episodes=args.max_episodes,
         claim_idle_ms=args.claim_idle_ms,
-        worker_timeout_s=args.worker_timeout_s,
+        worker_timeout_cap_s=args.worker_timeout_s,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -46,11 +46,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from services.runtime import BusSink, FanoutSink, StoreSink, build_engine, engine_config
-from services.workers.tools import PythonToolWorker
 from shared.backends.base import ModelBackend
 from shared.bus.base import Bus, Entry
 from shared.engine import EpisodeResult, EventSink, WorkerEndpoint
-from shared.messages import ORGANIZER_GROUP, PROBLEMS_STREAM, EpisodeEvent, SubmitProblem
+from shared.messages import ORGANIZER_GROUP, PROBLEMS_STREAM, EpisodeEvent, EventKind, SubmitProblem
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +66,7 @@ class _HoldFinished:
         self.finished: EpisodeEvent | None = None
 
     async def emit(self, event: EpisodeEvent) -> None:
-        if event.kind == "finished":
+        if event.kind is EventKind.FINISHED:
             self.finished = event
             return
         await self.sink.emit(event)
@@ -86,11 +85,11 @@ class OrganizerService:
         session_factory: Callable[[], Any],
         backend: ModelBackend,
         *,
-        endpoints: Mapping[str | None, WorkerEndpoint] | None = None,
+        endpoints: Mapping[str | None, WorkerEndpoint],
         consumer_name: str | None = None,
         max_concurrent_episodes: int = 64,
         claim_idle_ms: int = 30_000,
-        worker_timeout_s: float | None = None,
+        worker_timeout_cap_s: float | None = None,
         read_block_ms: int = 1000,
         shutdown_grace_s: float = 30.0,
     ) -> None:
@@ -99,14 +98,12 @@ class OrganizerService:
         self.bus = bus
         self.session_factory = session_factory
         self.backend = backend
-        # Default: workers run in this process (the model via ModelWorker, the python tool locally).
-        self.endpoints: dict[str | None, WorkerEndpoint] = (
-            {"python": PythonToolWorker()} if endpoints is None else dict(endpoints)
-        )
+        # ``<FORK-i@name>`` -> its endpoint; without a None entry the model's workers run in this process.
+        self.endpoints: dict[str | None, WorkerEndpoint] = dict(endpoints)
         self.consumer_name = consumer_name or default_consumer_name()
         self.max_concurrent_episodes = max_concurrent_episodes
         self.claim_idle_ms = claim_idle_ms
-        self.worker_timeout_s = worker_timeout_s
+        self.worker_timeout_cap_s = worker_timeout_cap_s
         self.read_block_ms = read_block_ms
         self.shutdown_grace_s = shutdown_grace_s
         self._running: dict[str, asyncio.Task[None]] = {}  # entry id -> its task
@@ -246,10 +243,15 @@ class OrganizerService:
             StoreSink(self.session_factory, eid, background=True), BusSink(self.bus, background=True)
         )
         hold = _HoldFinished(sinks)
-        engine = build_engine(submission, self.backend, self.endpoints, hold, worker_timeout_s=self.worker_timeout_s)
-        log.info("episode %s started: task %s, mode %s, capacity %d", eid, submission.task, submission.mode, engine.capacity)
+        engine = build_engine(
+            submission, self.backend, self.endpoints, hold, worker_timeout_cap_s=self.worker_timeout_cap_s
+        )
+        log.info(
+            "episode %s started: task %s, mode %s, capacity %d",
+            eid, submission.task, submission.settings.mode.value, engine.capacity,
+        )
         result = await engine.run(problem, episode_id=eid)
-        config = submission.model_dump(mode="json")
+        config = submission.stored_config()
         await sinks.drain()  # live segment writes land before the complete ones
         await asyncio.to_thread(self._save, result, config)
         self.episodes_done += 1
@@ -272,19 +274,17 @@ class OrganizerService:
             if episode is not None and repository.is_finished(episode):
                 return False
             if episode is None:
-                capacity = engine_config(submission).capacity
-                if capacity is None:
-                    from shared.tasks import get_task
+                from shared.tasks import get_task
 
-                    capacity = get_task(submission.task).default_capacity
+                capacity = submission.settings.resolved_capacity(get_task(submission.task).default_capacity)
                 repository.create_episode(
                     session,
                     episode_id=submission.episode_id,
                     problem=problem,
-                    mode=submission.mode,
+                    mode=submission.settings.mode,
                     capacity=capacity,
                     model_id=self.backend.model_id,
-                    config=submission.model_dump(mode="json"),
+                    config=submission.stored_config(),
                 )
             repository.mark_running(
                 session, episode_id=submission.episode_id, model_version=self.backend.weight_version

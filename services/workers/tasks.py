@@ -4,7 +4,7 @@
 a handle to another task; it never waits on another task's result) and, by ``task.endpoint``:
 
 * ``None``: the model thinks about the sub-query alone — the engine's own worker loop
-  (``AgentRunner(backend, task).endpoints[None]``, i.e. :class:`~shared.engine.ModelWorker`) on a
+  (``AgentRunner(backend, task).endpoints[None]``, i.e. :class:`~shared.agents.ModelWorker`) on a
   backend opened once per worker process;
 * ``"python"``: the arithmetic tool of :mod:`.tools` (the ``tool`` queue);
 
@@ -41,9 +41,9 @@ from typing import Any, TypeVar
 from services.runtime import BusSink, open_service_backend
 from services.workers.app import app
 from services.workers.tools import TOOL_NAMES, run_tool
+from shared.agents import AgentRunner, failed_outcome
 from shared.backends.base import ModelBackend
 from shared.config import Settings, get_settings
-from shared.engine import AgentRunner, worker_segment
 from shared.messages import WorkerOutcome, WorkerTask, results_stream
 
 log = logging.getLogger(__name__)
@@ -113,11 +113,6 @@ def runtime() -> WorkerRuntime:
         return _runtime
 
 
-def error_outcome(task: WorkerTask, error: str) -> WorkerOutcome:
-    segment = worker_segment(task, error=error)
-    return WorkerOutcome(returned=f"[worker {task.fork_id} failed: {error}]", segments=[segment], error=error)
-
-
 async def compute(rt: WorkerRuntime, task: WorkerTask, sink: BusSink | None = None) -> WorkerOutcome:
     """Run the sub-query (no idempotency here): the model, a tool, or an unknown-endpoint error.
 
@@ -131,7 +126,7 @@ async def compute(rt: WorkerRuntime, task: WorkerTask, sink: BusSink | None = No
         return await runner.endpoints[None].run(task)
     if task.endpoint in TOOL_NAMES:
         return run_tool(task)
-    return error_outcome(task, f"unknown endpoint {task.endpoint!r}")
+    return failed_outcome(task, f"unknown endpoint {task.endpoint!r}")
 
 
 async def finish(rt: WorkerRuntime, task: WorkerTask, outcome: WorkerOutcome | None) -> str:
@@ -165,10 +160,10 @@ async def run_once(rt: WorkerRuntime, task: WorkerTask, *, final_attempt: bool) 
         if not final_attempt:
             raise
         log.error("episode %s worker %s: backend unreachable after retries: %s", task.episode_id, task.agent, exc)
-        outcome = error_outcome(task, f"backend unreachable: {exc}")
+        outcome = failed_outcome(task, f"backend unreachable: {exc}")
     except Exception as exc:
         log.exception("episode %s worker %s failed", task.episode_id, task.agent)
-        outcome = error_outcome(task, f"{type(exc).__name__}: {exc}")
+        outcome = failed_outcome(task, f"{type(exc).__name__}: {exc}")
     await finish(rt, task, outcome)
     await sink.drain()
 

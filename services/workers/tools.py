@@ -18,7 +18,7 @@ import re
 import time
 from fractions import Fraction
 
-from shared.engine import worker_segment
+from shared.agents import WorkerEndpoint, worker_segment
 from shared.messages import WorkerOutcome, WorkerTask
 from shared.tasks.expr import ExprError, evaluate, parse
 
@@ -74,3 +74,9 @@ class PythonToolWorker:
 
     async def run(self, task: WorkerTask) -> WorkerOutcome:
         return run_tool(task)
+
+
+def local_endpoints() -> dict[str | None, WorkerEndpoint]:
+    """The worker endpoints that run inside the organizer's process: the tools. (The model's own workers
+    need no entry: the engine runs them in process unless an endpoint for ``None`` is given.)"""
+    return {name: PythonToolWorker() for name in TOOL_NAMES}

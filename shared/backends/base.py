@@ -8,6 +8,12 @@ output, EOS, or ``max_new_tokens``. The returned ids keep the stop text's tokens
 
 Implementations: ``transformers_backend`` (in-process, CPU or GPU), ``sglang`` (native HTTP),
 ``openai_compat`` (vLLM and hosted models), and the trainer's batched slot engine.
+
+Weights. Every backend declares in ``weight_sources`` how it can take new weights (:class:`WeightSource`:
+a torch module in the same process, or a checkpoint directory on disk; empty: not at all) and takes them
+with ``update_weights(WeightUpdate)``, after which ``weight_version`` (and every result it produces) is
+the update's ``version``. A backend asked for a source it does not declare raises
+:class:`WeightUpdateUnsupported`. Backends with fixed weights inherit :class:`FixedWeights`.
 """
 
 from __future__ import annotations
@@ -60,14 +66,47 @@ class GenerateResult:
     weight_version: str | None = None  # the weights that produced the output, where the backend knows
 
 
+class WeightSource(StrEnum):
+    MODULE = "module"  # a torch module in this process (the trainer's model): its tensors are copied
+    PATH = "path"  # a checkpoint directory (safetensors and config) the backend loads itself
+
+
+@dataclass(frozen=True)
+class WeightUpdate:
+    """New weights for a backend, and the version label everything generated with them carries."""
+
+    version: str
+    module: Any = None  # a torch.nn.Module with the backend's architecture (WeightSource.MODULE)
+    path: str | None = None  # a checkpoint directory (WeightSource.PATH)
+
+    def __post_init__(self) -> None:
+        if not self.version:
+            raise ValueError("a weight update needs a non-empty version label")
+        if (self.module is None) == (self.path is None):
+            raise ValueError("a weight update carries exactly one of module= or path=")
+
+    @property
+    def source(self) -> WeightSource:
+        return WeightSource.MODULE if self.module is not None else WeightSource.PATH
+
+
+class WeightUpdateUnsupported(RuntimeError):
+    """The backend cannot take weights from this source (see its ``weight_sources``)."""
+
+
 @runtime_checkable
 class ModelBackend(Protocol):
     """What the engine needs from a model."""
 
     model_id: str  # a name (a directory's basename, a served model name)
+    weight_sources: frozenset[WeightSource]  # how update_weights may be fed; empty: fixed weights
 
     @property
     def weight_version(self) -> str: ...
+
+    async def update_weights(self, update: WeightUpdate) -> None:
+        """Take new weights (only from a declared source); ``weight_version`` becomes ``update.version``."""
+        ...
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -76,6 +115,25 @@ class ModelBackend(Protocol):
     async def generate(self, request: GenerateRequest) -> GenerateResult: ...
 
     async def aclose(self) -> None: ...
+
+
+def check_source(backend: ModelBackend, update: WeightUpdate) -> None:
+    """Raise :class:`WeightUpdateUnsupported` unless ``backend`` declares the update's source."""
+    if update.source not in backend.weight_sources:
+        declared = ", ".join(sorted(s.value for s in backend.weight_sources)) or "none"
+        raise WeightUpdateUnsupported(
+            f"{type(backend).__name__} ({backend.model_id}) cannot take weights from a {update.source.value}; "
+            f"it accepts: {declared}"
+        )
+
+
+class FixedWeights:
+    """For backends whose weights this process cannot change (a hosted model, a scripted stand-in)."""
+
+    weight_sources: frozenset[WeightSource] = frozenset()
+
+    async def update_weights(self, update: WeightUpdate) -> None:
+        check_source(self, update)  # type: ignore[arg-type]
 
 
 class TokenizerCodec:

@@ -41,6 +41,7 @@ import httpx
 
 from shared.backends.base import (
     FinishReason,
+    FixedWeights,
     GenerateRequest,
     GenerateResult,
     TokenizerCodec,
@@ -91,7 +92,7 @@ def literal_stops(stop_regex: str, max_fork_id: int) -> list[str]:
     return stops
 
 
-class OpenAICompatBackend(TokenizerCodec):
+class OpenAICompatBackend(FixedWeights, TokenizerCodec):
     """:class:`shared.backends.base.ModelBackend` over ``POST {base_url}/completions``."""
 
     def __init__(

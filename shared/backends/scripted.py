@@ -19,12 +19,12 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from shared.backends.base import FinishReason, GenerateRequest, GenerateResult
+from shared.backends.base import FinishReason, FixedWeights, GenerateRequest, GenerateResult
 
 Script = Mapping[str, str] | Callable[[str, str], str]
 
 
-class CodePoints:
+class CodePoints(FixedWeights):
     """Token ids are Unicode code points, so ``encode``/``decode`` are exact; the weights are "scripted"."""
 
     @property

@@ -57,6 +57,9 @@ from shared.backends.base import (
     GenerateRequest,
     GenerateResult,
     TokenizerCodec,
+    WeightSource,
+    WeightUpdate,
+    check_source,
     error_message,
     find_stop,
     stop_pattern,
@@ -109,6 +112,8 @@ def rendezvous_order(urls: list[str], key: str) -> list[str]:
 
 class SGLangBackend(TokenizerCodec):
     """:class:`shared.backends.base.ModelBackend` over SGLang replicas (native HTTP API, 0.5.23)."""
+
+    weight_sources = frozenset({WeightSource.PATH})  # the servers load a checkpoint directory
 
     def __init__(
         self,
@@ -294,7 +299,13 @@ class SGLangBackend(TokenizerCodec):
             return False
         return True
 
-    async def update_weights(
+    async def update_weights(self, update: WeightUpdate) -> None:
+        """Load ``update.path`` on every replica (:meth:`hot_swap` with the default pause mode)."""
+        check_source(self, update)
+        assert update.path is not None
+        await self.hot_swap(update.path, weight_version=update.version)
+
+    async def hot_swap(
         self,
         model_path: str,
         *,

@@ -12,6 +12,10 @@ length). ``output_ids`` keep the stop text's tokens and an EOS token; ``text`` i
 which leaves special tokens (EOS) out. Sampling: temperature 0 is greedy; otherwise temperature, top-k
 and top-p, with a per-request ``torch.Generator`` seeded from ``sampling.seed`` when given.
 
+New weights (``update_weights``: a torch module's tensors, or a checkpoint directory) are copied into
+the model by the scheduler thread between two forward passes, so a step never sees half-copied weights;
+requests in flight go on with the new weights, and results report the version that finished them.
+
 Limits: no prefix cache (every request prefills its whole prefix; ``cached_tokens`` is always 0); the KV
 cache is transformers' ``DynamicCache`` whose tensors this module pads, merges and slices directly, so it
 grows by concatenation (fine for the embedded default and tests; the trainer's slot engine is the fast
@@ -34,7 +38,16 @@ from typing import Any
 
 import torch
 
-from shared.backends.base import FinishReason, GenerateRequest, GenerateResult, find_stop, stop_pattern
+from shared.backends.base import (
+    FinishReason,
+    GenerateRequest,
+    GenerateResult,
+    WeightSource,
+    WeightUpdate,
+    check_source,
+    find_stop,
+    stop_pattern,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +67,43 @@ def _weights_hash(model_dir: Path) -> str:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(chunk)
     return digest.hexdigest()[:12]
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The weights of a checkpoint directory (safetensors files, or a transformers ``*.bin``)."""
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        from safetensors.torch import load_file
+
+        state: dict[str, torch.Tensor] = {}
+        for f in files:
+            state.update(load_file(str(f)))
+        return state
+    bins = sorted(path.glob("*.bin"))
+    if not bins:
+        raise FileNotFoundError(f"{path} has no weight files (*.safetensors or *.bin)")
+    state = {}
+    for f in bins:
+        state.update(torch.load(str(f), map_location="cpu", weights_only=True))
+    return state
+
+
+def _check_keys(model: Any, state: dict[str, Any]) -> None:
+    """ValueError unless ``state`` has every tensor of ``model`` (a tied copy may be left out) and no other."""
+    expected = set(model.state_dict())
+    params = dict(model.named_parameters(remove_duplicate=False))
+    by_storage: dict[int, set[str]] = {}
+    for name, tensor in params.items():
+        by_storage.setdefault(tensor.data_ptr(), set()).add(name)
+    missing = {
+        name for name in expected - set(state)
+        if not (name in params and by_storage[params[name].data_ptr()] & set(state))  # not a tied copy
+    }
+    unexpected = set(state) - expected
+    if missing or unexpected:
+        raise ValueError(
+            f"the new weights do not fit the model: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype | str:
@@ -80,6 +130,15 @@ class _Item:
 
 
 @dataclass
+class _Control:
+    """Work the scheduler thread runs between two forward passes (a weight copy), and its caller's future."""
+
+    apply: Any  # () -> None
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[None]
+
+
+@dataclass
 class _Seq:
     """A running sequence: one row of the batch."""
 
@@ -99,6 +158,8 @@ class TransformersBackend:
     whatever is still queued or running (``FinishReason.ABORT``). ``stats`` counts forward passes,
     generated tokens and the largest batch seen; ``eos_ids`` is the set of ids that end a request.
     """
+
+    weight_sources = frozenset({WeightSource.MODULE, WeightSource.PATH})
 
     def __init__(
         self,
@@ -154,7 +215,7 @@ class TransformersBackend:
             "tokens": 0,  # tokens generated
             "max_batch_seen": 0,  # most sequences in one forward pass
         }
-        self._queue: queue.Queue[_Item | None] = queue.Queue()
+        self._queue: queue.Queue[_Item | _Control | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._closed = False
@@ -193,6 +254,30 @@ class TransformersBackend:
         self._queue.put(item)
         return await item.future
 
+    async def update_weights(self, update: WeightUpdate) -> None:
+        """Copy new weights into the model between two forward passes; ``weight_version`` becomes
+        ``update.version`` (a checkpoint directory is read in a thread first)."""
+        check_source(self, update)
+        if self._closed:
+            raise RuntimeError("the backend is closed")
+        if update.module is not None:
+            state = update.module.state_dict()
+        else:
+            state = await asyncio.to_thread(_read_state_dict, Path(str(update.path)))
+
+        _check_keys(self.model, state)
+
+        def apply() -> None:
+            self.model.load_state_dict(state, strict=False)  # tied weights may be absent from a checkpoint
+            self._version = update.version
+
+        loop = asyncio.get_running_loop()
+        control = _Control(apply, loop, loop.create_future())
+        self._ensure_thread()
+        self._queue.put(control)
+        await control.future
+        log.info("backend %s now serves weights %s", self.model_id, update.version)
+
     async def aclose(self) -> None:
         self._closed = True
         thread = self._thread
@@ -227,6 +312,7 @@ class _Scheduler:
         self.b = backend
         self.model = backend.model
         self.waiting: list[_Item] = []
+        self.controls: list[_Control] = []
         self.running: list[_Seq] = []
         self.cache: Any = None  # a DynamicCache over the running rows
         self.mask: torch.Tensor | None = None  # (rows, cache_len) 1 = real token, 0 = padding
@@ -239,6 +325,7 @@ class _Scheduler:
     def loop(self) -> None:
         while True:
             self._collect(block=not self.running and not self.waiting)
+            self._run_controls()
             if self.stopping:
                 break
             self._drop_cancelled()
@@ -254,11 +341,33 @@ class _Scheduler:
             while True:
                 if got is None:
                     self.stopping = True
+                elif isinstance(got, _Control):
+                    self.controls.append(got)
                 else:
                     self.waiting.append(got)
                 got = self.b._queue.get_nowait()
         except queue.Empty:
             pass
+
+    def _run_controls(self) -> None:
+        controls, self.controls = self.controls, []
+        for control in controls:
+            error: BaseException | None = None
+            try:
+                control.apply()
+            except Exception as exc:  # a bad checkpoint fails its caller, not the batch
+                error = exc
+
+            def settle(c: _Control = control, e: BaseException | None = error) -> None:
+                if c.future.done():
+                    return
+                if e is None:
+                    c.future.set_result(None)
+                else:
+                    c.future.set_exception(e)
+
+            with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody is waiting
+                control.loop.call_soon_threadsafe(settle)
 
     def _drop_cancelled(self) -> None:
         self.waiting = [it for it in self.waiting if not it.cancelled]
@@ -467,10 +576,13 @@ class _Scheduler:
         try:
             while True:
                 got = self.b._queue.get_nowait()
-                if got is not None:
+                if isinstance(got, _Control):
+                    self.controls.append(got)
+                elif got is not None:
                     items.append(got)
         except queue.Empty:
             pass
+        self._run_controls()
         self.running, self.waiting = [], []
         self.cache = self.mask = self.last = None
         for item in items:

@@ -38,6 +38,8 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
+from shared.messages import EpisodeStatus
+
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -46,8 +48,7 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
-EPISODE_STATUSES = ("pending", "running", "completed", "format_error", "failed")
-FINISHED_STATUSES = ("completed", "format_error", "failed")
+EPISODE_STATUSES = tuple(s.value for s in EpisodeStatus)  # the CHECK constraint on episodes.status
 MODEL_VERSION_KINDS = ("init", "sft", "grpo")
 
 # JSON on SQLite, JSONB on PostgreSQL; Python None is stored as SQL NULL, not the JSON literal null.
@@ -121,7 +122,7 @@ class Episode(Base):
     capacity: Mapped[int] = mapped_column(Integer)  # agent pool size c
     model_id: Mapped[str] = mapped_column(String(255))
     model_version: Mapped[str | None] = mapped_column(String(255), nullable=True)
-    status: Mapped[str] = mapped_column(String(16), default="pending")
+    status: Mapped[str] = mapped_column(String(16), default=EpisodeStatus.PENDING.value)
 
     answer: Mapped[str | None] = mapped_column(Text, nullable=True)
     accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)  # R_A

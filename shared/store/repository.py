@@ -27,9 +27,8 @@ from sqlalchemy import Table, func, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from shared.messages import SegmentRecord
+from shared.messages import EpisodeStatus, SegmentRecord
 from shared.store.models import (
-    FINISHED_STATUSES,
     MODEL_VERSION_KINDS,
     Episode,
     ModelVersion,
@@ -181,7 +180,7 @@ def create_episode(
             capacity=capacity,
             model_id=model_id,
             model_version=model_version,
-            status="pending",
+            status=EpisodeStatus.PENDING.value,
             config=_json(config or {}),
             created_at=utcnow(),
         )
@@ -199,13 +198,13 @@ def mark_running(
     t = _table(Episode)
     with _writing(session, commit):
         values: dict[str, Any] = {
-            "status": "running",
+            "status": EpisodeStatus.RUNNING.value,
             "started_at": func.coalesce(t.c.started_at, literal(utcnow(), UTCDateTime())),
         }
         if model_version is not None:
             values["model_version"] = model_version
         session.execute(
-            update(t).where(t.c.id == episode_id, t.c.status.in_(("pending", "running"))).values(**values)
+            update(t).where(t.c.id == episode_id, t.c.status.in_((EpisodeStatus.PENDING.value, EpisodeStatus.RUNNING.value))).values(**values)
         )
     return _fresh_episode(session, episode_id)
 
@@ -252,12 +251,12 @@ def save_episode(
         "capacity": result.capacity,
         "model_id": result.model_id,
         "model_version": result.model_version,
-        "status": result.status,
+        "status": EpisodeStatus(result.status).value,
         "answer": result.answer,
         "accuracy": float(rewards.accuracy),
         "reward_concurrency": float(rewards.concurrency),
         "reward_total": float(rewards.total),
-        "format_error": bool(rewards.format_error) or result.status == "format_error",
+        "format_error": bool(rewards.format_error) or result.status is EpisodeStatus.FORMAT_ERROR,
         "score": None
         if score is None
         else _json(
@@ -307,7 +306,7 @@ def list_episodes(
     *,
     task: str | None = None,
     mode: Mode | str | None = None,
-    status: str | None = None,
+    status: EpisodeStatus | str | None = None,
     model_version: str | None = None,
     limit: int = 50,
     offset: int = 0,
@@ -321,7 +320,7 @@ def list_episodes(
     if mode is not None:
         conditions.append(Episode.mode == str(Mode(mode)))
     if status is not None:
-        conditions.append(Episode.status == status)
+        conditions.append(Episode.status == EpisodeStatus(status).value)
     if model_version is not None:
         conditions.append(Episode.model_version == model_version)
     total = session.scalar(select(func.count()).select_from(Episode).where(*conditions)) or 0
@@ -360,7 +359,7 @@ def segment_record(row: Segment) -> SegmentRecord:
 
 
 def is_finished(episode: Episode) -> bool:
-    return episode.status in FINISHED_STATUSES
+    return EpisodeStatus(episode.status).finished
 
 
 # ----------------------------------------------------------------------------- model versions

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from shared.cli import main
+from cli import main
 
 pytestmark = pytest.mark.integration
 

@@ -175,8 +175,10 @@ async def setup(request: pytest.FixtureRequest) -> AsyncIterator[Setup]:
         from shared.bus.inprocess import InProcessBus
 
         url = request.getfixturevalue("sqlite_url")
+        from services.workers.tools import local_endpoints
+
         bus: Bus = InProcessBus()
-        endpoints = None
+        endpoints: dict[str | None, Any] = dict(local_endpoints())
         close: Callable[[], Any] | None = None
     else:
         from services.workers.endpoint import CeleryWorkerEndpoint
@@ -186,7 +188,7 @@ async def setup(request: pytest.FixtureRequest) -> AsyncIterator[Setup]:
         app = request.getfixturevalue("celery_worker")
         bus = RedisStreamsBus(REDIS_URL)
         celery_endpoint = CeleryWorkerEndpoint(bus, app)
-        endpoints = celery_endpoint.endpoints()
+        endpoints = dict(celery_endpoint.endpoints())
         close = celery_endpoint.close
     engine = db.make_engine(url)
     factory = db.session_factory(engine)
@@ -196,7 +198,7 @@ async def setup(request: pytest.FixtureRequest) -> AsyncIterator[Setup]:
         ScenarioBackend(),
         endpoints=endpoints,
         consumer_name=f"scenarios-{uuid.uuid4().hex[:6]}",
-        worker_timeout_s=WORKER_TIMEOUT_S,
+        worker_timeout_cap_s=WORKER_TIMEOUT_S,
         read_block_ms=200,
         shutdown_grace_s=5.0,
     )

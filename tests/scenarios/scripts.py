@@ -22,6 +22,7 @@ from typing import Any
 
 from shared.backends.base import GenerateRequest
 from shared.backends.scripted import ScriptedBackend, ScriptRouter
+from shared.episode import EpisodeSettings
 
 PAYLOAD: dict[str, Any] = {"numbers": [1, 2, 3, 4], "target": 10, "n_solutions": 2}
 WORKER_BUDGET = 64  # tokens per worker; also what a timed-out worker is charged on the clock
@@ -54,11 +55,13 @@ class Scenario:
             "task": "countdown",
             "problem_id": f"scenario-{self.name}",
             "payload": PAYLOAD,
-            "mode": self.mode,
-            "capacity": self.capacity,
-            "worker_budget": WORKER_BUDGET,
-            "parallel_k": self.parallel_k,
-            "temperature": 0.0,
+            "settings": EpisodeSettings(
+                mode=self.mode,
+                capacity=self.capacity,
+                worker_budget=WORKER_BUDGET,
+                parallel_k=self.parallel_k,
+                temperature=0.0,
+            ),
         }
 
 

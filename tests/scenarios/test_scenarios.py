@@ -136,10 +136,10 @@ async def test_scenario(setup: Setup, scenario: Scenario) -> None:
                 session,
                 episode_id=episode_id,
                 problem=task.problem_from_payload(submission.payload, submission.problem_id),
-                mode=submission.mode,
-                capacity=submission.capacity or task.default_capacity,
+                mode=submission.settings.mode,
+                capacity=submission.settings.resolved_capacity(task.default_capacity),
                 model_id="scripted-scenarios",
-                config=submission.model_dump(mode="json"),
+                config=submission.stored_config(),
             )
     await setup.submit(submission)
     events = await setup.events_until_finished(episode_id)

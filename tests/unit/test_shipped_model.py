@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.cli import main
+from cli import main
 from shared.config import DEFAULT_MODEL_DIR, Settings
 
 MODELS = Path(__file__).resolve().parents[2] / "models"

@@ -1,33 +1,39 @@
 """``GRPOConfigArgs``: every setting of a GRPO run, with help text and validation.
 
 Pure data (no torch import), so ``asyncthink --help`` stays instant: the CLI builds its options from the
-fields' ``help`` metadata (:func:`add_arguments`) and turns parsed arguments back into a config
-(:func:`from_namespace`). Validation in ``__post_init__`` names the fix, as TRL's ``GRPOConfig`` does.
+fields' ``help`` metadata (``cli/options.py``). The rollouts' episode settings are one
+:class:`~shared.episode.EpisodeSettings` (``episode``), declared where every other episode setting is;
+its fields are options of their own (``--mode``, ``--organizer-budget`` ...). Validation in
+``__post_init__`` names the fix, as TRL's ``GRPOConfig`` does.
 A run writes this config to ``grpo_config.json`` beside each checkpoint (``config.json`` there is the
 model's own Hugging Face config).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared.episode import EpisodeSettings
 from shared.rewards import RewardConfig
 
 _REWARDS = RewardConfig()  # the documented reward defaults (shared/rewards.py)
 MODES = ("asyncthink", "sequential")
 ROLLOUT_BACKENDS = ("auto", "slot", "transformers")
+ROLLOUT_ATTENTIONS = ("auto", "varlen", "masked")
 ADVANTAGE_SCALES = ("std", "none")
 LOSS_NORMS = ("tokens", "sequences")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
+
+
+def _rollout_episodes() -> EpisodeSettings:
+    return EpisodeSettings(temperature=1.0)  # GRPO needs varied samples in a group
 
 
 @dataclass
@@ -62,18 +68,15 @@ class GRPOConfigArgs:
         "gradient updates on each step's rollouts (μ); > 1 uses the clipped "
         "ratio against the rollout policy's log-probs",
     )
-    # --- episodes (the core Engine's settings) ------------------------------------------------------
-    mode: str = _f("asyncthink", "asyncthink (organizer may fork) or sequential (one trace, no forks)")
-    capacity: int | None = _f(None, "agent pool c (organizer + workers); default: the task's (2 countdown)")
-    organizer_budget: int = _f(1024, "max tokens the organizer decodes per episode")
-    worker_budget: int = _f(512, "max tokens each worker decodes")
-    worker_timeout_s: float = _f(300.0, "a worker slower than this (wall seconds) returns an error text")
-    temperature: float = _f(
-        1.0,
-        "sampling temperature of the rollouts (> 0); the loss uses the same "
-        "temperature on the training model's logits",
+    # --- episodes (shared/episode.py: the same settings as serving, sampled at temperature 1) ---------
+    episode: EpisodeSettings = field(
+        default_factory=_rollout_episodes,
+        metadata={
+            "help": "the rollouts' episode settings",
+            "exclude": ("seed", "parallel_k"),  # --seed seeds the whole run; parallel is not trained
+            "choices_of": {"mode": MODES},
+        },
     )
-    top_p: float = _f(1.0, "nucleus sampling of the rollouts (1 = off)")
     # --- rewards (DESIGN.md §4) ---------------------------------------------------------------------
     format_error_reward: float = _f(
         _REWARDS.format_error_reward, "R_FE: reward of an episode with any format error (< 0)"
@@ -84,7 +87,9 @@ class GRPOConfigArgs:
     )
     tau: float = _f(_REWARDS.tau, "τ: cap on η/c in R_η = min(η/c, τ)/τ, in (0, 1]")
     # --- the loss ----------------------------------------------------------------------------------
-    advantage_scale: str = _f("std", "std: (r - mean) / (std + eps) per group; none: r - mean")
+    advantage_scale: str = _f(
+        "std", "std: (r - mean) / (std + eps) per group; none: r - mean", choices=ADVANTAGE_SCALES
+    )
     advantage_eps: float = _f(1e-4, "eps added to the group std")
     clip_eps: float = _f(0.2, "PPO clip range of the importance ratio")
     kl_beta: float = _f(0.0, "β of the k3 KL penalty to the starting model (0 = no reference model)")
@@ -92,6 +97,7 @@ class GRPOConfigArgs:
         "tokens",
         "tokens: sum over generated tokens / their count in the step; "
         "sequences: mean over each sequence's tokens, then over sequences",
+        choices=LOSS_NORMS,
     )
     # --- the optimizer -----------------------------------------------------------------------------
     lr: float = _f(1e-5, "AdamW learning rate")
@@ -109,12 +115,16 @@ class GRPOConfigArgs:
         None, "bfloat16 autocast for the update and bf16 rollouts (default: on for CUDA, off for CPU)"
     )
     rollout_backend: str = _f(
-        "auto", "auto (slot engine on CUDA for Qwen2 models, else transformers), slot, or transformers"
+        "auto",
+        "auto (slot engine on CUDA for Qwen2 models, else transformers), slot, or transformers",
+        choices=ROLLOUT_BACKENDS,
     )
     rollout_slots: int = _f(256, "sequences decoded at once by the rollout backend (KV slots / batch)")
     rollout_max_len: int = _f(4096, "slot engine: tokens per slot (prompt + injected text + output)")
     rollout_attention: str = _f(
-        "auto", "slot engine decode attention: auto (the Triton kernel on CUDA when installed), varlen or masked"
+        "auto",
+        "slot engine decode attention: auto (the Triton kernel on CUDA when installed), varlen or masked",
+        choices=ROLLOUT_ATTENTIONS,
     )
     # --- bookkeeping -------------------------------------------------------------------------------
     save_every: int = _f(50, "save out/checkpoint-<step> every this many steps (0 = only at the end)")
@@ -143,8 +153,6 @@ class GRPOConfigArgs:
             "steps",
             "problems_per_step",
             "updates_per_step",
-            "organizer_budget",
-            "worker_budget",
             "micro_batch_tokens",
             "rollout_slots",
             "rollout_max_len",
@@ -158,23 +166,21 @@ class GRPOConfigArgs:
         for name in ("pool_size", "warmup_steps", "save_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.rollout_attention not in ("auto", "varlen", "masked"):
+        if isinstance(self.episode, dict):
+            self.episode = EpisodeSettings(**self.episode)
+        if self.rollout_attention not in ROLLOUT_ATTENTIONS:
             raise ValueError(
-                f"rollout_attention must be auto, varlen or masked, got {self.rollout_attention!r}"
+                f"rollout_attention must be one of {ROLLOUT_ATTENTIONS}, got {self.rollout_attention!r}"
             )
-        if self.mode not in MODES:
+        if self.episode.mode.value not in MODES:
             raise ValueError(
                 f"mode must be one of {MODES} (parallel thinking is an eval baseline, not trained "
-                f"here), got {self.mode!r}"
+                f"here), got {self.episode.mode.value!r}"
             )
-        if self.capacity is not None and self.capacity < 1:
-            raise ValueError(f"capacity must be >= 1 (the organizer counts), got {self.capacity}")
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
+        if self.episode.temperature <= 0:
             raise ValueError(
-                f"temperature must be > 0 (GRPO needs varied samples in a group), got {self.temperature}"
+                f"temperature must be > 0 (GRPO needs varied samples in a group), got {self.episode.temperature}"
             )
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.rollout_backend not in ROLLOUT_BACKENDS:
             raise ValueError(
                 f"rollout_backend must be one of {ROLLOUT_BACKENDS}, got {self.rollout_backend!r}"
@@ -193,8 +199,6 @@ class GRPOConfigArgs:
             raise ValueError(f"max_grad_norm must be >= 0 (0 = off), got {self.max_grad_norm}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError(f"max_minutes must be > 0 when given, got {self.max_minutes}")
-        if self.worker_timeout_s <= 0:
-            raise ValueError(f"worker_timeout_s must be > 0, got {self.worker_timeout_s}")
         # The reward settings are validated where they live.
         RewardConfig(format_error_reward=self.format_error_reward, concurrency_weight=self.lam, tau=self.tau)
 
@@ -202,77 +206,22 @@ class GRPOConfigArgs:
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            out[f.name] = str(value) if isinstance(value, Path) else value
+            if isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, EpisodeSettings):
+                value = value.model_dump(mode="json")
+            out[f.name] = value
         return out
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
 
 
-# ------------------------------------------------------------------------------------------- CLI glue
-def _option(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One option per field, named ``--field-name``, with the field's help and default."""
-    for f in dataclasses.fields(GRPOConfigArgs):
-        help_text = str(f.metadata.get("help", ""))
-        required = bool(f.metadata.get("required"))
-        default = f.default
-        if f.type in ("bool", bool) or isinstance(default, bool):
-            parser.add_argument(
-                _option(f.name),
-                dest=f.name,
-                action=argparse.BooleanOptionalAction,
-                default=default,
-                help=help_text + " (default %(default)s)",
-            )
-            continue
-        if f.name == "bf16":
-            parser.add_argument(
-                _option(f.name),
-                dest=f.name,
-                action=argparse.BooleanOptionalAction,
-                default=None,
-                help=help_text,
-            )
-            continue
-        kind: Any = _arg_type(f.name, f.type)
-        kwargs: dict[str, Any] = {"dest": f.name, "type": kind, "help": help_text}
-        choices = {
-            "mode": MODES,
-            "rollout_backend": ROLLOUT_BACKENDS,
-            "advantage_scale": ADVANTAGE_SCALES,
-            "loss_norm": LOSS_NORMS,
-        }.get(f.name)
-        if choices:
-            kwargs["choices"] = choices
-        if required:
-            kwargs["required"] = True
-        else:
-            kwargs["default"] = default
-            kwargs["help"] = help_text + " (default %(default)s)"
-        parser.add_argument(_option(f.name), **kwargs)
-
-
-def _arg_type(name: str, annotation: Any) -> Any:
-    text = str(annotation)
-    if "Path" in text:
-        return Path
-    if text.startswith("int"):
-        return int
-    if text.startswith("float"):
-        return float
-    return str
-
-
-def from_namespace(ns: argparse.Namespace) -> GRPOConfigArgs:
-    """The config from parsed arguments (options of :func:`add_arguments`; other attributes ignored)."""
-    names = {f.name for f in dataclasses.fields(GRPOConfigArgs)}
-    return GRPOConfigArgs(**{k: v for k, v in vars(ns).items() if k in names})
-
-
 def load(path: Path) -> GRPOConfigArgs:
-    """A config saved by :meth:`GRPOConfigArgs.save`."""
-    return GRPOConfigArgs(**json.loads(Path(path).read_text()))
+    """A config saved by :meth:`GRPOConfigArgs.save` (also the older flat form, episode settings at the top)."""
+    data = json.loads(Path(path).read_text())
+    episode = dict(data.pop("episode", None) or {})
+    for name in EpisodeSettings.model_fields:
+        if name in data and name != "seed":
+            episode[name] = data.pop(name)
+    return GRPOConfigArgs(**data, episode=EpisodeSettings(**episode))

@@ -40,7 +40,6 @@ import torch
 from shared.engine import EngineConfig, EpisodeResult
 from shared.rewards import RewardConfig
 from shared.tasks import get_task
-from shared.tasks.base import Mode
 from trainer.grpo import checkpoint as ckpt
 from trainer.grpo.config import GRPOConfigArgs
 from trainer.grpo.losses import Sequence, episode_sequences, group_advantages
@@ -170,17 +169,9 @@ def train_grpo(config: GRPOConfigArgs, *, reward_fn: RewardFn | None = None) -> 
     config.save(out / ckpt.RUN_CONFIG_FILE)
 
     pool = load_problem_pool(config, task)
-    engine_config = EngineConfig(
-        mode=Mode(config.mode),
-        capacity=config.capacity,
-        organizer_budget=config.organizer_budget,
-        worker_budget=config.worker_budget,
-        worker_timeout_s=config.worker_timeout_s,
-        temperature=config.temperature,
-        top_p=config.top_p,
-        rewards=RewardConfig(
-            format_error_reward=config.format_error_reward, concurrency_weight=config.lam, tau=config.tau
-        ),
+    engine_config = EngineConfig.of(
+        config.episode,
+        RewardConfig(format_error_reward=config.format_error_reward, concurrency_weight=config.lam, tau=config.tau),
     )
     backend = open_rollout_backend(config, model, tokenizer, model_dir, device, bf16)
     refresh_weights(backend, model, f"grpo-{step}")

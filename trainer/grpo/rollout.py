@@ -19,13 +19,12 @@ import asyncio
 import json
 import logging
 import random
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from shared.backends.base import ModelBackend
+from shared.backends.base import ModelBackend, WeightUpdate
 from shared.engine import Engine, EngineConfig, EpisodeResult
 from shared.tasks.base import Problem, Task
 from trainer.grpo.config import GRPOConfigArgs
@@ -131,25 +130,10 @@ def _slot_engine_available() -> bool:
 def refresh_weights(backend: ModelBackend, model: torch.nn.Module, version: str) -> None:
     """Copy the training model's weights into the rollout backend and label them ``version``.
 
-    Call only between rollouts (no request in flight). Slot engine: ``engine.update_weights`` in place
-    (captured CUDA graphs stay valid) and ``set_weight_version``. Transformers backend: its model's
-    ``load_state_dict``.
+    Call between rollouts. Every rollout backend declares that it takes a torch module
+    (``WeightSource.MODULE``); the slot engine copies in place, so captured CUDA graphs stay valid.
     """
-    update = getattr(backend, "update_weights", None)
-    if callable(update):  # a backend with its own hook
-        update(model, version=version)
-        return
-    engine = getattr(backend, "engine", None)
-    if engine is not None and hasattr(engine, "update_weights"):
-        engine.update_weights(model)
-        backend.set_weight_version(version)  # type: ignore[attr-defined]
-        return
-    target = getattr(backend, "model", None)
-    if target is None:
-        raise TypeError(f"cannot refresh the weights of {type(backend).__name__}")
-    target.load_state_dict(model.state_dict())
-    # TransformersBackend has no public setter yet; its version labels the episodes' segments.
-    backend._version = version  # type: ignore[attr-defined]
+    asyncio.run(backend.update_weights(WeightUpdate(version=version, module=model)))
 
 
 async def run_group_rollouts(
@@ -164,7 +148,7 @@ async def run_group_rollouts(
     """G episodes per problem, all at once; ``result[p][g]``. Episode seeds derive from ``seed``."""
 
     async def one(p: int, g: int) -> EpisodeResult:
-        cfg = replace(engine_config, seed=seed + p * group_size + g)
+        cfg = engine_config.model_copy(update={"seed": seed + p * group_size + g})
         return await Engine(backend, task, cfg).run(problems[p], episode_id=f"s{seed}-p{p}-g{g}")
 
     flat = await asyncio.gather(*(one(p, g) for p in range(len(problems)) for g in range(group_size)))

@@ -100,15 +100,15 @@ def grpo_update(
     with torch.no_grad():
         for i, b in enumerate(chunks):
             if config.updates_per_step > 1:  # the rollout policy's log-probs, before any update
-                old[i] = _forward_logprobs(model, b.input_ids, config.temperature, bf16)
+                old[i] = _forward_logprobs(model, b.input_ids, config.episode.temperature, bf16)
             if ref_model is not None and config.kl_beta > 0:
-                ref[i] = _forward_logprobs(ref_model, b.input_ids, config.temperature, bf16)
+                ref[i] = _forward_logprobs(ref_model, b.input_ids, config.episode.temperature, bf16)
     losses, clips, kls, norms = [], [], [], []
     for _ in range(config.updates_per_step):
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for i, b in enumerate(chunks):
-            logp = _forward_logprobs(model, b.input_ids, config.temperature, bf16)
+            logp = _forward_logprobs(model, b.input_ids, config.episode.temperature, bf16)
             old_i = old[i]
             out = policy_loss(
                 logp,

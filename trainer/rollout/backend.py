@@ -18,7 +18,14 @@ import threading
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from shared.backends.base import FinishReason, GenerateRequest, GenerateResult
+from shared.backends.base import (
+    FinishReason,
+    GenerateRequest,
+    GenerateResult,
+    WeightSource,
+    WeightUpdate,
+    check_source,
+)
 from trainer.rollout.slot_engine import EngineStats, SlotEngine
 
 
@@ -35,7 +42,13 @@ class _Waiter:
 
 
 class SlotEngineBackend:
-    """A :class:`~shared.backends.base.ModelBackend` over a :class:`SlotEngine`."""
+    """A :class:`~shared.backends.base.ModelBackend` over a :class:`SlotEngine`.
+
+    ``update_weights`` takes a torch module with the engine's architecture (the trainer's model): the
+    driver thread copies its tensors in place between two steps (captured CUDA graphs stay valid).
+    """
+
+    weight_sources = frozenset({WeightSource.MODULE})
 
     def __init__(
         self,
@@ -51,6 +64,7 @@ class SlotEngineBackend:
         self._weight_version = weight_version
         self._cond = threading.Condition()
         self._incoming: list[tuple[GenerateRequest, _Waiter]] = []
+        self._updates: list[tuple[WeightUpdate, _Waiter]] = []
         self._waiters: dict[int, _Waiter] = {}
         self._closed = False
         self._error: BaseException | None = None
@@ -97,20 +111,41 @@ class SlotEngineBackend:
         """Engine counters: tokens, steps, mean active slots, tokens/s (read without locking)."""
         return self.engine.stats
 
-    def set_weight_version(self, version: str) -> None:
-        self._weight_version = version
+    async def update_weights(self, update: WeightUpdate) -> None:
+        check_source(self, update)
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(loop, loop.create_future())
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("SlotEngineBackend is closed")
+            self._updates.append((update, waiter))
+            self._cond.notify()
+        await waiter.future
 
     # driver -----------------------------------------------------------------------------------
+    def _apply(self, update: WeightUpdate, waiter: _Waiter) -> None:
+        """Copy new weights in (driver thread, between steps); the waiter gets the outcome."""
+        try:
+            self.engine.update_weights(update.module)
+        except Exception as exc:
+            _settle(waiter, exc)
+            return
+        self._weight_version = update.version
+        _settle(waiter, _done())
+
     def _drive(self) -> None:
         engine = self.engine
         try:
             while True:
                 with self._cond:
-                    while not self._incoming and not engine.has_work and not self._closed:
+                    while not self._incoming and not self._updates and not engine.has_work and not self._closed:
                         self._cond.wait()
                     if self._closed:
                         break
                     incoming, self._incoming = self._incoming, []
+                    updates, self._updates = self._updates, []
+                for update, waiter in updates:
+                    self._apply(update, waiter)
                 for request, waiter in incoming:
                     try:
                         self._waiters[engine.submit(request)] = waiter
@@ -125,12 +160,18 @@ class SlotEngineBackend:
                 self._closed = True
             for waiter in self._waiters.values():
                 _settle(waiter, exc)
-            for _, waiter in self._incoming:
+            for _, waiter in self._incoming + self._updates:
                 _settle(waiter, exc)
             return
         aborted = GenerateResult(output_ids=[], text="", finish=FinishReason.ABORT)
         for waiter in list(self._waiters.values()) + [w for _, w in self._incoming]:
             _settle(waiter, aborted)
+        for _, waiter in self._updates:
+            _settle(waiter, RuntimeError("SlotEngineBackend closed before the weight update"))
+
+
+def _done() -> GenerateResult:
+    return GenerateResult(output_ids=[], text="", finish=FinishReason.STOP)
 
 
 def _with_version(result: GenerateResult, version: str) -> GenerateResult:

@@ -11,6 +11,7 @@ from fastapi import APIRouter, HTTPException, Query
 
 from services.gateway.deps import SessionDep
 from services.gateway.schemas import EpisodeDetail, EpisodeList, SegmentDetail
+from shared.messages import EpisodeStatus
 from shared.store import repository
 from shared.store.schemas import EpisodePublic, EpisodeSummary, SegmentPublic
 from shared.tasks.base import Mode
@@ -18,7 +19,6 @@ from shared.tasks.base import Mode
 router = APIRouter(prefix="/v1", tags=["episodes"])
 
 TaskName = Literal["countdown", "sudoku", "math"]
-Status = Literal["pending", "running", "completed", "format_error", "failed"]
 
 
 @router.get(
@@ -59,7 +59,7 @@ def list_episodes(
     session: SessionDep,
     task: Annotated[TaskName | None, Query(description="Only this task.")] = None,
     mode: Annotated[Mode | None, Query(description="Only this mode.")] = None,
-    status: Annotated[Status | None, Query(description="Only this status.")] = None,
+    status: Annotated[EpisodeStatus | None, Query(description="Only this status.")] = None,
     model_version: Annotated[
         str | None, Query(max_length=255, description="Only this weight version.")
     ] = None,

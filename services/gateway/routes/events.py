@@ -23,8 +23,7 @@ from fastapi.responses import StreamingResponse
 from services.gateway.deps import StateDep
 from services.gateway.sse import SSE_HEADERS, sse_comment, sse_event
 from services.gateway.submission import follow_events, stored_status
-from shared.messages import events_stream
-from shared.store.models import FINISHED_STATUSES
+from shared.messages import EpisodeStatus, events_stream
 
 router = APIRouter(prefix="/v1", tags=["episodes"])
 
@@ -63,7 +62,7 @@ async def episode_events(
     row = await stored_status(state, episode_id)
     if row is None:
         raise HTTPException(404, detail=f"no episode {episode_id!r}; list episodes with GET /v1/episodes")
-    finished = start != "0" and row.status in FINISHED_STATUSES
+    finished = start != "0" and EpisodeStatus(row.status).finished
     if finished and not await state.bus.read(events_stream(episode_id), after=start, count=1, block_ms=0):
         return Response(status_code=204)
 

@@ -204,7 +204,7 @@ async def chat_completions(body: ChatCompletionRequest, state: StateDep) -> Resp
     try:
         problem = problem_from_request(task, payload)
         episode_id = await submit_episode(
-            state, problem=problem, options=body.episode_options(), model=None, api="chat"
+            state, problem=problem, settings=body.episode_settings(), model=None, api="chat"
         )
     except SubmissionError as err:
         if err.param == "payload":

@@ -33,7 +33,7 @@ async def create_problem(body: ProblemCreate, state: StateDep, request: Request)
     try:
         problem = problem_from_request(body.task, body.payload, body.problem_id)
         episode_id = await submit_episode(
-            state, problem=problem, options=body, model=body.model, api="problems"
+            state, problem=problem, settings=body.episode_settings(), model=body.model, api="problems"
         )
     except SubmissionError as err:
         if err.status == 422:

@@ -29,6 +29,7 @@ from sqlalchemy import func, select
 
 from services.gateway.app import create_app
 from services.organizer.service import OrganizerService
+from services.workers.tools import local_endpoints
 from shared.backends.scripted import ScriptedBackend
 from shared.bus.base import Entry
 from shared.bus.redis_streams import RedisStreamsBus
@@ -131,6 +132,7 @@ async def distributed(postgres_url: str) -> AsyncIterator[Distributed]:
         bus,
         session_factory(engine),
         ScriptedBackend(script),
+        endpoints=local_endpoints(),
         consumer_name=f"test-{prefix}",
         read_block_ms=200,
     )

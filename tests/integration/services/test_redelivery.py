@@ -23,6 +23,7 @@ from services.organizer.service import OrganizerService
 from services.runtime import BACKEND_FACTORY_ENV, StoreSink
 from shared.backends.base import GenerateRequest, GenerateResult
 from shared.bus.inprocess import InProcessBus
+from shared.episode import EpisodeSettings
 from shared.messages import (
     ORGANIZER_GROUP,
     PROBLEMS_STREAM,
@@ -136,13 +137,14 @@ async def test_stale_submission_of_a_dead_organizer_is_claimed(tmp_path: Any) ->
     await bus.ensure_group(PROBLEMS_STREAM, ORGANIZER_GROUP)
     episode_id = f"fork_join--{uuid.uuid4().hex[:12]}"
     submission = SubmitProblem(
-        episode_id=episode_id, task="countdown", problem_id="p", payload=PAYLOAD, worker_budget=64
+        episode_id=episode_id, task="countdown", problem_id="p", payload=PAYLOAD,
+        settings=EpisodeSettings(worker_budget=64),
     )
     await bus.publish(PROBLEMS_STREAM, {"data": submission.model_dump_json()})
     # An organizer reads it and dies without acking.
     assert len(await bus.read_group(PROBLEMS_STREAM, ORGANIZER_GROUP, "dead", block_ms=0)) == 1
     service = OrganizerService(
-        bus, db.session_factory(engine), ScenarioBackend(), consumer_name="alive", claim_idle_ms=100,
+        bus, db.session_factory(engine), ScenarioBackend(), endpoints={}, consumer_name="alive", claim_idle_ms=100,
         read_block_ms=50,
     )
     stop = asyncio.Event()

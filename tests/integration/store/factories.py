@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from shared.engine import EpisodeResult
-from shared.messages import SegmentRecord
+from shared.messages import EpisodeStatus, SegmentRecord
 from shared.metrics import Decode, ForkStep, JoinStep, Timeline
 from shared.rewards import RewardParts
 from shared.tasks.base import Mode, Problem, Score
@@ -63,10 +63,10 @@ def result(
     problem_id: str = "cd-1",
     task: str = "countdown",
     mode: Mode = Mode.ASYNCTHINK,
-    status: str = "completed",
+    status: EpisodeStatus = EpisodeStatus.COMPLETED,
     model_version: str = "v1",
 ) -> EpisodeResult:
-    fe = status == "format_error"
+    fe = status is EpisodeStatus.FORMAT_ERROR
     return EpisodeResult(
         episode_id=episode_id,
         problem=problem(problem_id, task),

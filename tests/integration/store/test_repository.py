@@ -12,7 +12,7 @@ from alembic.migration import MigrationContext
 from sqlalchemy import delete, func, inspect, select, text
 from sqlalchemy.orm import Session
 
-from shared.messages import SegmentRecord
+from shared.messages import EpisodeStatus, SegmentRecord
 from shared.metrics import Timeline
 from shared.store import repository as repo
 from shared.store.db import downgrade, migrate
@@ -218,7 +218,7 @@ def test_problem_upsert_and_null_reference(store: StoreUnderTest) -> None:
 
 def test_format_error_episode(store: StoreUnderTest) -> None:
     with store.sessions() as s:
-        ep = repo.save_episode(s, result=factories.result("ep-fe", status="format_error"))
+        ep = repo.save_episode(s, result=factories.result("ep-fe", status=EpisodeStatus.FORMAT_ERROR))
         assert ep.status == "format_error" and ep.format_error is True and ep.reward_total == -1.0
         assert ep.score is None and ep.format_errors[0]["kind"] == "unclosed_tag"
 

@@ -596,7 +596,7 @@ async def test_auth_headers_per_route_level(tokenizer_dir: Path) -> None:
         with pytest.raises(SGLangRequestError, match="unauthorized"):
             await wrong.generate(req(wrong))
         assert (await right.generate(req(right))).output_ids
-        await right.update_weights("/m/v2", weight_version="v2")
+        await right.hot_swap("/m/v2", weight_version="v2")
         assert right.weight_version == "v2"
     finally:
         await wrong.aclose()
@@ -625,7 +625,7 @@ async def test_check_server_reads_health_and_model_info(cluster: Cluster) -> Non
 async def test_hot_swap_call_order_and_bodies(cluster: Cluster) -> None:
     b = cluster.backend
     await b.generate(req(b))
-    await b.update_weights("/ckpt/step-100", weight_version="step-100")
+    await b.hot_swap("/ckpt/step-100", weight_version="step-100")
     for host in ("r1", "r2"):
         control = [(p, body) for _, p, body in cluster.calls(host) if p != "/generate"]
         assert control == [
@@ -649,7 +649,7 @@ async def test_hot_swap_in_place_does_not_flush_with_the_update(cluster: Cluster
     b = cluster.backend
     for rep in cluster.fake.replicas.values():
         rep.parked = 1  # a request frozen in the running batch
-    await b.update_weights("/ckpt/v3", weight_version="v3", pause_mode="in_place", flush_timeout_s=0)
+    await b.hot_swap("/ckpt/v3", weight_version="v3", pause_mode="in_place", flush_timeout_s=0)
     for host in ("r1", "r2"):
         update = next(body for _, p, body in cluster.calls(host) if p == "/update_weights_from_disk")
         assert update["flush_cache"] is False
@@ -667,7 +667,7 @@ async def test_failed_hot_swap_resumes_generation_and_keeps_the_version(cluster:
     b = cluster.backend
     await b.generate(req(b))
     with pytest.raises(WeightUpdateError, match="repository not found"):
-        await b.update_weights("/ckpt/missing", weight_version="bad")
+        await b.hot_swap("/ckpt/missing", weight_version="bad")
     rep = cluster.fake.replica("r1")
     assert [p for _, p, _ in rep.calls if p != "/generate"][-1] == "/continue_generation"
     assert rep.paused is None and rep.weight_version == "default"
@@ -689,7 +689,7 @@ async def test_generate_waits_while_paused(cluster: Cluster) -> None:
 
 async def test_bad_pause_mode_is_refused_locally(cluster: Cluster) -> None:
     with pytest.raises(ValueError, match="pause_mode"):
-        await cluster.backend.update_weights("/m", weight_version="v", pause_mode="sideways")  # type: ignore[arg-type]
+        await cluster.backend.hot_swap("/m", weight_version="v", pause_mode="sideways")  # type: ignore[arg-type]
 
 
 # -- the registry's sglang: form ------------------------------------------------------------------------

@@ -221,3 +221,41 @@ def test_bad_model_dirs_give_clear_errors(tmp_path: Path, tiny_model_dir: Path) 
     (broken / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"cannot load .*broken"):
         TransformersBackend(broken)
+
+
+async def test_update_weights_from_a_module_and_from_a_directory(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """New weights change what greedy decoding produces and the version every result carries; the
+    original checkpoint directory restores the original output exactly."""
+    from shared.backends.base import WeightSource, WeightUpdate
+
+    b = TransformersBackend(tiny_model_dir)
+    try:
+        assert b.weight_sources == {WeightSource.MODULE, WeightSource.PATH}
+        before = await b.generate(_req(b, PROMPTS[1], 12))
+        other: torch.nn.Module = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), local_files_only=True)
+        with torch.no_grad():
+            other.get_input_embeddings().weight.mul_(-1.0)  # type: ignore[operator]
+        await b.update_weights(WeightUpdate(version="flipped", module=other))
+        changed = await b.generate(_req(b, PROMPTS[1], 12))
+        assert b.weight_version == "flipped" and changed.weight_version == "flipped"
+        assert changed.output_ids != before.output_ids
+        await b.update_weights(WeightUpdate(version="again", path=str(tiny_model_dir)))
+        back = await b.generate(_req(b, PROMPTS[1], 12))
+        assert back.output_ids == before.output_ids and back.weight_version == "again"
+        with pytest.raises(FileNotFoundError):
+            await b.update_weights(WeightUpdate(version="x", path=str(tmp_path)))
+        assert b.weight_version == "again"  # a failed update changes nothing
+    finally:
+        await b.aclose()
+
+
+async def test_backends_without_weight_updates_say_so() -> None:
+    from shared.backends.base import WeightUpdate, WeightUpdateUnsupported
+    from shared.backends.scripted import ScriptedBackend
+
+    scripted = ScriptedBackend({"organizer": "x"})
+    assert scripted.weight_sources == frozenset()
+    with pytest.raises(WeightUpdateUnsupported, match="accepts: none"):
+        await scripted.update_weights(WeightUpdate(version="v2", path="/ckpt"))
+    with pytest.raises(ValueError, match="exactly one of"):
+        WeightUpdate(version="v2")

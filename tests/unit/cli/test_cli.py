@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.cli import main
+from cli import main
 
 
 def run_cli(*args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -21,11 +21,11 @@ def run_cli(*args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, s
 
 def test_help_is_instant_and_lists_the_verbs() -> None:
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "shared.cli", "--help"], capture_output=True, text=True, check=True)
+    proc = subprocess.run([sys.executable, "-m", "cli", "--help"], capture_output=True, text=True, check=True)
     assert time.monotonic() - t0 < 5
     for verb in ("solve", "eval", "trace", "serve", "db", "model"):
         assert verb in proc.stdout
-    probe = "import sys; from shared.cli import build_parser; build_parser(); print(sorted({'torch', 'transformers', 'sqlalchemy'} & set(sys.modules)))"
+    probe = "import sys; from cli import build_parser; build_parser(); print(sorted({'torch', 'transformers', 'sqlalchemy'} & set(sys.modules)))"
     heavy = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
     assert heavy == "[]"
 

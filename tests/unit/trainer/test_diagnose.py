@@ -37,7 +37,7 @@ def test_summary_is_per_episode() -> None:
 
 def test_reads_the_episodes_of_an_eval(capsys: pytest.CaptureFixture[str], tiny_model_dir: Path,
                                        tmp_path: Path) -> None:
-    from shared.cli import main as cli
+    from cli import main as cli
 
     db = f"sqlite:///{tmp_path / 'e.db'}"
     assert cli(["eval", "-n", "3", "--model", str(tiny_model_dir), "--organizer-budget", "16",

@@ -17,11 +17,12 @@ import torch
 
 from shared.backends.scripted import ScriptedBackend
 from shared.engine import Engine, EngineConfig, EpisodeResult
+from shared.episode import EpisodeSettings
 from shared.messages import SegmentRecord
 from shared.protocol import join_result
 from shared.tasks import get_task
 from trainer.grpo import checkpoint as ckpt
-from trainer.grpo.config import GRPOConfigArgs, add_arguments, from_namespace
+from trainer.grpo.config import GRPOConfigArgs
 from trainer.grpo.loop import train_grpo
 from trainer.grpo.losses import (
     Sequence,
@@ -194,11 +195,13 @@ def test_all_equal_group_gives_zero_loss_and_gradient() -> None:
 
 # ----------------------------------------------------------------------------------------- the update
 def _config(tiny_model_dir: Path, out: Path, **kw: Any) -> GRPOConfigArgs:
+    """A CPU config; episode settings (mode, budgets, temperature ...) may be given among ``kw``."""
     base: dict[str, Any] = dict(
         model=tiny_model_dir, out=out, device="cpu", progress=False, max_grad_norm=0.0
     )
+    episode = {k: kw.pop(k) for k in list(kw) if k in EpisodeSettings.model_fields and k != "seed"}
     base.update(kw)
-    return GRPOConfigArgs(**base)
+    return GRPOConfigArgs(**base, episode=EpisodeSettings(**({"temperature": 1.0} | episode)))
 
 
 def test_micro_batching_does_not_change_the_update(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -363,15 +366,17 @@ def test_config_validation_names_the_fix(tiny_model_dir: Path, tmp_path: Path) -
         _config(tiny_model_dir, tmp_path, format_error_reward=0.5)
     with pytest.raises(ValueError, match="temperature"):
         _config(tiny_model_dir, tmp_path, temperature=0.0)
-    with pytest.raises(ValueError, match="rollout_attention must be auto, varlen or masked"):
+    with pytest.raises(ValueError, match="rollout_attention must be one of"):
         _config(tiny_model_dir, tmp_path, rollout_attention="flash")
 
 
 def test_config_options_round_trip(tiny_model_dir: Path, tmp_path: Path) -> None:
     import argparse
 
+    from cli.options import add_options, collect
+
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    add_options(parser, GRPOConfigArgs)
     ns = parser.parse_args(
         [
             "--model",
@@ -394,10 +399,22 @@ def test_config_options_round_trip(tiny_model_dir: Path, tmp_path: Path) -> None
             "3",
         ]
     )
-    cfg = from_namespace(ns)
-    assert (cfg.steps, cfg.problems_per_step, cfg.group_size, cfg.mode) == (7, 3, 4, "sequential")
-    assert cfg.lam == 0.0 and cfg.progress is False and cfg.bf16 is True and cfg.capacity == 3
+    cfg = GRPOConfigArgs(**collect(ns, GRPOConfigArgs))
+    assert (cfg.steps, cfg.problems_per_step, cfg.group_size, cfg.episode.mode) == (7, 3, 4, "sequential")
+    assert cfg.lam == 0.0 and cfg.progress is False and cfg.bf16 is True and cfg.episode.capacity == 3
     assert cfg.model == tiny_model_dir and cfg.resume is False
+    assert cfg.episode.temperature == 1.0  # GRPO's default, not serving's greedy 0
+    with pytest.raises(SystemExit):  # parallel is not a training mode: refused by the option's choices
+        parser.parse_args(["--model", str(tiny_model_dir), "--out", str(tmp_path), "--mode", "parallel"])
+    # a config saved before the episode settings were nested still loads
+    from trainer.grpo.config import load
+
+    old = cfg.to_json()
+    old.update(old.pop("episode"))
+    old.pop("seed", None)
+    (tmp_path / "old.json").write_text(json.dumps(old | {"seed": 5}))
+    again = load(tmp_path / "old.json")
+    assert again.episode == cfg.episode and again.seed == 5
 
 
 def test_refresh_weights_into_the_slot_engine(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -418,7 +435,7 @@ def test_refresh_weights_into_the_slot_engine(tiny_model_dir: Path, tmp_path: Pa
 
 
 def test_the_grpo_verb(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from shared.cli import main
+    from cli import main
 
     problems = tmp_path / "problems.jsonl"
     problems.write_text("".join(json.dumps(p) + "\n" for p in TOY_PROBLEMS))

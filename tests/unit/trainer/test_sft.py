@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from shared.tasks.countdown import CountdownTask
+from trainer.sft import SFTConfigArgs
 from trainer.synth.dataset import synthesize
 from trainer.synth.records import OrganizerWriter, TraceRecord, write_jsonl
 from trainer.synth.teacher import CountdownTeacher
@@ -141,7 +142,7 @@ def test_torch_engine_lowers_the_loss_with_the_same_masks(tiny_model_dir: Path, 
 def test_cli_registers_verbs_and_stays_light() -> None:
     code = (
         "import sys, argparse\n"
-        "import trainer.cli as c\n"
+        "import cli.train as c\n"
         "p = argparse.ArgumentParser(); sub = p.add_subparsers(dest='verb')\n"
         "c.register(sub)\n"
         "a = p.parse_args(['synth', '--out', 'x.jsonl', '--n', '5'])\n"
@@ -157,7 +158,7 @@ def test_synth_cli_writes_records(
 ) -> None:
     import argparse
 
-    from trainer import cli
+    from cli import train as cli
     from trainer.synth import dataset
 
     task = CountdownTask()
@@ -171,6 +172,31 @@ def test_synth_cli_writes_records(
     assert "kept: asyncthink" in printed and "sequential" in printed and "dropped" in printed
     kinds = {json.loads(line)["kind"] for line in out.read_text().splitlines()}
     assert kinds == {"organizer", "worker", "sequential"}
+
+
+def test_sft_options_come_from_the_config() -> None:
+    """Every SFT setting is an option with the config's own help text; the older flags still parse."""
+    import argparse
+    import dataclasses
+
+    from cli import train as cli
+    from cli.options import collect
+
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers(dest="verb"))
+    args = parser.parse_args(["sft", "--data", "a.jsonl", "b.jsonl", "--out", "o", "--preset", "test",
+                              "--kinds", "organizer,worker", "--bf16", "off", "--no-resume", "--no-progress",
+                              "--warmup-ratio", "0.1", "--engine", "torch"])
+    cfg = SFTConfigArgs(**collect(args, SFTConfigArgs))
+    assert cfg.data == ["a.jsonl", "b.jsonl"] and cfg.kinds == ("organizer", "worker")
+    assert cfg.bf16 is False and cfg.resume is False and cfg.progress is False
+    assert cfg.warmup_ratio == 0.1 and cfg.engine == "torch" and cfg.lr == 1e-3
+    sft = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "sft")[1]  # type: ignore[union-attr]
+    helps = {a.dest: a.help or "" for a in sft._actions}
+    for f in dataclasses.fields(SFTConfigArgs):
+        assert helps[f.name].startswith(f.metadata["help"]), f.name
+    with pytest.raises(SystemExit):
+        parser.parse_args(["sft", "--data", "a.jsonl", "--out", "o", "--bf16", "maybe"])
 
 
 def test_lr_schedule_warms_up_then_decays_within_the_run() -> None:

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from shared.cli import main
+from cli import main
 from shared.protocol import Answer, Fork, Join, Return, Role, join_result, parse
 from shared.tasks.base import Mode, Problem
 from shared.tasks.sudoku import SudokuTask, parse_grid, solve

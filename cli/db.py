@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from shared.cli import CliError
+from cli import CliError
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -1,22 +1,48 @@
-"""``asyncthink synth`` and ``asyncthink sft``: argument parsing only; the work is in ``trainer/``.
+"""Training verbs (``model``, ``synth``, ``sft``, ``grpo``): argument parsing only; the work is in ``trainer/``.
 
-Light to import (only argparse at module level), so ``asyncthink --help`` stays instant. Each verb is
-registered by its own function; :func:`register` adds them all to the ``asyncthink`` sub-commands.
+Light to import (argparse and the configs' dataclasses at module level; torch only inside the verbs), so
+``asyncthink --help`` stays instant. The ``sft`` and ``grpo`` options are generated from
+:class:`trainer.sft.SFTConfigArgs` and :class:`trainer.grpo.config.GRPOConfigArgs` (:mod:`cli.options`).
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
+
+from cli import CliError
+from cli.options import add_options, collect
 
 SubParsers = Any  # argparse._SubParsersAction, which is private
 
 
 def register(sub: SubParsers) -> None:
-    """Add the training verbs of this module to the ``asyncthink`` sub-command parser."""
+    """Add the training verbs to the ``asyncthink`` sub-command parser."""
+    register_model(sub)
     register_synth(sub)
     register_sft(sub)
     register_grpo(sub)
+
+
+# ---------------------------------------------------------------------------------------- model
+def register_model(sub: SubParsers) -> None:
+    p = sub.add_parser("model", help="build a small random-init model with a locally trained tokenizer",
+                       description="Train a tokenizer on protocol-shaped text and build a Qwen2-shaped model "
+                       "from a preset (no model hub needed).")
+    p.add_argument("out_dir", type=Path, help="directory to write (config, safetensors, tokenizer)")
+    p.add_argument("--preset", default="small", help="test (~100 k parameters) or small (~8 M; default)")
+    p.add_argument("--vocab-size", type=int, default=4096, help="tokenizer vocabulary (default 4096)")
+    p.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
+    p.set_defaults(func=cmd_model)
+
+
+def cmd_model(args: argparse.Namespace) -> int:
+    from trainer.modeling import main as build_main
+
+    build_main([str(args.out_dir), "--preset", args.preset, "--vocab-size", str(args.vocab_size),
+                "--seed", str(args.seed)])
+    return 0
 
 
 # ---------------------------------------------------------------------------------------- synth
@@ -48,8 +74,6 @@ def register_synth(sub: SubParsers) -> None:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from shared.cli import CliError
-
     try:
         return _synth(args)
     except (ValueError, FileNotFoundError) as exc:
@@ -141,79 +165,30 @@ def _read_problem_file(task: Any, path: str) -> list[Any]:
 
 # ---------------------------------------------------------------------------------------- sft
 def register_sft(sub: SubParsers) -> None:
+    from trainer.sft import SFTConfigArgs  # no torch: the config dataclass only
+
     p = sub.add_parser(
         "sft",
         help="format SFT on synthesized traces (TRL SFTTrainer)",
-        description="Fine-tune a local model directory, or build one from a preset with a locally trained "
-        "tokenizer, on organizer/worker/sequential records; the loss covers generated tokens only.",
+        description="Fine-tune a local model directory (--model), or build one from a preset with a locally "
+        "trained tokenizer (--preset), on organizer/worker/sequential records; the loss covers generated "
+        "tokens only.",
     )
-    p.add_argument("--data", nargs="+", required=True, help="JSONL files written by `asyncthink synth`")
-    p.add_argument("--out", required=True, help="output directory (checkpoints, final model)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", default=None, help="local HF model directory to fine-tune")
-    src.add_argument("--preset", default=None, help="build from scratch: test (~100k) or small (~8M parameters)")
-    p.add_argument("--vocab-size", type=int, default=4096, help="tokenizer vocabulary with --preset (default 4096)")
-    p.add_argument("--kinds", default="organizer,worker,sequential", help="record kinds to train on")
-    p.add_argument("--epochs", type=float, default=1.0, help="passes over the data (default 1)")
-    p.add_argument("--max-steps", type=int, default=-1, help="optimizer steps; overrides --epochs when > 0")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default 1e-3)")
-    p.add_argument("--batch-size", type=int, default=32, help="sequences per step (default 32)")
-    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default 1)")
-    p.add_argument("--max-length", type=int, default=1024, help="longest record kept, in tokens (default 1024)")
-    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    p.add_argument("--bf16", choices=("auto", "on", "off"), default="auto", help="bf16 autocast (auto = on with CUDA)")
-    p.add_argument("--save-steps", type=int, default=500, help="checkpoint every N steps (default 500)")
-    p.add_argument("--logging-steps", type=int, default=10, help="log every N steps (default 10)")
-    p.add_argument("--no-resume", action="store_true", help="start over even if OUT has checkpoints")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--engine", choices=("auto", "trl", "torch"), default="auto",
-                   help="trl: TRL's SFTTrainer; torch: a plain loop with the same masks (for machines "
-                   "without TRL); auto (default): trl when installed")
-    p.add_argument("--max-minutes", type=float, default=0.0,
-                   help="torch engine: stop and save after this many minutes (default 0 = no limit)")
+    add_options(p, SFTConfigArgs)
     p.set_defaults(func=cmd_sft)
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
     import json
 
-    from shared.cli import CliError
-    from trainer.sft import run_sft
+    from trainer.sft import SFTConfigArgs, run_sft
 
     try:
-        cfg = _sft_config(args)
-        metrics = run_sft(cfg)
+        metrics = run_sft(SFTConfigArgs(**collect(args, SFTConfigArgs)))
     except (ValueError, FileNotFoundError) as exc:
         raise CliError(str(exc)) from exc
     print(json.dumps(metrics, indent=1, default=str))
     return 0
-
-
-def _sft_config(args: argparse.Namespace) -> Any:
-    from trainer.sft import SFTConfigArgs
-
-    return SFTConfigArgs(
-        data=list(args.data),
-        out=args.out,
-        model=args.model,
-        preset=args.preset,
-        vocab_size=args.vocab_size,
-        kinds=tuple(k.strip() for k in args.kinds.split(",") if k.strip()),
-        epochs=args.epochs,
-        max_steps=args.max_steps,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        max_length=args.max_length,
-        seed=args.seed,
-        engine=args.engine,
-        max_minutes=args.max_minutes,
-        bf16={"auto": None, "on": True, "off": False}[args.bf16],
-        save_steps=args.save_steps,
-        logging_steps=args.logging_steps,
-        resume=not args.no_resume,
-        progress=not args.no_progress,
-    )
 
 
 # ---------------------------------------------------------------------------------------- grpo
@@ -231,7 +206,7 @@ examples:
 
 
 def register_grpo(sub: SubParsers) -> None:
-    from trainer.grpo.config import add_arguments  # no torch: only the config dataclass
+    from trainer.grpo.config import GRPOConfigArgs  # no torch: only the config dataclass
 
     p = sub.add_parser(
         "grpo",
@@ -239,18 +214,17 @@ def register_grpo(sub: SubParsers) -> None:
         description=GRPO_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_arguments(p)
+    add_options(p, GRPOConfigArgs)
     p.set_defaults(func=cmd_grpo)
 
 
 def cmd_grpo(args: argparse.Namespace) -> int:
     import json
 
-    from shared.cli import CliError
-    from trainer.grpo.config import from_namespace
+    from trainer.grpo.config import GRPOConfigArgs
 
     try:
-        config = from_namespace(args)
+        config = GRPOConfigArgs(**collect(args, GRPOConfigArgs))
     except ValueError as exc:
         raise CliError(str(exc)) from exc
     from trainer.grpo.loop import train_grpo

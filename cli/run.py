@@ -1,4 +1,8 @@
-"""``asyncthink solve``, ``eval``, ``trace`` and ``serve``."""
+"""``asyncthink solve``, ``eval``, ``trace`` and ``serve``.
+
+The episode options (``--mode``, ``--capacity``, the budgets, sampling, ``--worker-timeout-s`` ...) are
+generated from :class:`shared.episode.EpisodeSettings`, the one place they are declared.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,8 @@ import asyncio
 import json
 from typing import TYPE_CHECKING, Any
 
-from shared.cli import CliError
+from cli import CliError
+from cli.options import add_options, collect
 
 if TYPE_CHECKING:
     from shared.backends.base import ModelBackend
@@ -15,7 +20,7 @@ if TYPE_CHECKING:
     from shared.engine import EngineConfig
     from shared.tasks.base import Problem, Task
 
-MODES = ("asyncthink", "sequential", "parallel")
+ENGINE_ALIASES = {"worker_timeout_s": ["--worker-timeout"]}  # the older name keeps working
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -87,19 +92,23 @@ def _problem_args(p: argparse.ArgumentParser) -> None:
 
 
 def _engine_args(p: argparse.ArgumentParser, *, many_modes: bool) -> None:
-    if many_modes:
-        p.add_argument("--mode", action="append", choices=MODES,
-                       help="asyncthink | sequential | parallel; repeat for several (default asyncthink)")
+    from shared.episode import EpisodeSettings
+
+    group = p.add_argument_group("episode settings")
+    if many_modes:  # eval runs each --mode given; its --seed seeds problems and sampling alike
+        group.add_argument("--mode", action="append", choices=[m.value for m in _modes()],
+                           help="asyncthink | sequential | parallel; repeat for several (default asyncthink)")
+        add_options(group, EpisodeSettings, exclude=("mode", "seed"), aliases=ENGINE_ALIASES)
     else:
-        p.add_argument("--mode", default="asyncthink", choices=MODES, help="default asyncthink")
+        add_options(group, EpisodeSettings, aliases=ENGINE_ALIASES)
     p.add_argument("--model", help="a model directory, sglang:URL or openai:URL#name (default: the shipped model)")
-    p.add_argument("--capacity", type=int, help="agent pool size c (default: the task's, 2 or 4)")
-    p.add_argument("--organizer-budget", type=int, default=1024, help="max organizer tokens (default 1024)")
-    p.add_argument("--worker-budget", type=int, default=512, help="max tokens per worker (default 512)")
-    p.add_argument("--parallel-k", type=int, default=4, help="traces in parallel mode (default 4)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--worker-timeout", type=float, default=300.0, help="seconds before a worker gives up (default 300)")
     p.add_argument("--device", help="torch device for a local model (default: ASYNCTHINK_DEVICE or cpu)")
+
+
+def _modes() -> list[Any]:
+    from shared.tasks.base import Mode
+
+    return list(Mode)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -136,22 +145,25 @@ def _open_backend(settings: Settings) -> ModelBackend:
 
 
 def _engine_config(args: argparse.Namespace, mode: str, seed: int | None) -> EngineConfig:
-    from shared.engine import EngineConfig
-    from shared.tasks.base import Mode
+    from pydantic import ValidationError
 
+    from shared.engine import EngineConfig
+    from shared.episode import EpisodeSettings
+
+    values = collect(args, EpisodeSettings) | {"mode": mode, "seed": seed}
     try:
-        return EngineConfig(
-            mode=Mode(mode),
-            capacity=args.capacity,
-            organizer_budget=args.organizer_budget,
-            worker_budget=args.worker_budget,
-            parallel_k=args.parallel_k,
-            temperature=args.temperature,
-            seed=seed,
-            worker_timeout_s=args.worker_timeout,
-        )
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
+        return EngineConfig(**values)
+    except ValidationError as exc:
+        raise CliError(_validation_message(exc)) from None
+
+
+def _validation_message(exc: Any) -> str:
+    """A pydantic ValidationError as one line per field, named as its option."""
+    parts = []
+    for err in exc.errors():
+        where = "--" + "-".join(str(x) for x in err["loc"]).replace("_", "-") if err["loc"] else ""
+        parts.append(f"{where}: {err['msg']}" if where else err["msg"])
+    return "; ".join(parts)
 
 
 def _problem(args: argparse.Namespace, task: Task) -> Problem:
@@ -196,15 +208,16 @@ def _open_store(url: str) -> Any:
 
 # ----------------------------------------------------------------------------- verbs
 def cmd_solve(args: argparse.Namespace) -> int:
-    from shared.cli.render import print_episode
+    from cli.render import print_episode
     from shared.engine import Engine
+    from shared.messages import EpisodeStatus
 
     settings = _settings(args)
     task = _task(args.task)
     problem = _problem(args, task)
     sessions = _open_store(settings.database_url) if args.db else None
     backend = _open_backend(settings)
-    engine = Engine(backend, task, _engine_config(args, args.mode, None))
+    engine = Engine(backend, task, _engine_config(args, args.mode, args.seed))
 
     async def go() -> Any:
         try:
@@ -219,19 +232,19 @@ def cmd_solve(args: argparse.Namespace) -> int:
         with sessions() as session:
             repository.save_episode(session, result=result)
     if args.json:
-        from shared.cli.render import episode_json
+        from cli.render import episode_json
 
         print(json.dumps(episode_json(result), indent=2))
     else:
         print_episode(result)
-    return 0 if result.status != "failed" else 1
+    return 0 if result.status is not EpisodeStatus.FAILED else 1
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from shared.cli.render import summary_table
+    from cli.render import summary_table
     from shared.engine import Engine
     from shared.evaluation import plot_accuracy_latency, run_episodes, summarize
     from shared.store import repository
@@ -290,7 +303,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_trace(args: argparse.Namespace) -> int:
-    from shared.cli.render import print_stored_episode
+    from cli.render import print_stored_episode
     from shared.store import repository
 
     settings = _settings(args)

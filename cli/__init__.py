@@ -1,15 +1,17 @@
-"""The ``asyncthink`` command line: thin verbs that parse arguments and call library functions.
+"""The ``asyncthink`` command line: thin verbs that parse arguments and call the library.
 
-Heavy imports (torch, transformers, SQLAlchemy, FastAPI) happen inside the verb that needs them, so
-``asyncthink --help`` is instant. Verbs:
+This package sits above the others: it imports ``shared``, ``services`` and ``trainer``, and nothing
+imports it. Heavy imports (torch, transformers, SQLAlchemy, FastAPI) happen inside the verb that needs
+them, so ``asyncthink --help`` is instant. Options that set a config's fields are generated from the
+config (:mod:`cli.options`), so each has one help text. Verbs:
 
     solve   one problem: the answer, a readable trace, T, η and wall time
     eval    many problems in one or more modes, stored; a table, --json, --plot
     trace   show a stored episode
     db      database migrations
+    serve   run the gateway or the organizer service (distributed setup)
     model   build a small model from a config with a locally trained tokenizer
-    serve   run the gateway, the organizer service (distributed setup)
-    synth / sft / grpo   training (see ``trainer/``)
+    synth / sft / grpo   training (the work is in ``trainer/``)
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ class CliError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from shared.cli import db, run, train_verbs
+    from cli import db, run, train
 
     parser = argparse.ArgumentParser(
         prog="asyncthink",
@@ -37,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     run.register(sub)
     db.register(sub)
-    train_verbs.register(sub)
+    train.register(sub)
     return parser
 
 

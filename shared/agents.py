@@ -1,0 +1,477 @@
+"""One agent's run: decode, parse, fork, join, answer — over interfaces only.
+
+An agent is the organizer, one trace of parallel thinking, or a worker (which may itself fork when
+recursive organization is on). :class:`AgentRunner` runs one from its :class:`AgentSpec`:
+
+1. decode from the agent's prefix until the backend stops at a protocol tag (``</FORK-i>``, ``<JOIN-i>``,
+   ``</ANSWER>`` or ``</RETURN>``), EOS or the token budget;
+2. feed the text to the incremental :class:`~shared.protocol.ProtocolParser` and handle each event it
+   completes, one handler per kind: a Fork starts the worker at once (an asyncio task) and decoding
+   resumes from the same prefix; a Join blocks only this agent until the worker is done, appends the
+   worker's takeaway and ``</JOIN-i>`` as injected ids (masked out of training) and parses whatever
+   generated text the backend returned past the join; an Answer/Return ends the agent;
+3. the first format error ends the agent (the episode then gets the format-error reward).
+
+Every decoded token is recorded as ids with a mask (generated = 1, injected = 0) and as a
+:class:`~shared.metrics.Timeline` of decode, fork and join steps, from which the engine computes ``T``
+and ``η``. The runner does no I/O of its own: the model is a
+:class:`~shared.backends.base.ModelBackend`, workers are :class:`WorkerEndpoint` s (the model itself by
+default, a Celery dispatcher in the distributed setup, tools by ``<FORK-i@endpoint>``), events go to an
+:class:`EventSink`.
+
+Limits: a worker that times out returns an error text and is charged its whole token budget on the
+clock (its real length is unknown); workers still running when their parent finishes are cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from shared.backends.base import FinishReason, GenerateRequest, GenerateResult, ModelBackend, SamplingParams
+from shared.messages import EpisodeEvent, EventKind, SegmentRecord, WorkerOutcome, WorkerTask
+from shared.metrics import Decode, ForkStep, JoinStep, Step, Timeline
+from shared.protocol import (
+    ORGANIZER_STOP_REGEX,
+    RECURSIVE_WORKER_STOP_REGEX,
+    WORKER_STOP_REGEX,
+    Answer,
+    Event,
+    Fork,
+    FormatError,
+    Join,
+    ProtocolParser,
+    Return,
+    Role,
+    join_result,
+)
+from shared.tasks.base import Task
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- interfaces
+class WorkerEndpoint(Protocol):
+    """Runs one forked sub-query and returns its takeaway (model, tool, human, remote queue...)."""
+
+    async def run(self, task: WorkerTask) -> WorkerOutcome: ...
+
+
+class EventSink(Protocol):
+    async def emit(self, event: EpisodeEvent) -> None: ...
+
+
+class NullSink:
+    async def emit(self, event: EpisodeEvent) -> None:
+        return None
+
+
+class ListSink:
+    """Keeps every event in memory (tests, the CLI's live trace)."""
+
+    def __init__(self) -> None:
+        self.events: list[EpisodeEvent] = []
+
+    async def emit(self, event: EpisodeEvent) -> None:
+        self.events.append(event)
+
+
+class Emitter:
+    """Numbers an episode's events (one ``seq`` for its organizer and its in-process workers) and sends
+    them to the sink; a failing sink is logged, never raised (an observer must not break an episode)."""
+
+    def __init__(self, episode_id: str, sink: EventSink) -> None:
+        self.episode_id = episode_id
+        self.sink = sink
+        self.seq = 0
+
+    async def __call__(self, kind: EventKind, agent: str = "organizer", clock: int = 0, **data: object) -> None:
+        self.seq += 1
+        event = EpisodeEvent(
+            episode_id=self.episode_id, seq=self.seq, kind=kind, agent=agent, clock=clock, data=data
+        )
+        try:
+            await self.sink.emit(event)
+        except Exception:
+            log.exception("event sink failed on %s", kind)
+
+
+# ----------------------------------------------------------------------------- one agent
+@dataclass(frozen=True)
+class AgentSpec:
+    """What one agent runs and under which limits."""
+
+    episode_id: str
+    agent: str  # "organizer", "trace-2" (parallel), "1" (worker 1), "1.2" (worker 2 of worker 1)
+    role: Role
+    prompt: str
+    budget: int  # tokens this agent may decode
+    capacity: int  # pool size c for the parser's capacity rule
+    allow_fork: bool
+    sampling: SamplingParams
+    worker_budget: int  # tokens each worker it forks may decode
+    worker_timeout_s: float
+    depth: int = 0  # 0 for the organizer, 1 for its workers, ...
+    max_depth: int = 1  # agents at this depth may not fork (recursive organization)
+
+    @property
+    def stop_regex(self) -> str:
+        if self.role is Role.ORGANIZER:
+            return ORGANIZER_STOP_REGEX
+        return RECURSIVE_WORKER_STOP_REGEX if self.allow_fork else WORKER_STOP_REGEX
+
+    def child_name(self, fork_id: int) -> str:
+        return str(fork_id) if self.role is Role.ORGANIZER else f"{self.agent}.{fork_id}"
+
+    def worker_task(self, fork: Fork, task_name: str) -> WorkerTask:
+        """The task a Fork of this agent dispatches."""
+        seed = self.sampling.seed
+        return WorkerTask(
+            episode_id=self.episode_id,
+            agent=self.child_name(fork.fork_id),
+            fork_id=fork.fork_id,
+            parent=self.agent,
+            query=fork.query,
+            endpoint=fork.endpoint,
+            task=task_name,
+            budget=self.worker_budget,
+            depth=self.depth + 1,
+            temperature=self.sampling.temperature,
+            top_p=self.sampling.top_p,
+            seed=None if seed is None else seed + 7919 * fork.fork_id,
+            capacity=self.capacity,
+            allow_fork=self.allow_fork and self.depth + 1 < self.max_depth,
+            max_depth=self.max_depth,
+            worker_timeout_s=self.worker_timeout_s,
+        )
+
+
+@dataclass
+class AgentRun:
+    """What one agent's run produced."""
+
+    segment: SegmentRecord
+    timeline: Timeline
+    final: str | None  # the Answer or Return text
+    errors: list[dict[str, object]]  # format errors, this agent's and its workers'
+    children: list[SegmentRecord]  # the segments of every worker it forked (recursively)
+
+
+@dataclass
+class _PendingFork:
+    """A fork in the step list whose child timeline is known only when the agent ends."""
+
+    fork_id: int
+
+
+@dataclass
+class _AgentState:
+    """Everything one agent's run accumulates."""
+
+    parser: ProtocolParser
+    prompt_ids: list[int]
+    version: str
+    wall_start: float = field(default_factory=time.time)
+    ids: list[int] = field(default_factory=list)  # every id after the prompt
+    mask: list[int] = field(default_factory=list)  # 1 = generated here, 0 = injected by a join
+    steps: list[Step | _PendingFork] = field(default_factory=list)
+    generated: int = 0
+    children: dict[int, asyncio.Task[WorkerOutcome]] = field(default_factory=dict)
+    child_agents: dict[int, str] = field(default_factory=dict)
+    outcomes: dict[int, WorkerOutcome] = field(default_factory=dict)
+    error: str | None = None  # a backend failure (not a format error)
+
+    @property
+    def clock(self) -> int:
+        """This agent's own clock (for live events; T comes from the timeline)."""
+        return self.generated
+
+    def add_generated(self, result: GenerateResult) -> None:
+        n = len(result.output_ids)
+        self.ids += result.output_ids
+        self.mask += [1] * n
+        self.generated += n
+        if n:
+            self.steps.append(Decode(n))
+        if result.weight_version:
+            self.version = result.weight_version
+
+    def add_injected(self, ids: list[int]) -> None:
+        self.ids += ids
+        self.mask += [0] * len(ids)
+
+    def settle_children(self) -> None:
+        """Keep the outcome of workers that finished without a join; cancel the running ones."""
+        for fid, task in self.children.items():
+            if fid in self.outcomes:
+                continue
+            if task.done() and not task.cancelled() and task.exception() is None:
+                self.outcomes[fid] = task.result()
+            else:
+                task.cancel()
+
+
+class AgentRunner:
+    """Runs agents of one task on one backend (see the module docstring)."""
+
+    def __init__(
+        self,
+        backend: ModelBackend,
+        task: Task,
+        *,
+        endpoints: Mapping[str | None, WorkerEndpoint] | None = None,
+        sink: EventSink | None = None,
+    ) -> None:
+        self.backend = backend
+        self.task = task
+        self.endpoints: dict[str | None, WorkerEndpoint] = dict(endpoints or {})
+        self.endpoints.setdefault(None, ModelWorker(self))
+        self.sink: EventSink = sink or NullSink()
+        self._emitters: dict[str, Emitter] = {}
+
+    def emitter(self, episode_id: str) -> Emitter:
+        """The episode's emitter, shared by its organizer and in-process workers (one ``seq``)."""
+        if episode_id not in self._emitters:
+            self._emitters[episode_id] = Emitter(episode_id, self.sink)
+        return self._emitters[episode_id]
+
+    @contextlib.contextmanager
+    def episode_scope(self, episode_id: str) -> Iterator[Emitter]:
+        """The episode's emitter for the duration of a block; forgotten at its end unless it existed
+        before (a worker inside its organizer's process shares the organizer's numbering)."""
+        owned = episode_id not in self._emitters
+        emit = self.emitter(episode_id)
+        try:
+            yield emit
+        finally:
+            if owned:
+                self._emitters.pop(episode_id, None)
+
+    # ------------------------------------------------------------------------------- the loop
+    async def run_agent(self, spec: AgentSpec, emit: Emitter) -> AgentRun:
+        state = _AgentState(
+            parser=ProtocolParser(spec.role, capacity=spec.capacity, allow_fork=spec.allow_fork),
+            prompt_ids=self.backend.encode(spec.prompt),
+            version=self.backend.weight_version,
+        )
+        try:
+            while not state.parser.done:
+                result = await self._decode(spec, state)
+                if result is None:
+                    break
+                pending: deque[Event] = deque(state.parser.feed(result.text))
+                while pending:
+                    pending.extend(await self._handle(pending.popleft(), spec, state, emit))
+                if state.parser.errors or not self._goes_on(result, state):
+                    break
+            if not state.parser.done and not state.parser.errors and state.error is None:
+                state.parser.close()
+        finally:
+            state.settle_children()
+        return self._collect(spec, state)
+
+    async def _decode(self, spec: AgentSpec, state: _AgentState) -> GenerateResult | None:
+        """One generate call from the current prefix; None (and the budget error) when no budget is left."""
+        remaining = spec.budget - state.generated
+        if remaining <= 0:
+            state.parser.close(budget_exhausted=True)
+            return None
+        result = await self.backend.generate(
+            GenerateRequest(
+                input_ids=state.prompt_ids + state.ids,
+                max_new_tokens=remaining,
+                stop_regex=spec.stop_regex,
+                sampling=spec.sampling,
+                session=spec.episode_id,
+                tag=spec.agent,
+            )
+        )
+        state.add_generated(result)
+        return result
+
+    @staticmethod
+    def _goes_on(result: GenerateResult, state: _AgentState) -> bool:
+        """Whether to decode again after a call that did not finish the agent."""
+        if state.parser.done:
+            return False
+        if result.finish is FinishReason.ABORT:
+            state.error = "backend aborted the request"
+            return False
+        if result.finish is not FinishReason.STOP:  # EOS or the budget, with no final tag
+            state.parser.close(budget_exhausted=result.finish is FinishReason.LENGTH)
+            return False
+        return True
+
+    async def _handle(self, ev: Event, spec: AgentSpec, state: _AgentState, emit: Emitter) -> list[Event]:
+        """Act on one parser event; returns events that the join's overflow text completed."""
+        if isinstance(ev, FormatError):
+            await emit(
+                EventKind.FORMAT_ERROR, spec.agent, state.clock,
+                error=ev.kind.value, offset=ev.offset, message=ev.message,
+            )
+        elif isinstance(ev, Fork):
+            await self._on_fork(ev, spec, state, emit)
+        elif isinstance(ev, Join):
+            return await self._on_join(ev, spec, state, emit)
+        elif isinstance(ev, Answer | Return):
+            kind = EventKind.ANSWER if isinstance(ev, Answer) else EventKind.RETURN
+            await emit(kind, spec.agent, state.clock, text=ev.text)
+        return []
+
+    async def _on_fork(self, ev: Fork, spec: AgentSpec, state: _AgentState, emit: Emitter) -> None:
+        task = spec.worker_task(ev, self.task.name)
+        state.child_agents[ev.fork_id] = task.agent
+        state.children[ev.fork_id] = asyncio.create_task(
+            self._run_worker(task, spec.worker_timeout_s, emit, state.clock)
+        )
+        state.steps.append(_PendingFork(ev.fork_id))
+        await emit(EventKind.FORK, spec.agent, state.clock, fork_id=ev.fork_id, query=ev.query, endpoint=ev.endpoint)
+
+    async def _on_join(self, ev: Join, spec: AgentSpec, state: _AgentState, emit: Emitter) -> list[Event]:
+        await emit(EventKind.JOIN, spec.agent, state.clock, fork_id=ev.fork_id)
+        outcome = await state.children[ev.fork_id]
+        state.outcomes[ev.fork_id] = outcome
+        state.steps.append(JoinStep(ev.fork_id))
+        injected = join_result(ev.fork_id, outcome.returned)
+        state.add_injected(self.backend.encode(injected))
+        overflow = state.parser.inject(injected)  # generated text the backend returned past the join
+        await emit(EventKind.WORKER_RESULT, spec.agent, state.clock, fork_id=ev.fork_id, returned=outcome.returned)
+        return overflow
+
+    def _collect(self, spec: AgentSpec, state: _AgentState) -> AgentRun:
+        """The agent's segment, timeline and errors, with its workers' segments and errors folded in."""
+        errors = [_error_dict(e, spec.agent) for e in state.parser.errors]
+        resolved: list[Step] = []
+        child_segments: list[SegmentRecord] = []
+        for step in state.steps:
+            if not isinstance(step, _PendingFork):
+                resolved.append(step)
+                continue
+            fid = step.fork_id
+            done = state.outcomes.get(fid)
+            resolved.append(ForkStep(fid, Timeline.from_json(done.timeline) if done else Timeline()))
+            if done is not None:
+                child_segments.extend(done.segments)
+                errors.extend(done.format_errors)
+            else:
+                child_segments.append(
+                    SegmentRecord(
+                        agent=state.child_agents[fid], role="worker", fork_id=fid, parent=spec.agent,
+                        error="cancelled",
+                    )
+                )
+        final = state.parser.final.text if state.parser.final is not None else None
+        segment = SegmentRecord(
+            agent=spec.agent,
+            role=spec.role.value,
+            prompt=spec.prompt,
+            prompt_ids=state.prompt_ids,
+            completion_ids=state.ids,
+            completion_mask=state.mask,
+            text=self.backend.decode(state.ids),
+            returned=final if spec.role is Role.WORKER else None,
+            generated_tokens=state.generated,
+            wall_start=state.wall_start,
+            wall_end=time.time(),
+            error=state.error or (str(errors[0]["kind"]) if errors else None),
+            model_version=state.version,
+        )
+        return AgentRun(segment, Timeline(tuple(resolved)), final, errors, child_segments)
+
+    # ------------------------------------------------------------------------------- workers
+    async def _run_worker(self, task: WorkerTask, timeout_s: float, emit: Emitter, clock: int) -> WorkerOutcome:
+        endpoint = self.endpoints.get(task.endpoint)
+        if endpoint is None:
+            known = ", ".join(sorted(str(k) for k in self.endpoints if k)) or "none"
+            outcome = failed_outcome(
+                task, "unknown_endpoint", returned=f"[no worker endpoint '{task.endpoint}'; known: {known}]"
+            )
+        else:
+            try:
+                outcome = await asyncio.wait_for(endpoint.run(task), timeout_s)
+            except TimeoutError:
+                outcome = failed_outcome(
+                    task, "timeout", returned=f"[worker {task.fork_id} timed out after {timeout_s:g}s]"
+                )
+                outcome.timeline = Timeline.of(Decode(task.budget)).to_json()  # charged its whole budget
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a broken worker must not take the episode down
+                log.exception("worker %s of episode %s failed", task.agent, task.episode_id)
+                outcome = failed_outcome(task, f"failed: {exc}", returned=f"[worker {task.fork_id} failed: {exc}]")
+        for seg in outcome.segments:
+            await emit(
+                EventKind.SEGMENT, seg.agent, clock,
+                segment=seg.model_dump(exclude={"prompt_ids", "completion_ids", "completion_mask"}),
+            )
+        return outcome
+
+
+def _error_dict(err: FormatError, agent: str) -> dict[str, object]:
+    return {"kind": err.kind.value, "offset": err.offset, "message": err.message, "agent": agent}
+
+
+def worker_segment(task: WorkerTask, **fields: Any) -> SegmentRecord:
+    """A worker's segment with the identity fields of its task (agent, fork id, parent, endpoint, query)
+    filled in; ``fields`` adds the rest. Wall start and end default to now."""
+    now = time.time()
+    fields.setdefault("wall_start", now)
+    fields.setdefault("wall_end", now)
+    return SegmentRecord(
+        agent=task.agent,
+        role="worker",
+        fork_id=task.fork_id,
+        parent=task.parent,
+        endpoint=task.endpoint,
+        query=task.query,
+        **fields,
+    )
+
+
+def failed_outcome(task: WorkerTask, error: str, *, returned: str | None = None) -> WorkerOutcome:
+    """The outcome of a worker that could not run: an error text for the join, a segment saying why."""
+    return WorkerOutcome(
+        returned=returned if returned is not None else f"[worker {task.fork_id} failed: {error}]",
+        segments=[worker_segment(task, error=error)],
+        error=error,
+    )
+
+
+class ModelWorker:
+    """The default worker endpoint: the same model thinks about the sub-query alone and returns."""
+
+    def __init__(self, runner: AgentRunner) -> None:
+        self.runner = runner
+
+    async def run(self, task: WorkerTask) -> WorkerOutcome:
+        spec = AgentSpec(
+            episode_id=task.episode_id,
+            agent=task.agent,
+            role=Role.WORKER,
+            prompt=self.runner.task.worker_prompt(task.query),
+            budget=task.budget,
+            capacity=task.capacity,
+            allow_fork=task.allow_fork,
+            sampling=SamplingParams(temperature=task.temperature, top_p=task.top_p, seed=task.seed),
+            worker_budget=task.budget,
+            worker_timeout_s=task.worker_timeout_s,
+            depth=task.depth,
+            max_depth=task.max_depth,
+        )
+        with self.runner.episode_scope(task.episode_id) as emit:
+            run = await self.runner.run_agent(spec, emit)
+        seg = run.segment.model_copy(
+            update={"fork_id": task.fork_id, "parent": task.parent, "endpoint": task.endpoint, "query": task.query}
+        )
+        return WorkerOutcome(
+            returned=run.final if run.final is not None else seg.text,
+            timeline=run.timeline.to_json(),
+            segments=[seg, *run.children],
+            format_errors=run.errors,
+        )
