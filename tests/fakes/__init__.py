@@ -7,3 +7,14 @@
 
 Both the backends' own contract tests and ``tests/conformance/test_backend_conformance.py`` use them.
 """
+
+
+def resume_point(prompt: list[int], script: list[int]) -> int:
+    """Where a fake that plays ``script`` as its model's output resumes for ``prompt``: the length of the
+    longest suffix of ``prompt`` that is a prefix of ``script`` (0: start from the beginning). So a request
+    whose prompt ends with the ids a fake generated earlier continues the script instead of restarting it,
+    as a greedy model would."""
+    for n in range(min(len(prompt), len(script)), 0, -1):
+        if prompt[-n:] == script[:n]:
+            return n
+    return 0

@@ -5,6 +5,11 @@ The vLLM fake takes token-id prompts, ``stop`` lists of any length, ``include_st
 OpenAI's API: text prompts only, at most 4 stop strings, the matched stop dropped from ``text``, vLLM's
 extra fields rejected with 400, and SSE streaming. Both generate a fixed script, token by token.
 
+Test knobs: ``script``, ``cached`` (reported cached tokens), ``fail`` (every request answers that status and
+body), ``fail_next_status`` (the next request only), and ``resume`` (continue the script after a prompt
+that ends with its beginning, as a greedy model would; off by default); ``bodies`` records every request
+and ``generated`` counts the completion ids generated.
+
 Used by ``tests/unit/backends/test_openai_compat.py`` and the backend conformance suite.
 """
 
@@ -19,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from tests.fakes import resume_point
 from tests.fakes.tokenizer import EOS
 
 STANDARD_KEYS = {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "stream", "n",
@@ -41,6 +47,9 @@ class FakeCompletions:
         self.bodies: list[dict[str, Any]] = []
         self.cached = 0
         self.fail: tuple[int, dict[str, Any]] | None = None
+        self.fail_next_status: int | None = None  # the next request only answers this status
+        self.resume = False  # continue the script after a prompt that ends with its beginning (resume_point)
+        self.generated = 0  # completion ids generated so far
         self.app = Starlette(
             routes=[
                 Route("/v1/completions", self.completions, methods=["POST"]),
@@ -53,13 +62,15 @@ class FakeCompletions:
 
     def _run(self, body: dict[str, Any]) -> tuple[list[int], str, str, Any]:
         """(token ids, text as the server reports it, finish_reason, stop_reason)."""
-        prompt = body["prompt"]
         script = self.tok.encode(self.script, add_special_tokens=False) + [self.eos_id]
+        if self.resume:
+            prompt = body["prompt"]
+            ids = self.tok.encode(prompt, add_special_tokens=False) if isinstance(prompt, str) else prompt
+            script = script[resume_point(ids, script) :]
         stops = body.get("stop") or []
         stops = [stops] if isinstance(stops, str) else stops
         out: list[int] = []
         finish, stop_reason = "length", None
-        del prompt
         for tok in script:
             if len(out) >= body.get("max_tokens", 16):
                 break
@@ -79,6 +90,9 @@ class FakeCompletions:
     async def completions(self, request: Request) -> Response:
         body = await request.json()
         self.bodies.append(body)
+        if self.fail_next_status:
+            status, self.fail_next_status = self.fail_next_status, None
+            return JSONResponse({"error": {"message": "boom", "type": "server_error", "code": status}}, status)
         if self.fail:
             status, payload = self.fail
             return JSONResponse(payload, status)
@@ -106,6 +120,7 @@ class FakeCompletions:
         }
         if body.get("stream"):
             ids, _, finish, _ = self._run(body)
+            self.generated += len(ids)
 
             async def events() -> AsyncIterator[bytes]:
                 for k, tok in enumerate(ids):
@@ -117,6 +132,7 @@ class FakeCompletions:
 
             return StreamingResponse(events(), media_type="text/event-stream")
         ids, text, finish, stop_reason = self._run(body)
+        self.generated += len(ids)
         choice: dict[str, Any] = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
         if not self.hosted:
             choice["stop_reason"] = stop_reason

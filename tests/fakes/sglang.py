@@ -11,6 +11,11 @@ JSON body; ``/update_weights_from_disk`` applies the cache-flush rule of an ``in
 and ``r2``) are served by one app and told apart by the Host header. ``RefusingTransport`` wraps a
 transport to simulate refused connections.
 
+Each replica generates its ``script`` (then EOS), token by token. Test knobs per replica: ``abort_next``,
+``fail_next_status`` (the next ``/generate`` answers that status), ``delay_s``, ``parked``, and ``resume``
+(continue the script after a prompt that ends with its beginning, as a greedy model would; off by
+default); ``calls`` records every request and ``generated`` counts the output ids answered.
+
 Used by ``tests/unit/backends/test_sglang_contract.py`` and the backend conformance suite.
 """
 
@@ -28,6 +33,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from tests.fakes import resume_point
 from tests.fakes.tokenizer import EOS
 
 # sampling_params keys of SGLang 0.5.23 (reference, "sampling_params"), by the type the schema gate wants
@@ -74,6 +80,8 @@ class Replica:
     abort_next: bool = False
     fail_next_status: int | None = None
     delay_s: float = 0.0
+    resume: bool = False  # continue the script after a prompt that ends with its beginning (resume_point)
+    generated: int = 0  # output ids answered so far
 
     def cached(self, ids: list[int]) -> int:
         best = 0
@@ -180,6 +188,8 @@ class FakeSGLang:
         max_new = 128 if max_new is None else max_new
         cached = rep.cached(ids)
         script = self.tok.encode(rep.script, add_special_tokens=False) + [self.eos_id]
+        if rep.resume:
+            script = script[resume_point(ids, script) :]
         out: list[int] = []
         finish: dict[str, Any] = {"type": "length", "length": max_new}
         for tok in script:
@@ -205,6 +215,7 @@ class FakeSGLang:
             else:
                 text = self.tok.decode(out[:-1], skip_special_tokens=True)
         rep.cache.append(ids + out[:-1])
+        rep.generated += len(out)
         meta = {
             "id": "rid", "finish_reason": finish, "prompt_tokens": len(ids), "weight_version": rep.weight_version,
             "num_retractions": 0, "reasoning_tokens": 0, "completion_tokens": len(out), "cached_tokens": cached,
