@@ -9,7 +9,8 @@ A script maps an agent name ("organizer", "1", "1.2", "trace-1") to the text tha
 Injected join results are not part of a script: the engine appends them. Each ``generate`` call
 continues the agent's script from where its last call stopped and stops where the request's
 stop regex first matches, or at the script's end (reported as EOS), or at ``max_new_tokens``.
-Token ids are Unicode code points, so ``encode``/``decode`` are exact.
+Token ids are Unicode code points, so ``encode``/``decode`` are exact. As every backend does, it refuses
+an empty ``input_ids`` (ValueError) and, after ``aclose``, any request (RuntimeError).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class ScriptedBackend(CodePoints):
         self._cursor: dict[tuple[str | None, str], int] = {}
         self._prompts: dict[tuple[str | None, str], str] = {}
         self.calls = 0
+        self._closed = False
 
     def _text_for(self, agent: str, prompt: str) -> str:
         if callable(self.script):
@@ -57,6 +59,10 @@ class ScriptedBackend(CodePoints):
         return self.script[agent]
 
     async def generate(self, request: GenerateRequest) -> GenerateResult:
+        if self._closed:
+            raise RuntimeError("the scripted backend is closed")
+        if not request.input_ids:
+            raise ValueError("input_ids is empty: a request needs at least one prompt token")
         self.calls += 1
         agent = request.tag
         key = (request.session, agent)
@@ -80,7 +86,7 @@ class ScriptedBackend(CodePoints):
         return GenerateResult(self.encode(piece), piece, finish, matched)
 
     async def aclose(self) -> None:
-        return None
+        self._closed = True
 
 
 class ScriptRouter(CodePoints):

@@ -7,7 +7,8 @@ Follows ``shared/reference/sglang-http-api.md`` (SGLang 0.5.23, read from its so
 - *sampling_params*: unknown keys are rejected with 400 since 0.5.22, and types are strict, so only
   ``max_new_tokens`` (int), ``stop_regex`` (one pattern of at most 256 bytes), ``temperature``, ``top_p``,
   ``top_k``, ``sampling_seed`` and ``no_stop_trim: true`` are sent; ``no_stop_trim`` keeps the stop text
-  in ``text``, and ``output_ids`` keep the stop tokens either way.
+  in ``text``, and ``output_ids`` keep the stop tokens either way. The pattern is compiled here first, so
+  an invalid one raises ``re.error`` in the caller instead of being sent.
 - *Non-streaming response*: ``output_ids``; ``meta_info.finish_reason`` mapped as
   ``stop`` with a string ``matched`` (which is the *pattern* for a regex) -> STOP, ``stop`` with an integer
   ``matched`` (a token id; only EOS, as no ``stop_token_ids`` are sent) -> EOS, ``length`` -> LENGTH,
@@ -182,6 +183,7 @@ class SGLangBackend(TokenizerCodec):
                     f"stop_regex is {len(request.stop_regex.encode())} bytes; SGLang allows at most "
                     f"{MAX_STOP_REGEX_BYTES} per pattern"
                 )
+            stop_pattern(request.stop_regex)  # a bad pattern raises re.error here, never reaching the server
             params["stop_regex"] = request.stop_regex
         if s.seed is not None:
             params["sampling_seed"] = int(s.seed)

@@ -6,6 +6,9 @@ requests between steps, runs steps while anything is active, and resolves each f
 loop that asked when its request finishes. The thread (not an asyncio task) keeps device syncs off
 the event loop.
 
+``text`` is :meth:`SlotEngineBackend.decode` of ``output_ids``, which drops special tokens (an EOS id stays
+the last output id but adds no text), as in the other backends; the engine's own decode keeps them.
+
 Limits: one engine per backend; requests from several event loops work (each future is resolved on
 its own loop); ``aclose`` aborts waiting and running requests with ``FinishReason.ABORT``; an
 exception inside a step fails every outstanding request with that exception and stops the driver.
@@ -83,7 +86,11 @@ class SlotEngineBackend:
             return list(self.tokenizer.encode(text))
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids)
+        """Special tokens (EOS) decode to nothing, as in every other backend (``TokenizerCodec``)."""
+        try:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+        except TypeError:  # a plain tokenizer without the transformers keyword
+            return self.tokenizer.decode(ids)
 
     async def generate(self, request: GenerateRequest) -> GenerateResult:
         loop = asyncio.get_running_loop()
@@ -153,7 +160,8 @@ class SlotEngineBackend:
                         _settle(waiter, exc)
                 if engine.has_work:
                     for handle, result in engine.step():
-                        _settle(self._waiters.pop(handle), result)
+                        # the engine's text keeps special tokens; the contract's is decode(output_ids)
+                        _settle(self._waiters.pop(handle), replace(result, text=self.decode(result.output_ids)))
         except BaseException as exc:  # a broken step fails everyone waiting
             with self._cond:
                 self._error = exc
