@@ -18,7 +18,16 @@ from typing import Any
 
 import pytest
 
-from shared.backends.base import FinishReason, GenerateRequest, GenerateResult, ModelBackend, SamplingParams
+from shared.backends.base import (
+    FinishReason,
+    GenerateRequest,
+    GenerateResult,
+    ModelBackend,
+    SamplingParams,
+    WeightSource,
+    WeightUpdate,
+    WeightUpdateUnsupported,
+)
 from shared.protocol import ORGANIZER_STOP_REGEX, WORKER_STOP_REGEX
 from tests.conformance.conftest import BackendUnderTest
 
@@ -120,6 +129,28 @@ async def test_weight_version_of_results_matches_the_backend(backend_case: Backe
     version = backend_case.backend.weight_version
     assert isinstance(version, str) and version
     assert r.weight_version is None or r.weight_version == version
+
+
+@pytest.mark.parametrize("source", list(WeightSource))
+async def test_weights_update_from_declared_sources_only(
+    backend_case: BackendUnderTest, source: WeightSource, request: pytest.FixtureRequest
+) -> None:
+    """A declared source takes the weights and relabels what follows; any other is refused by name."""
+    b = backend_case.backend
+    if source is WeightSource.MODULE:
+        update = WeightUpdate(version="v-module", module=request.getfixturevalue("tiny_qwen2")[0])
+    else:
+        update = WeightUpdate(version="v-path", path=str(request.getfixturevalue("tiny_model_dir")))
+    if source not in b.weight_sources:
+        before = b.weight_version
+        with pytest.raises(WeightUpdateUnsupported, match=source.value):
+            await b.update_weights(update)
+        assert b.weight_version == before
+        return
+    await b.update_weights(update)
+    assert b.weight_version == update.version
+    r = await generate(backend_case, max_new_tokens=3)
+    assert r.weight_version in (None, update.version)
 
 
 def test_encode_decode_round_trip_of_protocol_text(backend_case: BackendUnderTest) -> None:
