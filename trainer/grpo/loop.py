@@ -122,13 +122,49 @@ def learning_rate(config: GRPOConfigArgs, step: int) -> float:
     return config.lr
 
 
-def train_grpo(config: GRPOConfigArgs, *, reward_fn: RewardFn | None = None) -> GRPORun:
-    """Run GRPO over thinking structures as ``config`` says; see the module docstring for one step."""
+@dataclass
+class _Trainer:
+    """What a run holds between steps: the models, the optimizer, the rollout backend and the history."""
+
+    config: GRPOConfigArgs
+    task: Any
+    device: torch.device
+    bf16: bool
+    tokenizer: Any
+    model: Any
+    ref_model: Any  # the frozen starting model for the KL penalty, or None
+    optimizer: torch.optim.Optimizer
+    pad_id: int
+    pool: list[Any]  # the training problems
+    engine_config: EngineConfig
+    backend: Any  # the rollout backend (a ModelBackend)
+    step: int = 0  # optimizer steps completed, across resumes
+    history: list[dict[str, Any]] = field(default_factory=list)  # every step's record, across resumes
+    resumed_from: Path | None = None
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.config.out / METRICS_FILE
+
+    def save(self, path: Path) -> Path:
+        return ckpt.save_checkpoint(
+            path,
+            model=self.model,
+            tokenizer=self.tokenizer,
+            optimizer=self.optimizer,
+            step=self.step,
+            run_config=self.config.to_json(),
+            metrics=self.history,
+        )
+
+
+def _start(config: GRPOConfigArgs) -> _Trainer:
+    """Load the model (from the newest checkpoint when resuming), the optimizer and its state, the
+    reference model, the problem pool and the rollout backend; rewrite the metrics file up to the step."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = _resolve_device(config.device)
     bf16 = config.bf16 if config.bf16 is not None else device.type == "cuda"
-    task = get_task(config.task)
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
     resume_from = ckpt.find_latest(out) if config.resume else None
@@ -139,9 +175,7 @@ def train_grpo(config: GRPOConfigArgs, *, reward_fn: RewardFn | None = None) -> 
     random.seed(config.seed)
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    model: Any = AutoModelForCausalLM.from_pretrained(
-        str(model_dir), local_files_only=True, dtype=torch.float32
-    )
+    model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, dtype=torch.float32)
     model.to(device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
     ref_model: Any = None
@@ -153,126 +187,126 @@ def train_grpo(config: GRPOConfigArgs, *, reward_fn: RewardFn | None = None) -> 
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, betas=(0.9, 0.99), weight_decay=config.weight_decay
     )
-    step = 0
-    history: list[dict[str, Any]] = []
-    if resume_from is not None:
-        state = ckpt.load_state(resume_from)
-        optimizer.load_state_dict(state.optimizer)
-        ckpt.restore_rng(state)
-        step = state.step
-        history = [r for r in ckpt.read_metrics(resume_from) if r.get("step", 0) <= step]
-        log.info("resumed from %s at step %d", resume_from, step)
-    metrics_path = out / METRICS_FILE
-    with metrics_path.open("w") as fh:  # drop records of steps after the checkpoint (a cut-off run)
-        for old_rec in history:
-            fh.write(json.dumps(old_rec) + "\n")
-    config.save(out / ckpt.RUN_CONFIG_FILE)
-
-    pool = load_problem_pool(config, task)
+    task = get_task(config.task)
     engine_config = EngineConfig.of(
         config.episode,
         RewardConfig(format_error_reward=config.format_error_reward, concurrency_weight=config.lam, tau=config.tau),
     )
-    backend = open_rollout_backend(config, model, tokenizer, model_dir, device, bf16)
-    refresh_weights(backend, model, f"grpo-{step}")
+    run = _Trainer(
+        config=config, task=task, device=device, bf16=bf16, tokenizer=tokenizer, model=model,
+        ref_model=ref_model, optimizer=optimizer, pad_id=pad_id, pool=load_problem_pool(config, task),
+        engine_config=engine_config, backend=None, resumed_from=resume_from,
+    )
+    if resume_from is not None:
+        state = ckpt.load_state(resume_from)
+        optimizer.load_state_dict(state.optimizer)
+        ckpt.restore_rng(state)
+        run.step = state.step
+        run.history = [r for r in ckpt.read_metrics(resume_from) if r.get("step", 0) <= run.step]
+        log.info("resumed from %s at step %d", resume_from, run.step)
+    with run.metrics_path.open("w") as fh:  # drop records of steps after the checkpoint (a cut-off run)
+        for old_rec in run.history:
+            fh.write(json.dumps(old_rec) + "\n")
+    config.save(out / ckpt.RUN_CONFIG_FILE)
+    run.backend = open_rollout_backend(config, model, tokenizer, model_dir, device, bf16)
+    refresh_weights(run.backend, model, f"grpo-{run.step}")
+    return run
 
-    def save(path: Path) -> Path:
-        return ckpt.save_checkpoint(
-            path,
-            model=model,
-            tokenizer=tokenizer,
-            optimizer=optimizer,
-            step=step,
-            run_config=config.to_json(),
-            metrics=history,
+
+def _one_step(run: _Trainer, reward_fn: RewardFn | None) -> dict[str, Any]:
+    """Rollouts, group advantages, the update and the weight refresh of one step; its metrics record."""
+    config = run.config
+    t0 = time.monotonic()
+    problems = sample_problems(run.pool, config.problems_per_step, seed=config.seed, step=run.step)
+    rollout_seed = (config.seed * 1_000_003 + run.step) * 10_007
+    groups = asyncio.run(
+        run_group_rollouts(
+            run.backend, run.task, problems, run.engine_config, group_size=config.group_size, seed=rollout_seed
         )
+    )
+    rollout_s = time.monotonic() - t0
+    reward_rows = [[reward_fn(r) if reward_fn else r.rewards.total for r in g] for g in groups]
+    rewards = torch.tensor(reward_rows, dtype=torch.float32)  # [P, G]
+    advantages = group_advantages(
+        rewards,
+        scale=config.advantage_scale,  # type: ignore[arg-type]
+        eps=config.advantage_eps,
+    )  # [P, G]
+    sequences: list[Sequence] = []
+    seq_adv: list[float] = []
+    for p, group in enumerate(groups):
+        for g, result in enumerate(group):
+            for seq in episode_sequences(result):  # organizer and workers share the advantage
+                sequences.append(seq)
+                seq_adv.append(float(advantages[p, g]))
+    t1 = time.monotonic()
+    lr = learning_rate(config, run.step)
+    for param_group in run.optimizer.param_groups:
+        param_group["lr"] = lr
+    upd = grpo_update(
+        run.model, run.optimizer, sequences, seq_adv, config,
+        pad_id=run.pad_id, device=run.device, bf16=run.bf16, ref_model=run.ref_model,
+    )
+    run.step += 1
+    refresh_weights(run.backend, run.model, f"grpo-{run.step}")
+    update_s = time.monotonic() - t1
+    rec: dict[str, Any] = {"step": run.step, **step_metrics(groups, rewards, advantages)}
+    rec.update(
+        rollout_s=rollout_s,
+        rollout_tokens_per_s=rec["rollout_tokens"] / max(rollout_s, 1e-9),
+        update_s=update_s,
+        loss=upd.loss,
+        grad_norm=upd.grad_norm,
+        clip_frac=upd.clip_frac,
+        kl=upd.kl,
+        trained_sequences=upd.trained_sequences,
+        trained_tokens=upd.trained_tokens,
+        update_skipped=upd.skipped,
+        lr=lr,
+        step_s=time.monotonic() - t0,
+    )
+    return {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in rec.items()}
 
-    t_start = time.monotonic()
+
+def _out_of_time(config: GRPOConfigArgs, started: float, step_times: list[float]) -> bool:
+    """Whether another step (as long as the slowest of the last three, with margin) would pass max_minutes."""
+    if config.max_minutes is None or not step_times:
+        return False
+    elapsed = time.monotonic() - started
+    return elapsed + max(step_times[-3:]) * 1.2 + 15.0 > config.max_minutes * 60.0
+
+
+def train_grpo(config: GRPOConfigArgs, *, reward_fn: RewardFn | None = None) -> GRPORun:
+    """Run GRPO over thinking structures as ``config`` says; see the module docstring for one step."""
+    run = _start(config)
+    started = time.monotonic()
     step_times: list[float] = []
-    run_records: list[dict[str, Any]] = []
-    last_checkpoint: Path | None = resume_from
+    records: list[dict[str, Any]] = []
+    last_checkpoint = run.resumed_from
     stopped = "done"
-    reporter = _Reporter(config.progress, config.steps, step)
+    reporter = _Reporter(config.progress, config.steps, run.step)
     try:
-        while step < config.steps:
-            if config.max_minutes is not None and step_times:
-                budget = config.max_minutes * 60.0
-                elapsed = time.monotonic() - t_start
-                if elapsed + max(step_times[-3:]) * 1.2 + 15.0 > budget:
-                    stopped = "time"
-                    break
+        while run.step < config.steps:
+            if _out_of_time(config, started, step_times):
+                stopped = "time"
+                break
             t0 = time.monotonic()
-            problems = sample_problems(pool, config.problems_per_step, seed=config.seed, step=step)
-            rollout_seed = (config.seed * 1_000_003 + step) * 10_007
-            groups = asyncio.run(
-                run_group_rollouts(
-                    backend, task, problems, engine_config, group_size=config.group_size, seed=rollout_seed
-                )
-            )
-            rollout_s = time.monotonic() - t0
-            reward_rows = [[reward_fn(r) if reward_fn else r.rewards.total for r in g] for g in groups]
-            rewards = torch.tensor(reward_rows, dtype=torch.float32)  # [P, G]
-            advantages = group_advantages(
-                rewards,
-                scale=config.advantage_scale,  # type: ignore[arg-type]
-                eps=config.advantage_eps,
-            )  # [P, G]
-            sequences: list[Sequence] = []
-            seq_adv: list[float] = []
-            for p, group in enumerate(groups):
-                for g, result in enumerate(group):
-                    for seq in episode_sequences(result):  # organizer and workers share the advantage
-                        sequences.append(seq)
-                        seq_adv.append(float(advantages[p, g]))
-            t1 = time.monotonic()
-            lr = learning_rate(config, step)
-            for param_group in optimizer.param_groups:
-                param_group["lr"] = lr
-            upd = grpo_update(
-                model,
-                optimizer,
-                sequences,
-                seq_adv,
-                config,
-                pad_id=pad_id,
-                device=device,
-                bf16=bf16,
-                ref_model=ref_model,
-            )
-            step += 1
-            refresh_weights(backend, model, f"grpo-{step}")
-            update_s = time.monotonic() - t1
-            rec: dict[str, Any] = {"step": step, **step_metrics(groups, rewards, advantages)}
-            rec.update(
-                rollout_s=rollout_s,
-                rollout_tokens_per_s=rec["rollout_tokens"] / max(rollout_s, 1e-9),
-                update_s=update_s,
-                loss=upd.loss,
-                grad_norm=upd.grad_norm,
-                clip_frac=upd.clip_frac,
-                kl=upd.kl,
-                trained_sequences=upd.trained_sequences,
-                trained_tokens=upd.trained_tokens,
-                update_skipped=upd.skipped,
-                lr=lr,
-                step_s=time.monotonic() - t0,
-            )
-            rec = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in rec.items()}
-            history.append(rec)
-            run_records.append(rec)
-            with metrics_path.open("a") as fh:
+            rec = _one_step(run, reward_fn)
+            run.history.append(rec)
+            records.append(rec)
+            with run.metrics_path.open("a") as fh:
                 fh.write(json.dumps(rec) + "\n")
             reporter.step(rec)
             step_times.append(time.monotonic() - t0)
-            if config.save_every and step % config.save_every == 0 and step < config.steps:
-                last_checkpoint = save(out / f"checkpoint-{step}")
-        if stopped == "time" or step < config.steps:
-            if last_checkpoint is None or ckpt.read_step(last_checkpoint) != step:
-                last_checkpoint = save(out / f"checkpoint-{step}")
+            if config.save_every and run.step % config.save_every == 0 and run.step < config.steps:
+                last_checkpoint = run.save(config.out / f"checkpoint-{run.step}")
+        if run.step < config.steps:  # stopped early: the last step must be on disk to resume from
+            if last_checkpoint is None or ckpt.read_step(last_checkpoint) != run.step:
+                last_checkpoint = run.save(config.out / f"checkpoint-{run.step}")
         else:
-            last_checkpoint = save(out / "final")
+            last_checkpoint = run.save(config.out / "final")
     finally:
         reporter.close()
-        asyncio.run(backend.aclose())
-    log.info("grpo %s after %d steps; last checkpoint %s", stopped, step, last_checkpoint)
-    return GRPORun(out=out, step=step, stopped=stopped, last_checkpoint=last_checkpoint, metrics=run_records)
+        asyncio.run(run.backend.aclose())
+    log.info("grpo %s after %d steps; last checkpoint %s", stopped, run.step, last_checkpoint)
+    return GRPORun(out=config.out, step=run.step, stopped=stopped, last_checkpoint=last_checkpoint, metrics=records)
