@@ -269,7 +269,9 @@ class AgentRunner:
                 clock += n
                 if n:
                     steps.append(Decode(n))
-                for ev in parser.feed(result.text):
+                pending = parser.feed(result.text)  # a Join's inject() may complete more events: appended
+                while pending:
+                    ev = pending.pop(0)
                     if isinstance(ev, FormatError):
                         await emit("format_error", agent, clock, error=ev.kind.value, offset=ev.offset, message=ev.message)
                     elif isinstance(ev, Fork):
@@ -305,7 +307,7 @@ class AgentRunner:
                         inj_ids = self.backend.encode(injected)
                         ids += inj_ids
                         mask += [0] * len(inj_ids)
-                        parser.inject(injected)
+                        pending += parser.inject(injected)  # parses any text the model wrote past <JOIN-i>
                         await emit("worker_result", agent, clock, fork_id=ev.fork_id, returned=outcome.returned)
                     elif isinstance(ev, Answer | Return):
                         kind = "answer" if isinstance(ev, Answer) else "return"
