@@ -124,8 +124,9 @@ def organizer_timeline(
     events, _ = parse(record.completion, Role.ORGANIZER, capacity=1 << 20)
     cuts: list[tuple[int, Step]] = []  # (generated text ends here, the step that follows)
     for ev in events:
-        if isinstance(ev, Fork):
-            end = ev.offset + len(f"</FORK-{ev.fork_id}>")
+        if isinstance(ev, Fork):  # a Fork's offset is its opening tag; the decode chunk ends at </FORK-i>
+            closing = f"</FORK-{ev.fork_id}>"
+            end = record.completion.index(closing, ev.offset) + len(closing)
             cuts.append((end, ForkStep(ev.fork_id, Timeline.of(Decode(worker_tokens.get(ev.fork_id, 0))))))
         elif isinstance(ev, Join):
             cuts.append((ev.offset + len(f"<JOIN-{ev.fork_id}>"), JoinStep(ev.fork_id)))

@@ -94,6 +94,52 @@ def test_fork_then_immediate_join() -> None:
     assert post > 0
 
 
+class RunsPastJoin(ScriptedBackend):
+    """Like the scripted backend, but the token that completes ``<JOIN-i>`` carries ``extra`` more
+    characters of the script (a real tokenizer's last token may run past the stop text)."""
+
+    def __init__(self, script: dict[str, str], extra: int) -> None:
+        super().__init__(script)
+        self.extra = extra
+
+    async def generate(self, request: GenerateRequest) -> GenerateResult:
+        result = await super().generate(request)
+        if result.finish is FinishReason.STOP and (result.matched or "").startswith("<JOIN-"):
+            key = (request.session, request.tag)
+            start = self._cursor[key]
+            more = self.script[request.tag][start : start + self.extra]  # type: ignore[index]
+            self._cursor[key] = start + len(more)
+            text = result.text + more
+            return GenerateResult(self.encode(text), text, result.finish, result.matched)
+        return result
+
+
+def test_an_answer_in_the_text_past_a_join_ends_the_episode() -> None:
+    org = "ab<FORK-1>q</FORK-1><JOIN-1><ANSWER>42</ANSWER>never decoded"
+    backend = RunsPastJoin({"organizer": org, "1": "<RETURN>7</RETURN>"}, extra=len("<ANSWER>42</ANSWER>"))
+    sink = ListSink()
+    result = asyncio.run(Engine(backend, EchoTask(), EngineConfig(), sink=sink).run(PROBLEM, episode_id="ep"))
+    assert result.status == "completed", result.format_errors
+    assert result.answer == "42" and result.rewards.accuracy == 1.0
+    seg = result.segments[0]
+    # the overflow token comes before the injected ids; injected ids are masked out
+    assert seg.text == "ab<FORK-1>q</FORK-1><JOIN-1><ANSWER>42</ANSWER>7</JOIN-1>"
+    assert sum(seg.completion_mask) == len("ab<FORK-1>q</FORK-1><JOIN-1><ANSWER>42</ANSWER>")
+    assert backend.calls == 3  # organizer twice (up to </FORK-1>, up to <JOIN-1> and past it), worker once
+    kinds = [e.kind for e in sink.events]
+    assert kinds.index("join") < kinds.index("worker_result") < kinds.index("answer") < kinds.index("finished")
+
+
+def test_text_past_a_join_is_parsed_with_stored_offsets() -> None:
+    org = "<FORK-1>q</FORK-1><JOIN-1>\n<JOIN-1>"
+    backend = RunsPastJoin({"organizer": org, "1": "<RETURN>7</RETURN>"}, extra=len("\n<JOIN-1>"))
+    result = asyncio.run(Engine(backend, EchoTask(), EngineConfig()).run(PROBLEM, episode_id="ep"))
+    assert result.status == "format_error"
+    (err,) = result.format_errors
+    assert err["kind"] == "join_repeated"
+    assert err["offset"] == result.segments[0].text.index("\n<JOIN-1>") + 1
+
+
 def test_two_overlapping_workers_capacity_three() -> None:
     org = "<FORK-1>a</FORK-1><FORK-2>b</FORK-2>x<JOIN-2><JOIN-1><ANSWER>42</ANSWER>"
     result, _ = run({"organizer": org, "1": "w" * 100 + "<RETURN>1</RETURN>", "2": "<RETURN>2</RETURN>"},

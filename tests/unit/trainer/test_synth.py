@@ -186,6 +186,24 @@ def test_jsonl_round_trip_and_length_stats(tmp_path, problems: list[Problem]) ->
     assert sum(s.tokens for s in tl.steps if hasattr(s, "tokens")) == len(org.completion) - injected
 
 
+def test_organizer_timeline_cuts_after_each_fork_and_join() -> None:
+    from shared.metrics import Decode, ForkStep, JoinStep, Timeline
+    from trainer.synth.records import TraceRecord
+
+    head = "ab<FORK-1@python>q</FORK-1>cd<JOIN-1>"
+    injected = join_result(1, "r")
+    tail = "<ANSWER>x</ANSWER>"
+    rec = TraceRecord("organizer", "p", "P", head + injected + tail, [[len(head), len(head) + len(injected)]])
+    tl = organizer_timeline(rec, {1: 5}, len)
+    assert tl == Timeline.of(
+        Decode(len("ab<FORK-1@python>q</FORK-1>")),
+        ForkStep(1, Timeline.of(Decode(5))),
+        Decode(len("cd<JOIN-1>")),
+        JoinStep(1),
+        Decode(len(tail)),
+    )
+
+
 # ------------------------------------------------------------------------------------ LLM teacher
 def _fake_client(replies: list[str | int]):  # type: ignore[no-untyped-def]
     from openai import OpenAI
