@@ -90,16 +90,31 @@ class Emitter:
         self.episode_id = episode_id
         self.sink = sink
         self.seq = 0
+        self._pending: set[asyncio.Task[None]] = set()  # events sent by soon() still on their way
 
     async def __call__(self, kind: EventKind, agent: str = "organizer", clock: int = 0, **data: object) -> None:
         self.seq += 1
         event = EpisodeEvent(
             episode_id=self.episode_id, seq=self.seq, kind=kind, agent=agent, clock=clock, data=data
         )
+        await self._send(event)
+
+    def soon(self, kind: EventKind, agent: str, clock: int, **data: object) -> None:
+        """Emit from a synchronous callback on the event loop: numbered now, sent by a task. Tasks run in
+        the order they are made, so events keep their order at the sink."""
+        self.seq += 1
+        event = EpisodeEvent(
+            episode_id=self.episode_id, seq=self.seq, kind=kind, agent=agent, clock=clock, data=data
+        )
+        task = asyncio.get_running_loop().create_task(self._send(event))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _send(self, event: EpisodeEvent) -> None:
         try:
             await self.sink.emit(event)
         except Exception:
-            log.exception("event sink failed on %s", kind)
+            log.exception("event sink failed on %s", event.kind)
 
 
 # ----------------------------------------------------------------------------- one agent
@@ -119,6 +134,7 @@ class AgentSpec:
     worker_timeout_s: float
     depth: int = 0  # 0 for the organizer, 1 for its workers, ...
     max_depth: int = 1  # agents at this depth may not fork (recursive organization)
+    stream_text: bool = False  # emit text events as this agent decodes (and its joins' results)
 
     @property
     def stop_regex(self) -> str:
@@ -262,7 +278,7 @@ class AgentRunner:
         )
         try:
             while not state.parser.done:
-                result = await self._decode(spec, state)
+                result = await self._decode(spec, state, emit)
                 if result is None:
                     break
                 pending: deque[Event] = deque(state.parser.feed(result.text))
@@ -276,12 +292,21 @@ class AgentRunner:
             state.settle_children()
         return self._collect(spec, state)
 
-    async def _decode(self, spec: AgentSpec, state: _AgentState) -> GenerateResult | None:
-        """One generate call from the current prefix; None (and the budget error) when no budget is left."""
+    async def _decode(self, spec: AgentSpec, state: _AgentState, emit: Emitter) -> GenerateResult | None:
+        """One generate call from the current prefix; None (and the budget error) when no budget is left.
+
+        With ``stream_text`` the decoded text goes out as text events: piece by piece where the backend
+        streams, otherwise (and for whatever a stream left out) all at once when the call returns."""
         remaining = spec.budget - state.generated
         if remaining <= 0:
             state.parser.close(budget_exhausted=True)
             return None
+        streamed: list[str] = []
+
+        def on_text(piece: str) -> None:
+            streamed.append(piece)
+            emit.soon(EventKind.TEXT, spec.agent, state.clock, text=piece, injected=False)
+
         result = await self.backend.generate(
             GenerateRequest(
                 input_ids=state.prompt_ids + state.ids,
@@ -290,9 +315,15 @@ class AgentRunner:
                 sampling=spec.sampling,
                 session=spec.episode_id,
                 tag=spec.agent,
+                on_text=on_text if spec.stream_text else None,
             )
         )
         state.add_generated(result)
+        if spec.stream_text:
+            sent = "".join(streamed)
+            rest = result.text[len(sent) :] if result.text.startswith(sent) else ""
+            if rest:
+                await emit(EventKind.TEXT, spec.agent, state.clock, text=rest, injected=False)
         return result
 
     @staticmethod
@@ -342,6 +373,8 @@ class AgentRunner:
         state.add_injected(self.backend.encode(injected))
         overflow = state.parser.inject(injected)  # generated text the backend returned past the join
         await emit(EventKind.WORKER_RESULT, spec.agent, state.clock, fork_id=ev.fork_id, returned=outcome.returned)
+        if spec.stream_text:
+            await emit(EventKind.TEXT, spec.agent, state.clock, text=injected, injected=True)
         return overflow
 
     def _collect(self, spec: AgentSpec, state: _AgentState) -> AgentRun:

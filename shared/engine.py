@@ -42,6 +42,7 @@ from shared.metrics import Schedule, Timeline, concurrency, parallel_metrics, sc
 from shared.protocol import Role
 from shared.rewards import RewardConfig, RewardParts, total_reward
 from shared.tasks.base import Mode, Problem, Score, Task
+from shared.tasks.prompts import for_model
 
 __all__ = [
     "Engine",
@@ -117,9 +118,10 @@ class Engine:
         sink: EventSink | None = None,
     ) -> None:
         self.backend = backend
-        self.task = task
         self.config = config or EngineConfig()
-        self.runner = AgentRunner(backend, task, endpoints=endpoints, sink=sink)
+        # prompted as the model needs: the task's trained prompts, or a system message teaching the protocol
+        self.task = for_model(task, backend, self.config.resolved_capacity(task.default_capacity))
+        self.runner = AgentRunner(backend, self.task, endpoints=endpoints, sink=sink)
 
     @property
     def capacity(self) -> int:
@@ -175,6 +177,7 @@ class Engine:
             worker_budget=cfg.worker_budget,
             worker_timeout_s=cfg.worker_timeout_s,
             max_depth=cfg.max_depth if cfg.recursive else 1,
+            stream_text=cfg.stream_text,
         )
 
     async def _run_organizer(self, problem: Problem, episode_id: str, emit: Emitter) -> EpisodeResult:

@@ -70,6 +70,11 @@ class EpisodeSettings(BaseModel):
     max_depth: int = Field(
         2, ge=1, le=MAX_DEPTH, description="with recursive: how deep workers may fork (1 = only the organizer)"
     )
+    stream_text: bool = Field(
+        False,
+        description="publish the organizer's text as it is decoded (text events), join results included; "
+        "streaming chat completions turn it on",
+    )
 
     @field_validator("worker_timeout_s", "temperature", "top_p")
     @classmethod

@@ -41,6 +41,7 @@ class EventKind(StrEnum):
     """The kinds of :class:`EpisodeEvent`, in the order an episode usually produces them."""
 
     STARTED = "started"  # data: task, problem_id, mode, capacity
+    TEXT = "text"  # with stream_text: organizer text as it is decoded; data: text, injected (a join's result)
     FORK = "fork"  # data: fork_id, query, endpoint
     JOIN = "join"  # the agent waits for a worker; data: fork_id
     WORKER_RESULT = "worker_result"  # the join's injected text; data: fork_id, returned

@@ -15,8 +15,11 @@ from services.gateway.metrics import GatewayMetrics
 from shared.bus.base import Bus
 from shared.config import Settings
 
-# Served model names for the OpenAI-compatible API: name -> task.
+# Served model names for the OpenAI-compatible API: name -> task ("auto": the text picks a graded task
+# when it states one, else free-form chat).
 CHAT_MODELS: dict[str, str] = {
+    "asyncthink": "auto",
+    "asyncthink-chat": "chat",
     "asyncthink-countdown": "countdown",
     "asyncthink-math": "math",
     "asyncthink-sudoku": "sudoku",

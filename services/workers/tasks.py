@@ -121,8 +121,10 @@ async def compute(rt: WorkerRuntime, task: WorkerTask, sink: BusSink | None = No
     """
     if task.endpoint is None:
         from shared.tasks import get_task
+        from shared.tasks.prompts import for_model
 
-        runner = AgentRunner(rt.backend, get_task(task.task), sink=sink or BusSink(rt.bus))
+        prompted = for_model(get_task(task.task), rt.backend, task.capacity)
+        runner = AgentRunner(rt.backend, prompted, sink=sink or BusSink(rt.bus))
         return await runner.endpoints[None].run(task)
     if task.endpoint in TOOL_NAMES:
         return run_tool(task)

@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
+
+from shared.tasks.prompts import PromptStyle, plain_chat
 
 
 class FinishReason(StrEnum):
@@ -54,6 +57,9 @@ class GenerateRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     session: str | None = None  # sticky-routing key (the episode id) so a replica keeps the prefix cached
     tag: str = ""  # who asks, for logs: "organizer", "worker 3", ...
+    # Called on the caller's event loop with each piece of decoded text as it is generated, by backends
+    # that stream (the in-process transformers backend); others return the whole text at once.
+    on_text: Callable[[str], None] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,11 @@ class ModelBackend(Protocol):
 
     model_id: str  # a name (a directory's basename, a served model name)
     weight_sources: frozenset[WeightSource]  # how update_weights may be fed; empty: fixed weights
+    prompt_style: PromptStyle  # trained on the protocol's short prompts, or taught it by a system message
+
+    def format_chat(self, messages: list[dict[str, str]]) -> str:
+        """Chat messages as this model's prompt text (its chat template; plain lines without one)."""
+        ...
 
     @property
     def weight_version(self) -> str: ...
@@ -136,11 +147,23 @@ class FixedWeights:
         check_source(self, update)  # type: ignore[arg-type]
 
 
+def render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """``messages`` in the tokenizer's chat template, ready for the assistant's turn; plain ``Role: text``
+    lines when the tokenizer has no template."""
+    if getattr(tokenizer, "chat_template", None):
+        return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    return plain_chat(messages)
+
+
 class TokenizerCodec:
     """``encode``/``decode`` through a local Hugging Face tokenizer (``self.tokenizer``), adding no special
     tokens: for backends that talk token ids to a server, which must mean what the served model means."""
 
     tokenizer: Any
+    prompt_style: PromptStyle = PromptStyle.PROTOCOL  # a served model was not trained on our prompts
+
+    def format_chat(self, messages: list[dict[str, str]]) -> str:
+        return render_chat(self.tokenizer, messages)
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))

@@ -50,6 +50,7 @@ from shared.backends.base import (
     stop_pattern,
 )
 from shared.backends.sglang import load_tokenizer
+from shared.tasks.prompts import PromptStyle
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,7 @@ class OpenAICompatBackend(FixedWeights, TokenizerCodec):
         backoff_s: float = 0.25,
         tokenizer: Any | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        prompt_style: PromptStyle = PromptStyle.PROTOCOL,
     ) -> None:
         if not model:
             raise ValueError("OpenAICompatBackend needs the served model name (the `model` of each request)")
@@ -126,6 +128,7 @@ class OpenAICompatBackend(FixedWeights, TokenizerCodec):
         self.retries = retries
         self.backoff_s = backoff_s
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(tokenizer_dir)
+        self.prompt_style = prompt_style
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s), headers=headers, transport=transport

@@ -10,6 +10,11 @@ Accepted forms:
   vLLM's token-id extensions; hosted: text prompts, stops applied client-side) and ``max_stops=N``.
   The key comes from ``ASYNCTHINK_OPENAI_API_KEY`` or ``OPENAI_API_KEY``.
 
+Every form takes ``prompt=trained|protocol`` (``DIR?prompt=protocol`` for a directory): ``trained`` sends
+the tasks' short prompts, which models trained here learnt; ``protocol`` sends a system message that
+teaches the Fork/Join protocol, in the model's chat template (:mod:`shared.tasks.prompts`). The default
+is ``trained`` for a local directory and ``protocol`` for a served model.
+
 The tokenizer directory is required for the HTTP backends: token ids must mean what the served model
 means, and a silently different tokenizer would corrupt every trace. Backends are imported lazily, so
 choosing SGLang never imports torch, and a local directory never imports httpx.
@@ -24,6 +29,7 @@ from urllib.parse import parse_qs
 
 from shared.backends.base import ModelBackend
 from shared.config import Settings, get_settings
+from shared.tasks.prompts import PromptStyle
 
 FORMS = (
     "a local model directory (e.g. models/asyncthink-countdown-small), "
@@ -36,10 +42,21 @@ _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):(?!\\)")
 def _split_query(text: str, spec: str) -> tuple[str, dict[str, str]]:
     head, _, query = text.partition("?")
     params = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
-    unknown = set(params) - {"tokenizer", "mode", "max_stops"}
+    unknown = set(params) - {"tokenizer", "mode", "max_stops", "prompt"}
     if unknown:
         raise ValueError(f"model spec {spec!r}: unknown option(s) {sorted(unknown)}; accepted forms: {FORMS}")
     return head, params
+
+
+def _prompt_style(params: dict[str, str], spec: str, default: PromptStyle) -> PromptStyle:
+    value = params.get("prompt")
+    if value is None:
+        return default
+    try:
+        return PromptStyle(value)
+    except ValueError:
+        choices = ", ".join(s.value for s in PromptStyle)
+        raise ValueError(f"model spec {spec!r}: prompt must be one of {choices}, got {value!r}") from None
 
 
 def _tokenizer(params: dict[str, str], spec: str) -> Path:
@@ -80,6 +97,7 @@ def open_backend(spec: str, settings: Settings | None = None) -> ModelBackend:
             timeout_s=settings.request_timeout_s,
             api_key=os.environ.get("ASYNCTHINK_SGLANG_API_KEY") or None,
             admin_api_key=os.environ.get("ASYNCTHINK_SGLANG_ADMIN_API_KEY") or None,
+            prompt_style=_prompt_style(params, spec, PromptStyle.PROTOCOL),
         )
     if scheme == "openai":
         rest = spec[len("openai:") :]
@@ -104,10 +122,14 @@ def open_backend(spec: str, settings: Settings | None = None) -> ModelBackend:
             vllm_extensions=mode == "vllm",
             max_stops=int(max_stops) if max_stops else None,
             timeout_s=settings.request_timeout_s,
+            prompt_style=_prompt_style(params, spec, PromptStyle.PROTOCOL),
         )
     if scheme is not None and len(scheme) > 1:  # "C:" style drive letters fall through to a path
         raise ValueError(f"unknown model spec {spec!r} (scheme {scheme!r}); accepted forms: {FORMS}")
-    path = Path(spec).expanduser()
+    path_text, params = spec, {}
+    if "?" in spec and not Path(spec).expanduser().is_dir():
+        path_text, params = _split_query(spec, spec)
+    path = Path(path_text).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(
             f"model directory {path} does not exist; the shipped model lives under models/ "
@@ -115,5 +137,7 @@ def open_backend(spec: str, settings: Settings | None = None) -> ModelBackend:
         )
     from shared.backends.transformers_backend import TransformersBackend
 
-    backend: ModelBackend = TransformersBackend(path, device=settings.device)
+    backend: ModelBackend = TransformersBackend(
+        path, device=settings.device, prompt_style=_prompt_style(params, spec, PromptStyle.TRAINED)
+    )
     return backend

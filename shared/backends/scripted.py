@@ -21,12 +21,18 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from shared.backends.base import FinishReason, FixedWeights, GenerateRequest, GenerateResult
+from shared.tasks.prompts import PromptStyle, plain_chat
 
 Script = Mapping[str, str] | Callable[[str, str], str]
 
 
 class CodePoints(FixedWeights):
     """Token ids are Unicode code points, so ``encode``/``decode`` are exact; the weights are "scripted"."""
+
+    prompt_style = PromptStyle.TRAINED
+
+    def format_chat(self, messages: list[dict[str, str]]) -> str:
+        return plain_chat(messages)
 
     @property
     def weight_version(self) -> str:

@@ -65,6 +65,7 @@ from shared.backends.base import (
     find_stop,
     stop_pattern,
 )
+from shared.tasks.prompts import PromptStyle
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,7 @@ class SGLangBackend(TokenizerCodec):
         model_id: str | None = None,
         tokenizer: Any | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        prompt_style: PromptStyle = PromptStyle.PROTOCOL,
     ) -> None:
         if not base_urls:
             raise ValueError("SGLangBackend needs at least one base URL, e.g. http://127.0.0.1:30000")
@@ -142,6 +144,7 @@ class SGLangBackend(TokenizerCodec):
         self.retries = retries
         self.backoff_s = backoff_s
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(tokenizer_dir)
+        self.prompt_style = prompt_style
         self.model_id = model_id or Path(tokenizer_dir).name
         self._api_key = api_key
         self._admin_key = admin_api_key or api_key

@@ -46,8 +46,10 @@ from shared.backends.base import (
     WeightUpdate,
     check_source,
     find_stop,
+    render_chat,
     stop_pattern,
 )
+from shared.tasks.prompts import PromptStyle
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +151,7 @@ class _Seq:
     generator: torch.Generator | None
     output: list[int] = field(default_factory=list)
     text_len: int = 0  # length of the decoded output at the last stop check
+    streamed: int = 0  # characters of the output already handed to the request's on_text
 
 
 class TransformersBackend:
@@ -169,6 +172,7 @@ class TransformersBackend:
         dtype: str | torch.dtype | None = None,
         max_batch: int = 64,
         version: str | None = None,
+        prompt_style: PromptStyle = PromptStyle.TRAINED,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -194,6 +198,7 @@ class TransformersBackend:
             raise ValueError(f"cannot load a model and tokenizer from {path}: {exc}; {_BUILD_HINT}") from exc
         self.model.to(device).eval()
         self.model_id = path.resolve().name
+        self.prompt_style = prompt_style
         self.model_dir = path
         self.device = torch.device(device)
         self.max_batch = max_batch
@@ -227,6 +232,9 @@ class TransformersBackend:
 
     def encode(self, text: str) -> list[int]:
         return list(self._fast.encode(text, add_special_tokens=False).ids)
+
+    def format_chat(self, messages: list[dict[str, str]]) -> str:
+        return render_chat(self.tokenizer, messages)
 
     def decode(self, ids: list[int]) -> str:
         return str(self._fast.decode(ids, skip_special_tokens=True))
@@ -496,6 +504,7 @@ class _Scheduler:
             seq.output.append(tok)
             self.b.stats["tokens"] += 1
             reason = self._check(seq, tok)
+            self._stream(seq)
             if reason is not None:
                 self._finish(seq, reason)
                 done.append(r)
@@ -524,6 +533,19 @@ class _Scheduler:
         if len(seq.output) >= seq.limit:
             return FinishReason.LENGTH
         return None
+
+    def _stream(self, seq: _Seq) -> None:
+        """Hand the newly decoded text to the request's ``on_text``, on its event loop (whole characters
+        only: a byte-level token can end inside one)."""
+        callback = seq.item.request.on_text
+        if callback is None:
+            return
+        text = self.b.decode(seq.output)
+        if len(text) <= seq.streamed or text.endswith("\ufffd"):
+            return
+        piece, seq.streamed = text[seq.streamed :], len(text)
+        with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody is listening
+            seq.item.loop.call_soon_threadsafe(callback, piece)
 
     # --------------------------------------------------------------------------------- retiring
     def _finish(self, seq: _Seq, reason: FinishReason) -> None:

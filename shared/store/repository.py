@@ -253,7 +253,8 @@ def save_episode(
         "model_version": result.model_version,
         "status": EpisodeStatus(result.status).value,
         "answer": result.answer,
-        "accuracy": float(rewards.accuracy),
+        # an ungraded task (chat) answers without a score: its accuracy stays unset
+        "accuracy": None if score is None and result.status is EpisodeStatus.COMPLETED else float(rewards.accuracy),
         "reward_concurrency": float(rewards.concurrency),
         "reward_total": float(rewards.total),
         "format_error": bool(rewards.format_error) or result.status is EpisodeStatus.FORMAT_ERROR,

@@ -1,4 +1,4 @@
-"""Tasks: multi-solution countdown, 4x4 Sudoku and math (AIME/AMC)."""
+"""Tasks: multi-solution countdown, 4x4 Sudoku, math (AIME/AMC), and free-form chat (no grader)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from shared.tasks.base import Mode, Problem, Score, Task
 
 __all__ = ["Mode", "Problem", "Score", "Task", "get_task", "TASK_NAMES"]
 
-TASK_NAMES = ("countdown", "sudoku", "math")
+TASK_NAMES = ("countdown", "sudoku", "math", "chat")
 
 
 def get_task(name: str) -> Task:
@@ -23,4 +23,8 @@ def get_task(name: str) -> Task:
         from shared.tasks.math import MathTask
 
         return MathTask()
+    if name == "chat":
+        from shared.tasks.chat import ChatTask
+
+        return ChatTask()
     raise ValueError(f"unknown task {name!r}; choose one of: {', '.join(TASK_NAMES)}")

@@ -2,7 +2,7 @@
 
 Every task splits verification into extract -> evaluate -> score (nanochat's ``tasks/``): ``score``
 takes the raw text inside ``<ANSWER>`` and returns a :class:`Score` whose ``accuracy`` is the reward
-``R_A`` of DESIGN.md §4. Prompts for the organizer (per mode) and for workers live beside each task.
+``R_A`` of the reward (``None``: the task has no grader, as free-form chat). Prompts for the organizer (per mode) and for workers live beside each task.
 """
 
 from __future__ import annotations
@@ -52,7 +52,9 @@ class Task(Protocol):
         """What a worker sees: only its sub-query, wrapped in the task's worker instructions."""
         ...
 
-    def score(self, problem: Problem, answer: str | None) -> Score: ...
+    def score(self, problem: Problem, answer: str | None) -> Score | None:
+        """The answer's score; None for a task with no grader (free-form chat)."""
+        ...
 
     def aggregate(self, answers: list[str | None]) -> str | None:
         """Combine the answers of k parallel traces (majority vote, or top-n distinct for countdown)."""

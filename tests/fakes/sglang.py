@@ -12,7 +12,8 @@ and ``r2``) are served by one app and told apart by the Host header. ``RefusingT
 transport to simulate refused connections.
 
 Each replica generates its ``script`` (then EOS), token by token. Test knobs per replica: ``abort_next``,
-``fail_next_status`` (the next ``/generate`` answers that status), ``delay_s``, ``parked``, and ``resume``
+``fail_next_status`` (the next ``/generate`` answers that status), ``delay_s``, ``parked``, ``script_for``
+(a script chosen by the prompt's text), and ``resume``
 (continue the script after a prompt that ends with its beginning, as a greedy model would; off by
 default); ``calls`` records every request and ``generated`` counts the output ids answered.
 
@@ -81,6 +82,7 @@ class Replica:
     fail_next_status: int | None = None
     delay_s: float = 0.0
     resume: bool = False  # continue the script after a prompt that ends with its beginning (resume_point)
+    script_for: Any = None  # (prompt text) -> script: a different script per prompt (organizer vs worker)
     generated: int = 0  # output ids answered so far
 
     def cached(self, ids: list[int]) -> int:
@@ -187,7 +189,8 @@ class FakeSGLang:
         max_new = sp.get("max_new_tokens")
         max_new = 128 if max_new is None else max_new
         cached = rep.cached(ids)
-        script = self.tok.encode(rep.script, add_special_tokens=False) + [self.eos_id]
+        text = rep.script_for(self.tok.decode(ids)) if rep.script_for is not None else rep.script
+        script = self.tok.encode(text, add_special_tokens=False) + [self.eos_id]
         if rep.resume:
             script = script[resume_point(ids, script) :]
         out: list[int] = []

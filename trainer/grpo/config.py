@@ -73,7 +73,7 @@ class GRPOConfigArgs:
         default_factory=_rollout_episodes,
         metadata={
             "help": "the rollouts' episode settings",
-            "exclude": ("seed", "parallel_k"),  # --seed seeds the whole run; parallel is not trained
+            "exclude": ("seed", "parallel_k", "stream_text"),  # --seed seeds the whole run; parallel is not trained
             "choices_of": {"mode": MODES},
         },
     )

@@ -28,7 +28,9 @@ from shared.backends.base import (
     WeightSource,
     WeightUpdate,
     check_source,
+    render_chat,
 )
+from shared.tasks.prompts import PromptStyle
 from trainer.rollout.slot_engine import EngineStats, SlotEngine
 
 
@@ -52,6 +54,7 @@ class SlotEngineBackend:
     """
 
     weight_sources = frozenset({WeightSource.MODULE})
+    prompt_style = PromptStyle.TRAINED  # the models we train learn the tasks' short prompts
 
     def __init__(
         self,
@@ -84,6 +87,9 @@ class SlotEngineBackend:
             return list(self.tokenizer.encode(text, add_special_tokens=False))
         except TypeError:  # a plain tokenizer without the transformers keyword
             return list(self.tokenizer.encode(text))
+
+    def format_chat(self, messages: list[dict[str, str]]) -> str:
+        return render_chat(self.tokenizer, messages)
 
     def decode(self, ids: list[int]) -> str:
         """Special tokens (EOS) decode to nothing, as in every other backend (``TokenizerCodec``)."""

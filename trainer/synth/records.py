@@ -244,7 +244,7 @@ def _check_answer(task: Task, problem: Problem, events: list[Any], partial: bool
     if answer is None:  # pragma: no cover - the parser reports a missing answer
         return "format:missing_answer"
     score = task.score(problem, answer.text)
-    if score.accuracy == 1.0:
+    if score is None or score.accuracy == 1.0:  # an ungraded task accepts any answer
         return None
     wrong = any(score.details.get(k) for k in ("invalid", "duplicate", "ignored"))
     if partial and score.correct >= 1 and not wrong:

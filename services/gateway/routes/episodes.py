@@ -18,7 +18,7 @@ from shared.tasks.base import Mode
 
 router = APIRouter(prefix="/v1", tags=["episodes"])
 
-TaskName = Literal["countdown", "sudoku", "math"]
+TaskName = Literal["countdown", "sudoku", "math", "chat"]
 
 
 @router.get(

@@ -1,26 +1,33 @@
 """The OpenAI-compatible API: ``POST /v1/chat/completions`` and ``GET /v1/models``.
 
-The official ``openai`` client works against it unmodified. A model name (``asyncthink-countdown``,
-``asyncthink-math``, ``asyncthink-sudoku``) picks the task; the last user message is the problem (see
-:mod:`services.gateway.chat_input`); AsyncThink's options (``mode``, ``capacity``, ``organizer_budget``,
-``worker_budget``, ``parallel_k``, ``timeout_s``) ride as extra body fields (``extra_body=`` in the
-client). The request submits an episode exactly as ``POST /v1/problems`` does and waits for it:
+The official ``openai`` client works against it unmodified. Any prompt gets an answer: the model
+``asyncthink`` runs a countdown, sudoku or math problem when the text states one and a free-form chat
+otherwise; ``asyncthink-chat``, ``-countdown``, ``-math`` and ``-sudoku`` fix the task (see
+:mod:`services.gateway.chat_input`). A chat runs the whole conversation, system message included.
+The episode settings (``mode``, ``capacity``, ``organizer_budget``, ``worker_budget``, ``parallel_k``
+...) and ``timeout_s`` ride as extra body fields (``extra_body=`` in the client); ``max_tokens`` sets the
+organizer budget. The request submits an episode exactly as ``POST /v1/problems`` does and waits for it:
 
-* the answer is a ``chat.completion`` whose content is the episode's answer; ``id`` is
-  ``chatcmpl-<episode_id>``, and the extra fields ``episode_id`` and ``asyncthink`` (status, T, η, η/c,
-  wall time, forks, reward) describe the episode; ``usage.completion_tokens`` counts every token the
-  organizer and all its workers generated;
-* ``stream=true`` answers OpenAI-style SSE ``chat.completion.chunk`` chunks: the role, the answer as
-  soon as the organizer's ``<ANSWER>`` closes, a last chunk with ``finish_reason`` (and a usage chunk
-  when ``stream_options.include_usage``), then ``data: [DONE]``;
+* the answer is a ``chat.completion`` whose ``content`` is the episode's answer (the text inside
+  ``<ANSWER>``; when the organizer wrote none, its text as written, with ``finish_reason`` ``length`` if
+  the budget ran out) and whose ``reasoning_content`` is the organizer's whole text: its thinking, its
+  ``<FORK-i>…</FORK-i>`` and ``<JOIN-i>`` tags, and each join's injected result up to ``</JOIN-i>``;
+  ``id`` is ``chatcmpl-<episode_id>``, the extra fields ``episode_id`` and ``asyncthink`` (status, T, η,
+  η/c, wall time, forks, reward) describe the episode; ``usage`` counts the organizer's prompt tokens,
+  every token the organizer and its workers generated, and ``critical_path_tokens`` (T);
+* ``stream=true`` answers OpenAI-style SSE ``chat.completion.chunk`` chunks: the role, then the
+  organizer's text as ``delta.reasoning_content`` as it is decoded (token by token with the in-process
+  model; at each tag with a served one), the answer as ``delta.content`` the moment ``</ANSWER>``
+  closes, a last chunk with ``finish_reason`` and ``asyncthink`` (and a usage chunk when
+  ``stream_options.include_usage``), then ``data: [DONE]``;
 * past ``timeout_s`` the answer is 504 (or an error chunk when streaming) naming the episode id, so the
   client can poll ``GET /v1/episodes/{id}``; the episode keeps running.
 
 Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 for bad input, 404
 for an unknown model, 503 when the episode could not be queued, 502 when it failed.
 
-Limits: one choice; the organizer's thinking text is not streamed token by token (the engine's events
-carry actions, not tokens), only the answer; earlier messages of the conversation are not read.
+Limits: one choice (``n = 1``); only the organizer's text is streamed (workers' text is in the stored
+segments); no tool calls.
 """
 
 from __future__ import annotations
@@ -30,13 +37,14 @@ import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from fastapi import APIRouter, Response
 from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
-from services.gateway.chat_input import last_user_text, payload_from_text
+from services.gateway.chat_input import request_task
 from services.gateway.deps import StateDep
 from services.gateway.errors import OpenAIError, SubmissionError
 from services.gateway.schemas import (
@@ -62,7 +70,7 @@ from services.gateway.submission import (
     submit_episode,
     wait_finished,
 )
-from shared.messages import EpisodeEvent
+from shared.messages import EpisodeStatus, EventKind
 from shared.store import repository
 from shared.store.models import Episode
 
@@ -110,14 +118,33 @@ def _unknown_model(state: GatewayState, model: str) -> OpenAIError:
 
 
 # ----------------------------------------------------------------------------- building answers
-def _load(session: Session, episode_id: str) -> tuple[Episode | None, Usage]:
+@dataclass
+class _Finished:
+    episode: Episode
+    usage: Usage
+    organizer_text: str | None  # the organizer's whole text (None in parallel mode: k traces)
+
+    @property
+    def content(self) -> str:
+        """The answer; when there is none (a format error), the organizer's text as written."""
+        if self.episode.answer is not None:
+            return self.episode.answer
+        return self.organizer_text or ""
+
+
+def _load(session: Session, episode_id: str) -> tuple[Episode | None, Usage, str | None]:
     episode = repository.get_episode(session, episode_id)
     segments = repository.episode_segments(session, episode_id)
     prompt = sum(len(s.prompt_ids) for s in segments if s.role == "organizer")
     completion = sum(s.generated_tokens for s in segments)
-    return episode, Usage(
-        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    organizer = next((s.text for s in segments if s.agent == "organizer"), None)
+    usage = Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        critical_path_tokens=episode.latency if episode is not None else None,
     )
+    return episode, usage, organizer
 
 
 def _info(episode: Episode) -> AsyncThinkInfo:
@@ -141,22 +168,22 @@ def _finish_reason(episode: Episode) -> FinishReason:
     return "length" if "budget_exceeded" in kinds else "stop"
 
 
-async def _result(state: GatewayState, episode_id: str) -> tuple[Episode, Usage]:
-    """The finished episode and its usage; OpenAIError when it failed or vanished."""
+async def _result(state: GatewayState, episode_id: str) -> _Finished:
+    """The finished episode, its usage and organizer text; OpenAIError when it failed or vanished."""
     await wait_finished(state, episode_id)
-    episode, usage = await in_thread(state.session_factory, lambda s: _load(s, episode_id))
+    episode, usage, organizer = await in_thread(state.session_factory, lambda s: _load(s, episode_id))
     if episode is None:
         raise OpenAIError(
             502, f"episode {episode_id} is no longer stored", type="server_error", code="episode_missing"
         )
-    if episode.status == "failed":
+    if episode.status == EpisodeStatus.FAILED:
         raise OpenAIError(
             502,
             f"episode {episode_id} failed: {episode.error or 'unknown error'}",
             type="server_error",
             code="episode_failed",
         )
-    return episode, usage
+    return _Finished(episode, usage, organizer)
 
 
 def _timeout(episode_id: str, timeout_s: float) -> OpenAIError:
@@ -194,18 +221,19 @@ async def _wait(state: GatewayState, episode_id: str, timeout_s: float) -> None:
     },
 )
 async def chat_completions(body: ChatCompletionRequest, state: StateDep) -> Response | ChatCompletion:
-    task = state.chat_models.get(body.model)
-    if task is None:
+    model_task = state.chat_models.get(body.model)
+    if model_task is None:
         raise _unknown_model(state, body.model)
     try:
-        payload = payload_from_text(task, last_user_text(body.messages))
+        task, payload = request_task(model_task, body.messages)
     except ValueError as err:
         raise OpenAIError(400, str(err), param="messages", code="invalid_value") from err
+    settings = body.episode_settings()
+    if body.stream:
+        settings = settings.model_copy(update={"stream_text": True})
     try:
         problem = problem_from_request(task, payload)
-        episode_id = await submit_episode(
-            state, problem=problem, settings=body.episode_settings(), model=None, api="chat"
-        )
+        episode_id = await submit_episode(state, problem=problem, settings=settings, model=None, api="chat")
     except SubmissionError as err:
         if err.param == "payload":
             err.param = "messages"
@@ -216,20 +244,17 @@ async def chat_completions(body: ChatCompletionRequest, state: StateDep) -> Resp
         chunks = _stream(state, episode_id, body.model, created, body.timeout_s, include_usage)
         return StreamingResponse(chunks, media_type="text/event-stream", headers=SSE_HEADERS)
     await _wait(state, episode_id, body.timeout_s)
-    episode, usage = await _result(state, episode_id)
+    done = await _result(state, episode_id)
+    message = AssistantMessage(content=done.content, reasoning_content=done.organizer_text)
     return ChatCompletion(
         id=f"chatcmpl-{episode_id}",
         created=created,
         model=body.model,
-        choices=[
-            Choice(
-                message=AssistantMessage(content=episode.answer or ""), finish_reason=_finish_reason(episode)
-            )
-        ],
-        usage=usage,
-        system_fingerprint=episode.model_version,
+        choices=[Choice(message=message, finish_reason=_finish_reason(done.episode))],
+        usage=done.usage,
+        system_fingerprint=done.episode.model_version,
         episode_id=episode_id,
-        asyncthink=_info(episode),
+        asyncthink=_info(done.episode),
     )
 
 
@@ -253,19 +278,20 @@ async def _stream(
 
     yield _data(chunk(Delta(role="assistant", content="")))
     sent_answer = False
-    finished: EpisodeEvent | None = None
     try:
         async with asyncio.timeout(timeout_s), aclosing(follow_events(state, episode_id)) as events:
             async for item in events:
                 event = item.event
                 if event is None:
                     yield sse_comment("heartbeat")
-                elif event.kind == "answer" and event.agent == "organizer" and not sent_answer:
+                elif event.agent != "organizer":
+                    continue
+                elif event.kind is EventKind.TEXT:
+                    yield _data(chunk(Delta(reasoning_content=str(event.data.get("text", "")))))
+                elif event.kind is EventKind.ANSWER and not sent_answer:
                     sent_answer = True
                     yield _data(chunk(Delta(content=str(event.data.get("text", "")))))
-                elif event.kind == "finished":
-                    finished = event
-        episode, usage = await _result(state, episode_id)
+        done = await _result(state, episode_id)
     except TimeoutError:
         yield _data(_timeout(episode_id, timeout_s).body())
         yield b"data: [DONE]\n\n"
@@ -274,15 +300,9 @@ async def _stream(
         yield _data(err.body())
         yield b"data: [DONE]\n\n"
         return
-    if not sent_answer:
-        answer = (
-            episode.answer
-            if episode.answer is not None
-            else (finished.data.get("answer") if finished else None)
-        )
-        if answer:
-            yield _data(chunk(Delta(content=str(answer))))
-    yield _data(chunk(Delta(), _finish_reason(episode), asyncthink=_info(episode)))
+    if not sent_answer and done.content:
+        yield _data(chunk(Delta(content=done.content)))
+    yield _data(chunk(Delta(), _finish_reason(done.episode), asyncthink=_info(done.episode)))
     if include_usage:
         yield _data(
             ChatCompletionChunk(
@@ -290,7 +310,7 @@ async def _stream(
                 created=created,
                 model=model,
                 choices=[],
-                usage=usage,
+                usage=done.usage,
                 episode_id=episode_id,
             )
         )

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from shared.backends.base import FinishReason, GenerateRequest, GenerateResult
-from shared.backends.scripted import ScriptedBackend
+from shared.backends.scripted import CodePoints, ScriptedBackend
 from shared.engine import Engine, EngineConfig, ListSink
 from shared.messages import WorkerOutcome, WorkerTask
 from shared.metrics import Decode, ForkStep, JoinStep, Timeline
@@ -234,7 +234,7 @@ def test_recursive_worker_forks_its_own_worker() -> None:
     assert next(s for s in result.segments if s.agent == "1.1").parent == "1"
 
 
-class ConcurrencyProbe:
+class ConcurrencyProbe(CodePoints):
     """Records how many generate calls are in flight at once."""
 
     def __init__(self, inner: ScriptedBackend) -> None:

@@ -120,26 +120,42 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+LiveServerFactory = Callable[[ModelBackend], str]
+
+
 @pytest.fixture
-def live_server(tmp_path: Path) -> Iterator[str]:
-    """A real uvicorn server (embedded mode, scripted backend) in a thread; yields its base URL."""
-    app = create_app(settings_for(tmp_path), embedded_backend=ScriptedBackend(script))
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    )
-    thread = threading.Thread(target=server.run, name="gateway-uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive(), "uvicorn exited during startup"
-        assert time.monotonic() < deadline, "uvicorn did not start in 20 s"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
+def make_live_server(tmp_path: Path) -> Iterator[LiveServerFactory]:
+    """Start real uvicorn servers (embedded mode) over any backend, each in a thread; returns base URLs."""
+    running: list[tuple[uvicorn.Server, threading.Thread]] = []
+
+    def start(backend: ModelBackend) -> str:
+        home = tmp_path / f"server-{len(running)}"
+        home.mkdir()
+        app = create_app(settings_for(home), embedded_backend=backend)
+        port = free_port()
+        server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+        )
+        thread = threading.Thread(target=server.run, name="gateway-uvicorn", daemon=True)
+        thread.start()
+        running.append((server, thread))
+        deadline = time.monotonic() + 20
+        while not server.started:
+            assert thread.is_alive(), "uvicorn exited during startup"
+            assert time.monotonic() < deadline, "uvicorn did not start in 20 s"
+            time.sleep(0.02)
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for server, thread in running:
         server.should_exit = True
         thread.join(20)
+
+
+@pytest.fixture
+def live_server(make_live_server: LiveServerFactory) -> str:
+    """A real uvicorn server (embedded mode, scripted backend) in a thread; its base URL."""
+    return make_live_server(ScriptedBackend(script))
 
 
 def scripted_backend_factory(settings: Settings) -> ScriptedBackend:

@@ -20,7 +20,7 @@ def client(live_server: str) -> openai.OpenAI:
 
 def test_models_are_listed(client: openai.OpenAI) -> None:
     models = {m.id: m for m in client.models.list()}
-    assert set(models) == {"asyncthink-countdown", "asyncthink-math", "asyncthink-sudoku"}
+    assert set(models) == {"asyncthink", "asyncthink-chat", "asyncthink-countdown", "asyncthink-math", "asyncthink-sudoku"}
     assert (models["asyncthink-math"].model_extra or {})["task"] == "math"
     assert client.models.retrieve("asyncthink-sudoku").id == "asyncthink-sudoku"
     with pytest.raises(openai.NotFoundError):
