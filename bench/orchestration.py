@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.backends.scripted import ScriptedBackend, ScriptRouter
+from shared.messages import EventKind
 
 REPO = Path(__file__).resolve().parent.parent
 RATE_ENV = "ASYNCTHINK_BENCH_TOKENS_PER_S"
@@ -164,9 +165,9 @@ async def measure(h: Harness, res: SetupResults, args: argparse.Namespace) -> No
     for i in range(args.roundtrips + args.warmup):
         eid = await h.submit("rt", worker_budget=64)
         events = await h.events(eid)
-        fork = next(e for e in events if e.kind == "fork")
-        seg = next(e for e in events if e.kind == "segment" and e.agent == "1").data["segment"]
-        back = next(e for e in events if e.kind == "worker_result")
+        fork = next(e for e in events if e.kind is EventKind.FORK)
+        seg = next(e for e in events if e.kind is EventKind.SEGMENT and e.agent == "1").data["segment"]
+        back = next(e for e in events if e.kind is EventKind.WORKER_RESULT)
         if i >= args.warmup:
             res.dispatch.append((seg["wall_start"] - fork.ts) * 1e3)
             res.resume.append((back.ts - seg["wall_end"]) * 1e3)
@@ -187,8 +188,8 @@ async def measure(h: Harness, res: SetupResults, args: argparse.Namespace) -> No
     for _ in range(args.wall_episodes):
         eid = await h.submit("wall", capacity=3, worker_budget=1024)
         events = await h.events(eid)
-        fin = next(e for e in events if e.kind == "finished")
-        started = next(e for e in events if e.kind == "started")
+        fin = next(e for e in events if e.kind is EventKind.FINISHED)
+        started = next(e for e in events if e.kind is EventKind.STARTED)
         bound = fin.data["latency"] / args.tokens_per_s
         res.wall_over_bound.append((fin.ts - started.ts) / bound)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.engine import Engine, EpisodeResult
+from shared.messages import EpisodeStatus
 from shared.tasks.base import Problem
 
 
@@ -55,8 +56,8 @@ def summarize(task: str, results: Sequence[EpisodeResult]) -> dict[str, Any]:
         "accuracy": 100.0 * _mean([s.accuracy if s else 0.0 for s in scores]),
         "mean_latency": _mean([r.latency for r in results]),
         "mean_eta_over_c": 100.0 * _mean([r.eta_over_c for r in results]),
-        "format_error_rate": 100.0 * _mean([1.0 if r.status == "format_error" else 0.0 for r in results]),
-        "failed": sum(1 for r in results if r.status == "failed"),
+        "format_error_rate": 100.0 * _mean([1.0 if r.status is EpisodeStatus.FORMAT_ERROR else 0.0 for r in results]),
+        "failed": sum(1 for r in results if r.status is EpisodeStatus.FAILED),
         "forks_per_episode": _mean([r.forks for r in results]),
         "mean_reward": _mean([r.rewards.total for r in results]),
         "mean_wall_time_s": _mean([r.wall_time_s for r in results]),

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from shared.engine import EpisodeResult
+from shared.messages import EpisodeStatus
 from trainer.grpo.config import GRPOConfigArgs
 from trainer.grpo.losses import Sequence, collate, policy_loss, token_logprobs
 
@@ -159,7 +160,7 @@ def step_metrics(
         "reward_concurrency": mean([r.rewards.concurrency for r in flat]),
         "reward_total": mean([r.rewards.total for r in flat]),
         "format_error_rate": mean([1.0 if r.rewards.format_error else 0.0 for r in flat]),
-        "failed_rate": mean([1.0 if r.status == "failed" else 0.0 for r in flat]),
+        "failed_rate": mean([1.0 if r.status is EpisodeStatus.FAILED else 0.0 for r in flat]),
         "accuracy": mean([1.0 if r.score is not None and r.score.accuracy >= 1.0 else 0.0 for r in flat]),
         "latency_T": mean([float(r.latency) for r in flat]),
         "eta_over_c": mean([r.eta_over_c for r in flat]),
