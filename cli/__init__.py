@@ -29,7 +29,7 @@ class CliError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cli import db, run, train
+    from cli import db, run, train, up
 
     parser = argparse.ArgumentParser(
         prog="asyncthink",
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.register(sub)
     db.register(sub)
     train.register(sub)
+    up.register(sub)
     return parser
 
 
