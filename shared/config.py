@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     device: str = "cpu"  # torch device for the in-process transformers backend
     secret_key: str = "dev-secret-change-me"  # signs the human-review queue's session cookies
     request_timeout_s: float = 60.0  # timeout for every external HTTP call
+    max_body_bytes: int = Field(1024 * 1024, ge=1024)  # gateway: larger request bodies get a 413
 
     @model_validator(mode="after")
     def _no_default_secret_in_production(self) -> Settings:

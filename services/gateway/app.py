@@ -32,6 +32,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.gateway.errors import install_handlers
+from services.gateway.limits import InputGuardMiddleware
 from services.gateway.metrics import GatewayMetrics, MetricsMiddleware
 from services.gateway.routes import episodes, events, health, openai_compat, problems
 from services.gateway.state import GatewayState
@@ -113,7 +114,8 @@ def create_app(
         ],
     )
     install_handlers(app)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(InputGuardMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts refusals too
     for module in (problems, episodes, events, openai_compat, health):
         app.include_router(module.router)
     return app

@@ -150,7 +150,9 @@ class ChatCompletionRequest(EpisodeSettings):
 
     model_config = ConfigDict(extra="ignore", frozen=False)
 
-    model: str = Field(description="A served model from GET /v1/models, e.g. asyncthink-countdown.")
+    model: str = Field(
+        max_length=255, description="A served model from GET /v1/models, e.g. asyncthink-countdown."
+    )
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -163,7 +165,7 @@ class ChatCompletionRequest(EpisodeSettings):
         le=3600,
         description="How long to wait for the episode; past it the answer is 504 with the episode id to poll.",
     )
-    user: str | None = None
+    user: str | None = Field(None, max_length=255)
 
     def episode_settings(self) -> EpisodeSettings:
         """The episode settings it asks for; ``max_tokens`` sets the organizer budget unless given."""

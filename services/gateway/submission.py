@@ -121,11 +121,10 @@ async def submit_episode(
         await in_thread(state.session_factory, create)
     except Exception as err:
         state.metrics.submit_failures.labels("database").inc()
-        log.exception("storing episode %s failed", episode_id)
-        where = mask_url(state.settings.database_url)
+        log.exception("storing episode %s in %s failed", episode_id, mask_url(state.settings.database_url))
+        # The exception may carry the URL, the SQL and its parameters: the log gets it, the client not.
         raise SubmissionError(
-            503,
-            f"the database at {where} did not accept the episode ({type(err).__name__}: {err}); nothing was queued",
+            503, f"the database did not accept the episode ({type(err).__name__}); nothing was queued"
         ) from err
 
     try:
@@ -134,9 +133,9 @@ async def submit_episode(
         )
     except Exception as err:
         state.metrics.submit_failures.labels("bus").inc()
-        reason = "timed out" if isinstance(err, TimeoutError) else f"{type(err).__name__}: {err}"
+        reason = "timed out" if isinstance(err, TimeoutError) else type(err).__name__
         error = f"could not queue the episode on the bus ({reason})"
-        log.error("episode %s: %s", episode_id, error)
+        log.error("episode %s: %s", episode_id, error, exc_info=err)
         try:
             await in_thread(state.session_factory, lambda s: _mark_failed(s, episode_id, error))
         except Exception:

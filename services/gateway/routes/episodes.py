@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Path, Query
 
 from services.gateway.deps import SessionDep
 from services.gateway.schemas import EpisodeDetail, EpisodeList, SegmentDetail
@@ -19,6 +19,8 @@ from shared.tasks.base import Mode
 router = APIRouter(prefix="/v1", tags=["episodes"])
 
 TaskName = Literal["countdown", "sudoku", "math", "chat"]
+MAX_OFFSET = 1_000_000_000  # SQLite and PostgreSQL take 64-bit offsets; nobody pages this far
+EpisodeId = Annotated[str, Path(min_length=1, max_length=64, description="The episode id.")]
 
 
 @router.get(
@@ -34,7 +36,7 @@ TaskName = Literal["countdown", "sudoku", "math", "chat"]
     responses={404: {"description": "No episode with that id."}},
 )
 def get_episode(
-    episode_id: str,
+    episode_id: EpisodeId,
     session: SessionDep,
     include_tokens: Annotated[bool, Query(description="Add token ids and masks to each segment.")] = False,
 ) -> EpisodeDetail:
@@ -64,7 +66,7 @@ def list_episodes(
         str | None, Query(max_length=255, description="Only this weight version.")
     ] = None,
     limit: Annotated[int, Query(ge=1, le=200, description="Page size, 1 to 200.")] = 50,
-    offset: Annotated[int, Query(ge=0, description="Episodes to skip.")] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Episodes to skip.")] = 0,
 ) -> EpisodeList:
     rows, total = repository.list_episodes(
         session, task=task, mode=mode, status=status, model_version=model_version, limit=limit, offset=offset

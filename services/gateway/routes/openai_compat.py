@@ -111,7 +111,7 @@ def _unknown_model(state: GatewayState, model: str) -> OpenAIError:
     known = ", ".join(state.chat_models)
     return OpenAIError(
         404,
-        f"the model {model!r} does not exist; served models: {known}",
+        f"the model {model[:64]!r} does not exist; served models: {known}",
         param="model",
         code="model_not_found",
     )

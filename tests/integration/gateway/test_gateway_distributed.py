@@ -247,3 +247,43 @@ async def test_app_builds_its_redis_bus_and_readyz_names_redis_when_down(postgre
         assert r.status_code == expect, r.text
         if expect == 503:
             assert r.json()["failed"] == ["redis"] and r.json()["checks"]["database"] == "ok"
+
+
+async def test_unstorable_strings_are_422_without_url_or_sql(distributed: Distributed) -> None:
+    """PostgreSQL cannot store NUL, and nothing encodes a lone surrogate: these used to be 503s whose body
+    held the database URL, the SQL and its parameters."""
+    engine = make_engine(distributed.postgres_url)
+    count = select(func.count()).select_from(Episode)
+    headers = {"content-type": "application/json"}
+    try:
+        with engine.connect() as conn:
+            before = conn.execute(count).scalar_one()
+        for body in (
+            '{"task": "countdown", "payload": {"numbers": [3, 7, 25, 50], "target": 75}, "problem_id": "a\\u0000"}',
+            '{"task": "countdown", "payload": {"numbers": [3, 7, 25, 50], "target": 75}, "problem_id": "\\ud800"}',
+            '{"task": "math", "payload": {"problem": "1+1=\\u0000?"}}',
+            '{"task": "math", "payload": {"problem": "1+1=\\udfff?"}}',
+        ):
+            r = await distributed.client.post("/v1/problems", content=body.encode(), headers=headers)
+            assert r.status_code == 422, r.text
+            for leak in ("postgresql", "INSERT", "SELECT", "Traceback", "[SQL"):
+                assert leak not in r.text, r.text
+        r = await distributed.client.get("/v1/episodes", params={"model_version": "v\x00"})
+        assert r.status_code == 422, r.text
+        with engine.connect() as conn:
+            assert conn.execute(count).scalar_one() == before
+    finally:
+        engine.dispose()
+
+
+async def test_out_of_range_last_event_id_is_422_on_redis(distributed: Distributed) -> None:
+    r = await distributed.client.post("/v1/problems", json={"task": "countdown", "payload": COUNTDOWN})
+    eid = r.json()["episode_id"]
+    await distributed.wait(eid)
+    for entry in ("99999999999999999999999-0", "1-18446744073709551616"):
+        r = await distributed.client.get(f"/v1/episodes/{eid}/events", headers={"Last-Event-ID": entry})
+        assert r.status_code == 422, r.text
+        r = await distributed.client.get(f"/v1/episodes/{eid}/events", params={"after": entry})
+        assert r.status_code == 422, r.text
+    r = await distributed.client.get(f"/v1/episodes/{eid}/events", params={"after": f"{2**64 - 1}-0"})
+    assert r.status_code == 204, r.text
