@@ -85,7 +85,7 @@ class OpenAIError(Exception):
     @classmethod
     def from_submission(cls, err: SubmissionError) -> OpenAIError:
         status = 400 if err.status == 422 else err.status
-        code = "episode_not_started" if err.status >= 500 else "invalid_value"
+        code = {409: "problem_conflict"}.get(err.status, "episode_not_started" if err.status >= 500 else "invalid_value")
         return cls(status, err.message, param=err.param, code=code)
 
     def body(self) -> dict[str, Any]:

@@ -166,6 +166,12 @@ class ChatCompletionRequest(EpisodeSettings):
         description="How long to wait for the episode; past it the answer is 504 with the episode id to poll.",
     )
     user: str | None = Field(None, max_length=255)
+    problem_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=255,
+        description="Your id for the problem (as in POST /v1/problems); default: derived by the task.",
+    )
 
     def episode_settings(self) -> EpisodeSettings:
         """The episode settings it asks for; ``max_tokens`` sets the organizer budget unless given."""

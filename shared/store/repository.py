@@ -6,6 +6,8 @@ Celery are at-least-once) updates the stored row instead of adding a duplicate o
 
 * a problem is keyed by ``(task, problem_id)``, an episode by its id, a segment by
   ``(episode_id, agent)``, a model version by ``(model_id, version)``;
+* problems are **immutable**: an id is bound to the payload first stored under it; storing the same
+  payload again reuses the row, another payload raises :class:`ProblemConflict` (nothing is written);
 * :func:`save_episode` writes the problem, the episode and all its segments in one transaction.
 
 Writers commit by default; pass ``commit=False`` to only flush and make the write part of a larger
@@ -41,6 +43,18 @@ from shared.tasks.base import Mode, Problem
 
 if TYPE_CHECKING:
     from shared.engine import EpisodeResult
+
+
+class ProblemConflict(ValueError):
+    """A problem id already stored with another payload (problems are immutable)."""
+
+    def __init__(self, task: str, problem_id: str) -> None:
+        super().__init__(
+            f"problem_id {problem_id[:80]!r} of task {task} is already stored with a different payload; "
+            "problems are immutable: use a new problem_id for this payload, or none to let the task derive one"
+        )
+        self.task = task
+        self.problem_id = problem_id
 
 
 class EpisodeNotFound(LookupError):
@@ -114,18 +128,24 @@ def _upsert_segments(session: Session, episode_id: str, segments: Sequence[Segme
 
 
 def _problem_pk(session: Session, problem: Problem) -> int:
+    """The row of ``problem``: inserted if new, reused if stored with the same payload; ProblemConflict
+    if its id is stored with another payload (the stored row is never changed)."""
+    payload = _json(problem.payload)
     stmt = _insert(session, ProblemRow).values(
         task=problem.task,
         problem_id=problem.id,
-        payload=_json(problem.payload),
+        payload=payload,
         reference=_json(problem.reference),
         created_at=utcnow(),
     )
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["task", "problem_id"],
-        set_={"payload": stmt.excluded.payload, "reference": stmt.excluded.reference},
-    ).returning(_table(ProblemRow).c.id)
-    return int(session.execute(stmt).scalar_one())
+    session.execute(stmt.on_conflict_do_nothing(index_elements=["task", "problem_id"]))
+    t = _table(ProblemRow)
+    pk, stored = session.execute(
+        select(t.c.id, t.c.payload).where(t.c.task == problem.task, t.c.problem_id == problem.id)
+    ).one()
+    if stored != payload:
+        raise ProblemConflict(problem.task, problem.id)
+    return int(pk)
 
 
 def _fresh_episode(session: Session, episode_id: str) -> Episode:
@@ -139,7 +159,8 @@ def _fresh_episode(session: Session, episode_id: str) -> Episode:
 
 # ----------------------------------------------------------------------------- problems
 def upsert_problem(session: Session, *, problem: Problem, commit: bool = True) -> ProblemRow:
-    """Store ``problem`` (or update its payload and reference) and return its row."""
+    """Store ``problem`` (or find it stored with the same payload) and return its row; ProblemConflict
+    if its id is stored with another payload."""
     with _writing(session, commit):
         pk = _problem_pk(session, problem)
     row = session.get(ProblemRow, pk, populate_existing=True)

@@ -83,6 +83,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     for code, why in (
         (400, "Invalid request (OpenAI error shape)."),
         (404, "Unknown model."),
+        (409, "The problem_id is bound to another payload (problems are immutable)."),
         (502, "The episode failed."),
         (503, "The episode could not be queued."),
         (504, "The episode did not finish in time; the message names its id."),
@@ -232,8 +233,15 @@ async def chat_completions(body: ChatCompletionRequest, state: StateDep) -> Resp
     if body.stream:
         settings = settings.model_copy(update={"stream_text": True})
     try:
-        problem = problem_from_request(task, payload)
-        episode_id = await submit_episode(state, problem=problem, settings=settings, model=None, api="chat")
+        problem = problem_from_request(task, payload, body.problem_id)
+        episode_id = await submit_episode(
+            state,
+            problem=problem,
+            settings=settings,
+            model=None,
+            api="chat",
+            explicit_id=body.problem_id is not None,
+        )
     except SubmissionError as err:
         if err.param == "payload":
             err.param = "messages"
