@@ -26,8 +26,13 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     from services.gateway.app import create_app
+    from shared.config import InsecureSettings
 
-    uvicorn.run(create_app(), host=args.host, port=args.port, log_level=args.log_level)
+    try:
+        app = create_app(bind_host=args.host)
+    except InsecureSettings as exc:
+        raise SystemExit(f"error: {exc}") from None
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 
 
 if __name__ == "__main__":

@@ -117,12 +117,14 @@ async def submit_episode(
     model: str | None,
     api: str,
     explicit_id: bool = False,
+    api_key_id: str | None = None,
 ) -> str:
     """Store a pending episode, then queue it for an organizer; returns the episode id (see module doc).
 
     ``model``, when given, must name a served model (422 otherwise); the stored ``model_id`` is always the
     served weights. Problems are immutable: a client's ``problem_id`` (``explicit_id``) already bound to
     another payload is a 409; an id the task derived moves to a content-addressed one instead.
+    ``api_key_id`` (the submitting key) owns the episode.
     """
     check_model(state, model)
     task = get_task(problem.task)
@@ -142,6 +144,7 @@ async def submit_episode(
             capacity=capacity,
             model_id=state.model_id,
             config=config,
+            api_key_id=api_key_id,
         )
 
     try:

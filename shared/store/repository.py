@@ -1,4 +1,4 @@
-"""Reading and writing traces: problems, episodes, segments, model versions.
+"""Reading and writing traces (problems, episodes, segments, model versions) and the gateway's API keys.
 
 Every function takes an explicit ``session`` and keyword-only arguments (``crud.py`` style). Writes
 are idempotent upserts (``INSERT … ON CONFLICT``) so a message delivered twice (Redis streams and
@@ -29,9 +29,11 @@ from sqlalchemy import Table, func, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from shared.auth import Scope, generate_key, hash_key, parse_scopes
 from shared.messages import EpisodeStatus, SegmentRecord
 from shared.store.models import (
     MODEL_VERSION_KINDS,
+    ApiKey,
     Episode,
     ModelVersion,
     ProblemRow,
@@ -185,9 +187,11 @@ def create_episode(
     model_id: str,
     config: dict[str, Any] | None = None,
     model_version: str | None = None,
+    api_key_id: str | None = None,
     commit: bool = True,
 ) -> Episode:
-    """Store a ``pending`` episode (e.g. submitted over REST, run later with ``config``).
+    """Store a ``pending`` episode (e.g. submitted over REST, run later with ``config``); ``api_key_id``
+    is the key that submitted it (only that key, and admins, see it over the API).
 
     Idempotent: if the episode already exists it is returned unchanged.
     """
@@ -203,6 +207,7 @@ def create_episode(
             model_version=model_version,
             status=EpisodeStatus.PENDING.value,
             config=_json(config or {}),
+            api_key_id=api_key_id,
             created_at=utcnow(),
         )
         session.execute(stmt.on_conflict_do_nothing(index_elements=["id"]))
@@ -330,10 +335,12 @@ def list_episodes(
     mode: Mode | str | None = None,
     status: EpisodeStatus | str | None = None,
     model_version: str | None = None,
+    api_key_id: str | None = None,
     limit: int = 50,
     offset: int = 0,
 ) -> tuple[list[Episode], int]:
-    """A page of episodes, newest first, and the number of episodes matching the filters."""
+    """A page of episodes, newest first, and the number of episodes matching the filters
+    (``api_key_id``: only those this key submitted)."""
     if limit < 0 or offset < 0:
         raise ValueError(f"limit and offset must be >= 0, got limit={limit}, offset={offset}")
     conditions = []
@@ -345,6 +352,8 @@ def list_episodes(
         conditions.append(Episode.status == EpisodeStatus(status).value)
     if model_version is not None:
         conditions.append(Episode.model_version == model_version)
+    if api_key_id is not None:
+        conditions.append(Episode.api_key_id == api_key_id)
     total = session.scalar(select(func.count()).select_from(Episode).where(*conditions)) or 0
     rows = session.scalars(
         select(Episode)
@@ -428,3 +437,50 @@ def latest_model_version(session: Session, *, model_id: str, kind: str | None = 
         stmt = stmt.where(ModelVersion.kind == kind)
     stmt = stmt.order_by(ModelVersion.created_at.desc(), ModelVersion.id.desc()).limit(1)
     return session.scalars(stmt).first()
+
+
+# ----------------------------------------------------------------------------- API keys
+def create_api_key(
+    session: Session,
+    *,
+    name: str,
+    scopes: Sequence[Scope | str],
+    rate_limit_per_minute: int | None = None,
+    commit: bool = True,
+) -> tuple[ApiKey, str]:
+    """A new key: its row (which holds the key's hash, never the key) and the key itself, to show once."""
+    if rate_limit_per_minute is not None and rate_limit_per_minute < 0:
+        raise ValueError(f"rate_limit_per_minute must be >= 0 (0: no limit), got {rate_limit_per_minute}")
+    key_id, key = generate_key()
+    row = ApiKey(
+        id=key_id,
+        name=name,
+        key_hash=hash_key(key),
+        scopes=[s.value for s in parse_scopes(str(s) for s in scopes)],
+        rate_limit_per_minute=rate_limit_per_minute,
+        created_at=utcnow(),
+    )
+    with _writing(session, commit):
+        session.add(row)
+    return row, key
+
+
+def get_api_key(session: Session, *, key_id: str) -> ApiKey | None:
+    return session.get(ApiKey, key_id)
+
+
+def list_api_keys(session: Session, *, include_revoked: bool = False) -> list[ApiKey]:
+    """Keys, oldest first; revoked ones only when asked for."""
+    stmt = select(ApiKey).order_by(ApiKey.created_at, ApiKey.id)
+    if not include_revoked:
+        stmt = stmt.where(ApiKey.revoked_at.is_(None))
+    return list(session.scalars(stmt).all())
+
+
+def revoke_api_key(session: Session, *, key_id: str, commit: bool = True) -> bool:
+    """Revoke a key (it stops working at once; its row stays); False if no live key has that id."""
+    with _writing(session, commit):
+        result = session.execute(
+            update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None)).values(revoked_at=utcnow())
+        )
+    return bool(getattr(result, "rowcount", 0))

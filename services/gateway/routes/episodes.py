@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Path, Query
 
+from services.gateway.auth import ReadKey
 from services.gateway.deps import SessionDep
 from services.gateway.schemas import EpisodeDetail, EpisodeList, SegmentDetail
 from shared.messages import EpisodeStatus
@@ -38,10 +39,11 @@ EpisodeId = Annotated[str, Path(min_length=1, max_length=64, description="The ep
 def get_episode(
     episode_id: EpisodeId,
     session: SessionDep,
+    principal: ReadKey,
     include_tokens: Annotated[bool, Query(description="Add token ids and masks to each segment.")] = False,
 ) -> EpisodeDetail:
     episode = repository.get_episode(session, episode_id)
-    if episode is None:
+    if episode is None or not principal.may_see(episode.api_key_id):  # another key's: as if missing
         raise HTTPException(404, detail=f"no episode {episode_id!r}; list episodes with GET /v1/episodes")
     public = EpisodePublic.from_row(episode, include_segments=False)
     segments = [
@@ -55,10 +57,12 @@ def get_episode(
     "/episodes",
     response_model=EpisodeList,
     summary="List episodes",
-    description="Newest first; filter by task, mode, status and model version; page with limit and offset.",
+    description="Newest first; filter by task, mode, status and model version; page with limit and offset. "
+    "Lists the episodes the caller's key submitted (every episode for an admin key).",
 )
 def list_episodes(
     session: SessionDep,
+    principal: ReadKey,
     task: Annotated[TaskName | None, Query(description="Only this task.")] = None,
     mode: Annotated[Mode | None, Query(description="Only this mode.")] = None,
     status: Annotated[EpisodeStatus | None, Query(description="Only this status.")] = None,
@@ -69,7 +73,14 @@ def list_episodes(
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Episodes to skip.")] = 0,
 ) -> EpisodeList:
     rows, total = repository.list_episodes(
-        session, task=task, mode=mode, status=status, model_version=model_version, limit=limit, offset=offset
+        session,
+        task=task,
+        mode=mode,
+        status=status,
+        model_version=model_version,
+        api_key_id=principal.owner_filter,
+        limit=limit,
+        offset=offset,
     )
     return EpisodeList(
         items=[EpisodeSummary.model_validate(r) for r in rows], total=total, limit=limit, offset=offset

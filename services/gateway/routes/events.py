@@ -20,6 +20,7 @@ from typing import Annotated
 from fastapi import APIRouter, Header, HTTPException, Query, Response
 from fastapi.responses import StreamingResponse
 
+from services.gateway.auth import ReadKey
 from services.gateway.deps import StateDep
 from services.gateway.routes.episodes import EpisodeId
 from services.gateway.sse import SSE_HEADERS, sse_comment, sse_event
@@ -57,6 +58,7 @@ def valid_entry_id(value: str) -> bool:
 async def episode_events(
     episode_id: EpisodeId,
     state: StateDep,
+    principal: ReadKey,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=64)] = None,
     after: Annotated[
         str | None, Query(max_length=64, description="Resume after this entry id (like Last-Event-ID).")
@@ -70,7 +72,7 @@ async def episode_events(
             "(two integers below 2**64)",
         )
     row = await stored_status(state, episode_id)
-    if row is None:
+    if row is None or not principal.may_see(row.api_key_id):  # another key's: as if missing
         raise HTTPException(404, detail=f"no episode {episode_id!r}; list episodes with GET /v1/episodes")
     finished = start != "0" and EpisodeStatus(row.status).finished
     if finished and not await state.bus.read(events_stream(episode_id), after=start, count=1, block_ms=0):

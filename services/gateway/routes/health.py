@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy import text
 
+from services.gateway.auth import AdminKey
 from services.gateway.deps import MetricsDep, StateDep
 from services.gateway.metrics import CONTENT_TYPE_LATEST
 from services.gateway.state import GatewayState
@@ -94,5 +95,5 @@ async def readyz(state: StateDep) -> Response:
     response_class=Response,
     responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format."}},
 )
-async def metrics(collectors: MetricsDep) -> Response:
+async def metrics(collectors: MetricsDep, _: AdminKey) -> Response:
     return Response(collectors.render(), media_type=CONTENT_TYPE_LATEST)

@@ -44,6 +44,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
+from services.gateway.auth import ModelsKey, SubmitKey
 from services.gateway.chat_input import request_task
 from services.gateway.deps import StateDep
 from services.gateway.errors import OpenAIError, SubmissionError
@@ -96,12 +97,12 @@ def _card(state: GatewayState, name: str, task: str) -> ModelCard:
 
 
 @router.get("/models", response_model=ModelList, summary="Served models (OpenAI-compatible)")
-async def list_models(state: StateDep) -> ModelList:
+async def list_models(state: StateDep, _: ModelsKey) -> ModelList:
     return ModelList(data=[_card(state, name, task) for name, task in state.chat_models.items()])
 
 
 @router.get("/models/{model}", response_model=ModelCard, summary="One served model", responses=ERRORS)
-async def get_model(model: str, state: StateDep) -> ModelCard:
+async def get_model(model: str, state: StateDep, _: ModelsKey) -> ModelCard:
     task = state.chat_models.get(model)
     if task is None:
         raise _unknown_model(state, model)
@@ -221,7 +222,9 @@ async def _wait(state: GatewayState, episode_id: str, timeout_s: float) -> None:
         200: {"content": {"text/event-stream": {}}, "description": "The completion, or its chunks."},
     },
 )
-async def chat_completions(body: ChatCompletionRequest, state: StateDep) -> Response | ChatCompletion:
+async def chat_completions(
+    body: ChatCompletionRequest, state: StateDep, principal: SubmitKey
+) -> Response | ChatCompletion:
     model_task = state.chat_models.get(body.model)
     if model_task is None:
         raise _unknown_model(state, body.model)
@@ -241,6 +244,7 @@ async def chat_completions(body: ChatCompletionRequest, state: StateDep) -> Resp
             model=None,
             api="chat",
             explicit_id=body.problem_id is not None,
+            api_key_id=principal.key_id,
         )
     except SubmissionError as err:
         if err.param == "payload":

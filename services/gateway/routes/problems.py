@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.exceptions import RequestValidationError
 
+from services.gateway.auth import SubmitKey
 from services.gateway.deps import StateDep
 from services.gateway.errors import SubmissionError
 from services.gateway.schemas import EpisodeLinks, ProblemAccepted, ProblemCreate
@@ -31,7 +32,9 @@ router = APIRouter(prefix="/v1", tags=["problems"])
         503: {"description": "Not queued."},
     },
 )
-async def create_problem(body: ProblemCreate, state: StateDep, request: Request) -> ProblemAccepted:
+async def create_problem(
+    body: ProblemCreate, state: StateDep, request: Request, principal: SubmitKey
+) -> ProblemAccepted:
     try:
         problem = problem_from_request(body.task, body.payload, body.problem_id)
         episode_id = await submit_episode(
@@ -41,6 +44,7 @@ async def create_problem(body: ProblemCreate, state: StateDep, request: Request)
             model=body.model,
             api="problems",
             explicit_id=body.problem_id is not None,
+            api_key_id=principal.key_id,
         )
     except SubmissionError as err:
         if err.status == 422:
