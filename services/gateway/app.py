@@ -105,6 +105,11 @@ def create_app(
             state = await _start(stack, settings, metrics, bus, session_factory, embedded_backend)
             if require_keys:
                 admin = settings.admin_key.get_secret_value() if settings.admin_key else None
+                if admin is None:
+                    log.warning(
+                        "API keys are required and ASYNCTHINK_ADMIN_KEY is not set: only keys made with "
+                        "`asyncthink keys create` get in"
+                    )
                 state.verifier = KeyVerifier(
                     state.session_factory,
                     admin_key=admin,

@@ -6,6 +6,8 @@
   validation errors and HTTP errors on the OpenAI-compatible paths are rendered the same way (400 for
   bad input, as OpenAI does), so the ``openai`` client raises its usual ``BadRequestError`` etc.
 * Everywhere else validation errors keep FastAPI's 422 ``{"detail": [...]}`` shape.
+* Error texts stored with an episode (a backend's exception, say) reach clients through :func:`scrub`:
+  without URLs, cut to ``STORED_ERROR_CHARS``.
 
 Nothing a client sent is echoed whole: a validation error's ``input`` and ``ctx`` values are cut to
 ``ECHO_CHARS`` characters (:func:`short`), at most ``MAX_ERRORS`` errors are listed, and pydantic's
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -90,6 +93,18 @@ class OpenAIError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>)\]]+")
+STORED_ERROR_CHARS = 1000
+
+
+def scrub(text: str | None, limit: int = STORED_ERROR_CHARS) -> str | None:
+    """A stored error text as clients may read it: URLs (of a model server, a database) replaced by
+    ``<url>``, cut to ``limit`` characters. The stored text itself is left as it is, for operators."""
+    if text is None:
+        return None
+    return _text(_URL.sub("<url>", text), limit)
 
 
 def _is_openai_path(request: Request) -> bool:

@@ -11,6 +11,7 @@ from fastapi import APIRouter, HTTPException, Path, Query
 
 from services.gateway.auth import ReadKey
 from services.gateway.deps import SessionDep
+from services.gateway.errors import scrub
 from services.gateway.schemas import EpisodeDetail, EpisodeList, SegmentDetail
 from shared.messages import EpisodeStatus
 from shared.store import repository
@@ -50,7 +51,10 @@ def get_episode(
         SegmentDetail.from_public(SegmentPublic.model_validate(row), include_tokens=include_tokens)
         for row in repository.episode_segments(session, episode_id)
     ]
-    return EpisodeDetail(**public.model_dump(exclude={"segments"}), segments=segments)
+    for segment in segments:
+        segment.error = scrub(segment.error)
+    data = public.model_dump(exclude={"segments"}) | {"error": scrub(public.error)}
+    return EpisodeDetail(**data, segments=segments)
 
 
 @router.get(

@@ -22,6 +22,7 @@ from fastapi.responses import StreamingResponse
 
 from services.gateway.auth import ReadKey
 from services.gateway.deps import StateDep
+from services.gateway.errors import scrub
 from services.gateway.routes.episodes import EpisodeId
 from services.gateway.sse import SSE_HEADERS, sse_comment, sse_event
 from services.gateway.submission import follow_events, stored_status
@@ -84,6 +85,9 @@ async def episode_events(
             if item.event is None:
                 yield sse_comment("heartbeat")
             else:
-                yield sse_event(item.event.model_dump_json(), event=item.event.kind, id=item.entry_id)
+                event = item.event
+                if isinstance(event.data.get("error"), str):
+                    event = event.model_copy(update={"data": event.data | {"error": scrub(event.data["error"])}})
+                yield sse_event(event.model_dump_json(), event=event.kind, id=item.entry_id)
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)

@@ -47,7 +47,7 @@ from sqlalchemy.orm import Session
 from services.gateway.auth import ModelsKey, SubmitKey
 from services.gateway.chat_input import request_task
 from services.gateway.deps import StateDep
-from services.gateway.errors import OpenAIError, SubmissionError
+from services.gateway.errors import OpenAIError, SubmissionError, scrub
 from services.gateway.schemas import (
     AssistantMessage,
     AsyncThinkInfo,
@@ -181,7 +181,7 @@ async def _result(state: GatewayState, episode_id: str) -> _Finished:
     if episode.status == EpisodeStatus.FAILED:
         raise OpenAIError(
             502,
-            f"episode {episode_id} failed: {episode.error or 'unknown error'}",
+            f"episode {episode_id} failed: {scrub(episode.error) or 'unknown error'}",
             type="server_error",
             code="episode_failed",
         )

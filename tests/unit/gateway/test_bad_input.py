@@ -259,3 +259,26 @@ async def test_readyz_names_no_url(make_gateway: GatewayFactory) -> None:
     assert_clean(r.text, limit=500)
     assert "127.0.0.1" not in r.text
     unreachable.dispose()
+
+
+def failing_script(agent: str, prompt: str) -> str:
+    raise RuntimeError(
+        "ConnectError: POST http://sglang-internal:30000/generate refused (postgresql://u:pw@db/x)"
+    )
+
+
+async def test_stored_errors_reach_clients_without_urls(make_gateway: GatewayFactory) -> None:
+    from shared.backends.scripted import ScriptedBackend
+
+    gw = await make_gateway(ScriptedBackend(failing_script))
+    eid = await gw.submit()
+    episode = await gw.wait(eid)
+    assert episode["status"] == "failed" and "ConnectError" in episode["error"]
+    assert "://" not in json.dumps(episode)
+    r = await gw.client.get(f"/v1/episodes/{eid}/events")
+    assert "ConnectError" in r.text and "://" not in r.text
+    r = await gw.client.post(
+        "/v1/chat/completions",
+        json={"model": "asyncthink-countdown", "messages": [{"role": "user", "content": "numbers: 1 2 target: 3"}]},
+    )
+    assert r.status_code == 502 and "ConnectError" in r.text and "://" not in r.text
