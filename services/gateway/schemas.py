@@ -47,10 +47,15 @@ class ProblemCreate(EpisodeSettings):
         None,
         min_length=1,
         max_length=255,
-        description="Your id for the problem; default: derived by the task.",
+        description="Your id for the problem; default: derived by the task. Problems are immutable: an id "
+        "already stored with another payload is a 409.",
     )
     model: str | None = Field(
-        None, min_length=1, max_length=255, description="Which served model runs it; default: the gateway's."
+        None,
+        min_length=1,
+        max_length=255,
+        description="Which served model runs it (the served weights or a name from GET /v1/models; any other "
+        "is a 422); default: the gateway's.",
     )
 
     @field_validator("task")
