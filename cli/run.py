@@ -332,14 +332,15 @@ def cmd_trace(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     if args.service == "gateway":
         import uvicorn
+        from pydantic import ValidationError
 
         from services.gateway.app import create_app
-        from shared.config import InsecureSettings
+        from shared.config import InsecureSettings, settings_error
 
         try:
             app = create_app(bind_host=args.host)
-        except InsecureSettings as exc:
-            raise CliError(str(exc)) from None
+        except (InsecureSettings, ValidationError) as exc:
+            raise CliError(settings_error(exc)) from None
         uvicorn.run(app, host=args.host, port=args.port)
         return 0
     import shlex

@@ -116,6 +116,14 @@ class Settings(BaseSettings):
         return bind_host is not None and not is_loopback(bind_host)
 
 
+def settings_error(err: Exception) -> str:
+    """A settings error as one line per problem, for a command line (no pydantic links)."""
+    errors = getattr(err, "errors", None)
+    if callable(errors):
+        return "; ".join(str(e.get("msg", "")).removeprefix("Value error, ") for e in errors())
+    return str(err)
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()

@@ -24,14 +24,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     import uvicorn
+    from pydantic import ValidationError
 
     from services.gateway.app import create_app
-    from shared.config import InsecureSettings
+    from shared.config import InsecureSettings, settings_error
 
     try:
         app = create_app(bind_host=args.host)
-    except InsecureSettings as exc:
-        raise SystemExit(f"error: {exc}") from None
+    except (InsecureSettings, ValidationError) as exc:
+        raise SystemExit(f"error: {settings_error(exc)}") from None
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 
 

@@ -72,3 +72,27 @@ def test_keys_is_listed_in_help(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "keys" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("env", "host", "says"),
+    [
+        ({"ASYNCTHINK_AUTH": "off"}, "0.0.0.0", "--host 127.0.0.1"),
+        ({"ASYNCTHINK_AUTH": "off", "ASYNCTHINK_ENVIRONMENT": "production"}, "127.0.0.1", "not allowed in production"),
+        ({"ASYNCTHINK_ADMIN_KEY": "short"}, "127.0.0.1", "at least 32 characters"),
+    ],
+)
+def test_serve_refuses_to_run_open_with_the_fix_in_the_message(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, env: dict[str, str], host: str, says: str
+) -> None:
+    from shared.config import get_settings
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    get_settings.cache_clear()
+    try:
+        code = main(["serve", "gateway", "--host", host])
+    finally:
+        get_settings.cache_clear()
+    err = capsys.readouterr().err
+    assert code == 2 and says in err and "Traceback" not in err
