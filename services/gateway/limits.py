@@ -6,10 +6,12 @@
   is counted as it arrives and refused the moment it passes the limit, so nothing is parsed;
 * **NUL in the URL**: a ``%00`` in the path or the query string is refused (PostgreSQL text cannot hold
   it, and no id or filter of this API contains one);
-* **JSON the API refuses**: ``NaN``, ``Infinity`` and ``-Infinity`` (not JSON, and they cannot be written
-  back out), NUL characters and unpaired UTF-16 surrogates in any string or key (no database stores them,
-  and a surrogate cannot be encoded as UTF-8). A cheap byte scan decides whether the body needs a look;
-  only then is it parsed here (FastAPI parses it again, as usual).
+* **JSON the API refuses**: arrays and objects nested deeper than ``MAX_JSON_DEPTH`` (no request of this
+  API needs more, and a parser recursing into them runs out of stack), ``NaN``, ``Infinity`` and
+  ``-Infinity`` (not JSON, and they cannot be written back out), NUL characters and unpaired UTF-16
+  surrogates in any string or key (no database stores them, and a surrogate cannot be encoded as UTF-8).
+  Cheap byte scans decide whether the body needs a closer look; only then is it parsed here (FastAPI
+  parses it again, as usual).
 
 Refusals use the API's own error shapes (:func:`services.gateway.errors.error_response`): FastAPI's
 ``{"detail": ...}`` (413, or 422 with a ``loc``), and OpenAI's on the OpenAI-compatible paths (413, 400).
@@ -30,11 +32,31 @@ from services.gateway.errors import error_response
 
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 BODY_METHODS = {"POST", "PUT", "PATCH"}
+MAX_JSON_DEPTH = 32  # nested arrays and objects; a chat request needs 4
 
 # Anything that could be a non-finite constant, an escaped NUL or an escaped surrogate: only then is the
 # body parsed here. (A raw NUL or control character is not valid JSON: FastAPI answers it with a 422.)
 _SUSPECT = re.compile(rb"NaN|Infinity|\\u0000|\\u[dD][89a-fA-F]")
 _BAD_CHARS = re.compile("[\x00\ud800-\udfff]")
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # a JSON string literal (unrolled: linear time)
+_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+_OPENING = (ord("["), ord("{"))
+
+
+def too_deep(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether the JSON text nests arrays and objects deeper than ``limit`` (brackets inside strings do
+    not count). Linear in the body, and free for a body with few brackets."""
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False
+    depth = 0
+    for b in _STRING.sub(b"", body).translate(None, _NOT_BRACKET):
+        if b in _OPENING:
+            depth += 1
+            if depth > limit:
+                return True
+        else:
+            depth -= 1
+    return False
 
 
 def human_bytes(n: int) -> str:
@@ -52,7 +74,7 @@ def _no_constant(name: str) -> Any:
     raise _Refused(f"{name} is not a JSON number: numbers must be finite")
 
 
-def _check_strings(value: Any, depth: int = 0) -> None:
+def _check_strings(value: Any) -> None:
     if isinstance(value, str):
         bad = _BAD_CHARS.search(value)
         if bad is not None:
@@ -60,23 +82,25 @@ def _check_strings(value: Any, depth: int = 0) -> None:
             raise _Refused(f"strings must not contain {what} (U+{ord(bad.group()):04X})")
     elif isinstance(value, dict):
         for key, item in value.items():
-            _check_strings(key, depth + 1)
-            _check_strings(item, depth + 1)
+            _check_strings(key)
+            _check_strings(item)
     elif isinstance(value, list):
         for item in value:
-            _check_strings(item, depth + 1)
+            _check_strings(item)
 
 
 def json_problem(body: bytes) -> str | None:
     """Why the API refuses this JSON body, or None (also None for a body that is not JSON at all:
     FastAPI reports that itself)."""
+    if too_deep(body):
+        return f"arrays and objects may be nested at most {MAX_JSON_DEPTH} deep"
     if not _SUSPECT.search(body):
         return None
     try:
         value = json.loads(body, parse_constant=_no_constant)
     except _Refused as err:
         return str(err)
-    except ValueError:  # not JSON (or not UTF-8): FastAPI's own error says so
+    except (ValueError, RecursionError):  # not JSON (or not UTF-8): FastAPI's own error says so
         return None
     try:
         _check_strings(value)

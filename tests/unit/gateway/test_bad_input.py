@@ -282,3 +282,24 @@ async def test_stored_errors_reach_clients_without_urls(make_gateway: GatewayFac
         json={"model": "asyncthink-countdown", "messages": [{"role": "user", "content": "numbers: 1 2 target: 3"}]},
     )
     assert r.status_code == 502 and "ConnectError" in r.text and "://" not in r.text
+
+
+@pytest.mark.parametrize("depth", [100, 5_000, 100_000])
+@pytest.mark.parametrize("inside", ["1", '"NaN"', '"\\u0000"'])
+async def test_deeply_nested_json_is_422(gateway: Gateway, depth: int, inside: str) -> None:
+    nested = "[" * depth + inside + "]" * depth
+    for path, body in (
+        ("/v1/problems", '{"task": "math", "payload": {"problem": "x", "answer": ' + nested + "}}"),
+        ("/v1/chat/completions", '{"model": "asyncthink", "messages": [{"role": "user", "content": ' + nested + "}]}"),
+    ):
+        r = await post_raw(gateway, path, body)
+        assert r.status_code in (400, 422), r.text[:300]
+        assert "nested" in r.text
+        assert_clean(r.text)
+    assert rows(gateway) == (0, 0)
+
+
+async def test_ordinary_nesting_and_brackets_in_strings_are_fine(gateway: Gateway) -> None:
+    text = "[" * 5000 + " what is 1+1?"
+    r = await gateway.client.post("/v1/problems", json={"task": "math", "payload": {"problem": text[:7000]}})
+    assert r.status_code == 202, r.text
