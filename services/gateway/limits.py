@@ -8,7 +8,7 @@
   it, and no id or filter of this API contains one);
 * **JSON the API refuses**: arrays and objects nested deeper than ``MAX_JSON_DEPTH`` (no request of this
   API needs more, and a parser recursing into them runs out of stack), ``NaN``, ``Infinity`` and
-  ``-Infinity`` (not JSON, and they cannot be written back out), NUL characters and unpaired UTF-16
+  ``-Infinity`` (not JSON, and they cannot be written back out) and numbers too large for a float, NUL characters and unpaired UTF-16
   surrogates in any string or key (no database stores them, and a surrogate cannot be encoded as UTF-8).
   Cheap byte scans decide whether the body needs a closer look; only then is it parsed here (FastAPI
   parses it again, as usual).
@@ -23,6 +23,7 @@ JSON, and a body of another type is refused by FastAPI's strict content type che
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
@@ -36,7 +37,7 @@ MAX_JSON_DEPTH = 32  # nested arrays and objects; a chat request needs 4
 
 # Anything that could be a non-finite constant, an escaped NUL or an escaped surrogate: only then is the
 # body parsed here. (A raw NUL or control character is not valid JSON: FastAPI answers it with a 422.)
-_SUSPECT = re.compile(rb"NaN|Infinity|\\u0000|\\u[dD][89a-fA-F]")
+_SUSPECT = re.compile(rb"NaN|Infinity|[eE][+]?\d{3}|\\u0000|\\u[dD][89a-fA-F]")
 _BAD_CHARS = re.compile("[\x00\ud800-\udfff]")
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # a JSON string literal (unrolled: linear time)
 _NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
@@ -74,6 +75,13 @@ def _no_constant(name: str) -> Any:
     raise _Refused(f"{name} is not a JSON number: numbers must be finite")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise _Refused(f"{text[:40]} is out of range: numbers must be finite")
+    return value
+
+
 def _check_strings(value: Any) -> None:
     if isinstance(value, str):
         bad = _BAD_CHARS.search(value)
@@ -97,7 +105,7 @@ def json_problem(body: bytes) -> str | None:
     if not _SUSPECT.search(body):
         return None
     try:
-        value = json.loads(body, parse_constant=_no_constant)
+        value = json.loads(body, parse_constant=_no_constant, parse_float=_finite)
     except _Refused as err:
         return str(err)
     except (ValueError, RecursionError):  # not JSON (or not UTF-8): FastAPI's own error says so

@@ -49,6 +49,8 @@ GOOD = '{"task": "countdown", "payload": {"numbers": [3, 7, 25, 50], "target": 7
     [
         GOOD + ', "temperature": NaN}',
         GOOD + ', "worker_timeout_s": Infinity}',
+        GOOD + ', "temperature": 1e400}',  # parses to inf
+        '{"task": "math", "payload": {"problem": "1+1?", "answer": -1E+999}}',
         '{"task": "countdown", "payload": {"numbers": [3, 7, 25, 50], "target": -Infinity}}',
         '{"task": "math", "payload": {"problem": "1+1?", "answer": NaN}}',
     ],
@@ -56,7 +58,7 @@ GOOD = '{"task": "countdown", "payload": {"numbers": [3, 7, 25, 50], "target": 7
 async def test_nan_and_infinity_are_422_not_500(gateway: Gateway, body: str) -> None:
     r = await post_raw(gateway, "/v1/problems", body)
     assert r.status_code == 422, r.text
-    assert "NaN" in r.text or "Infinity" in r.text or "finite" in r.text
+    assert "finite" in r.text
     assert_clean(r.text)
     assert rows(gateway) == (0, 0)
 
