@@ -20,7 +20,9 @@ cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 [ -x "$PY" ] || PY=python3
 K8S_VERSION=${K8S_VERSION:-1.32.0}
-export ASYNCTHINK_SECRET_KEY=${ASYNCTHINK_SECRET_KEY:-validate-only-not-a-secret}
+# compose.yaml requires these (no defaults, so a deployment never runs with a known secret)
+export ASYNCTHINK_ADMIN_KEY=${ASYNCTHINK_ADMIN_KEY:-validate-only-not-a-secret-0123456789abcdef}
+export REDIS_PASSWORD=${REDIS_PASSWORD:-validate-only-not-a-secret}
 
 failed=0
 skipped=0

@@ -9,6 +9,7 @@ config (:mod:`cli.options`), so each has one help text. Verbs:
     eval    many problems in one or more modes, stored; a table, --json, --plot
     trace   show a stored episode
     db      database migrations
+    keys    the gateway's API keys: create (printed once), list, revoke
     serve   run the gateway or the organizer service (distributed setup)
     model   build a small model from a config with a locally trained tokenizer
     synth / sft / grpo   training (the work is in ``trainer/``)
@@ -29,7 +30,7 @@ class CliError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cli import db, run, train, up
+    from cli import db, keys, run, train, up
 
     parser = argparse.ArgumentParser(
         prog="asyncthink",
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     run.register(sub)
     db.register(sub)
+    keys.register(sub)
     train.register(sub)
     up.register(sub)
     return parser

@@ -54,7 +54,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     p = sub.add_parser("serve", help="run a service of the distributed setup")
     p.add_argument("service", choices=("gateway", "organizer"), help="which service")
-    p.add_argument("--host", default="127.0.0.1", help="gateway bind address (default 127.0.0.1)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="gateway bind address (default 127.0.0.1; any other needs API keys, see ASYNCTHINK_AUTH)")
     p.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
     p.add_argument("--organizer-args", default="",
                    help="organizer: options passed on, e.g. \"--local-workers --migrate\" "
@@ -331,10 +332,16 @@ def cmd_trace(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     if args.service == "gateway":
         import uvicorn
+        from pydantic import ValidationError
 
         from services.gateway.app import create_app
+        from shared.config import InsecureSettings, settings_error
 
-        uvicorn.run(create_app(), host=args.host, port=args.port)
+        try:
+            app = create_app(bind_host=args.host)
+        except (InsecureSettings, ValidationError) as exc:
+            raise CliError(settings_error(exc)) from None
+        uvicorn.run(app, host=args.host, port=args.port)
         return 0
     import shlex
 

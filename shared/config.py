@@ -2,19 +2,49 @@
 
 ``DATABASE_URL`` and ``REDIS_URL`` are also read without the prefix, as deployment tools expect.
 Defaults are the embedded setup: a SQLite file in the working directory, the in-process bus, and the
-model shipped under ``models/``. Outside development, a default secret is refused.
+model shipped under ``models/``.
+
+Authentication (``ASYNCTHINK_AUTH``), see :meth:`Settings.requires_keys`:
+
+* ``keys``: every route but ``/healthz`` and ``/readyz`` needs an API key;
+* ``off``: no keys, allowed only in development and only on loopback: binding another interface refuses
+  to start, and a request that reaches the gateway on a non-loopback address is refused;
+* ``auto`` (default): ``off`` when the gateway binds a loopback address in development, ``keys`` otherwise.
+
+Any environment other than ``development`` (``ASYNCTHINK_ENVIRONMENT=production``) always requires keys.
+``ASYNCTHINK_ADMIN_KEY`` is a bootstrap admin key (at least 32 characters), so an operator (or CI) can
+get in before any key exists; it is held hashed.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "asyncthink-countdown-small"
+MIN_ADMIN_KEY_CHARS = 32
+
+AuthMode = Literal["auto", "keys", "off"]
+
+
+class InsecureSettings(ValueError):
+    """Settings that would serve the API without keys where that is not allowed; the message says how to fix it."""
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a bind address or a server address) is a loopback address."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class Settings(BaseSettings):
@@ -28,18 +58,70 @@ class Settings(BaseSettings):
     redis_url: str = Field(
         default="redis://127.0.0.1:6379/0",
         validation_alias=AliasChoices("ASYNCTHINK_REDIS_URL", "REDIS_URL"),
-    )  # the bus and the Celery broker in the distributed setup
+    )  # the bus, the Celery broker and the gateway's rate limits in the distributed setup
     bus: str = "inprocess"  # inprocess | redis
     model: str = str(DEFAULT_MODEL_DIR)  # a local model directory, or sglang:URL / openai:URL#model
     device: str = "cpu"  # torch device for the in-process transformers backend
-    secret_key: str = "dev-secret-change-me"  # signs the human-review queue's session cookies
     request_timeout_s: float = 60.0  # timeout for every external HTTP call
+    max_body_bytes: int = Field(1024 * 1024, ge=1024)  # gateway: larger request bodies get a 413
+    auth: AuthMode = "auto"  # keys | off | auto (see the module docstring)
+    admin_key: SecretStr | None = None  # ASYNCTHINK_ADMIN_KEY: bootstrap admin key, >= 32 characters
+    rate_limit_per_minute: int = Field(600, ge=0)  # per key, unless the key sets its own; 0 = no limit
+    auth_cache_s: float = Field(2.0, ge=0, le=60)  # a verified key is trusted this long (revocation delay)
+
+    @field_validator("admin_key", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("admin_key")
+    @classmethod
+    def _strong_admin_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        key = value.get_secret_value()
+        if key.lower().startswith("change-me"):
+            raise ValueError("ASYNCTHINK_ADMIN_KEY is still the placeholder; set it to `openssl rand -hex 32`")
+        if len(key) < MIN_ADMIN_KEY_CHARS:
+            raise ValueError(
+                f"ASYNCTHINK_ADMIN_KEY must be at least {MIN_ADMIN_KEY_CHARS} characters "
+                "(generate one with `openssl rand -hex 32`)"
+            )
+        return value
 
     @model_validator(mode="after")
-    def _no_default_secret_in_production(self) -> Settings:
-        if self.environment != "development" and self.secret_key == "dev-secret-change-me":
-            raise ValueError("set ASYNCTHINK_SECRET_KEY: the default secret is only allowed in development")
+    def _keys_outside_development(self) -> Settings:
+        if self.environment != "development" and self.auth == "off":
+            raise ValueError(
+                f"ASYNCTHINK_AUTH=off is not allowed in {self.environment}: the API always needs keys there. "
+                "Unset ASYNCTHINK_AUTH (or set it to keys) and create keys with `asyncthink keys create`, "
+                "or set ASYNCTHINK_ADMIN_KEY"
+            )
         return self
+
+    def requires_keys(self, bind_host: str | None) -> bool:
+        """Whether the gateway bound to ``bind_host`` (None: not known, e.g. an app served in-process) needs
+        API keys. InsecureSettings when ``auth=off`` would serve another interface than loopback."""
+        if self.environment != "development" or self.auth == "keys":
+            return True
+        if self.auth == "off":
+            if bind_host is not None and not is_loopback(bind_host):
+                raise InsecureSettings(
+                    f"refusing to serve the API without keys on {bind_host}: ASYNCTHINK_AUTH=off is only "
+                    "allowed on loopback. Either bind loopback (--host 127.0.0.1), or require keys "
+                    "(ASYNCTHINK_AUTH=keys, or unset it) and create one with `asyncthink keys create --name NAME "
+                    "--scope submit --scope read`, or set ASYNCTHINK_ADMIN_KEY"
+                )
+            return False
+        return bind_host is not None and not is_loopback(bind_host)
+
+
+def settings_error(err: Exception) -> str:
+    """A settings error as one line per problem, for a command line (no pydantic links)."""
+    errors = getattr(err, "errors", None)
+    if callable(errors):
+        return "; ".join(str(e.get("msg", "")).removeprefix("Value error, ") for e in errors())
+    return str(err)
 
 
 @lru_cache(maxsize=1)

@@ -24,10 +24,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     import uvicorn
+    from pydantic import ValidationError
 
     from services.gateway.app import create_app
+    from shared.config import InsecureSettings, settings_error
 
-    uvicorn.run(create_app(), host=args.host, port=args.port, log_level=args.log_level)
+    try:
+        app = create_app(bind_host=args.host)
+    except (InsecureSettings, ValidationError) as exc:
+        raise SystemExit(f"error: {settings_error(exc)}") from None
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
 
 
 if __name__ == "__main__":

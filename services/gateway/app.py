@@ -28,11 +28,16 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from services.gateway.auth import AnyKey, KeyVerifier
 from services.gateway.errors import install_handlers
+from services.gateway.limits import InputGuardMiddleware
 from services.gateway.metrics import GatewayMetrics, MetricsMiddleware
+from services.gateway.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from services.gateway.routes import episodes, events, health, openai_compat, problems
 from services.gateway.state import GatewayState
 from shared.backends.base import ModelBackend
@@ -50,6 +55,9 @@ REST gateway of **AsyncThink** (asynchronous thinking with Fork/Join, arXiv 2510
 * `POST /v1/chat/completions` and `GET /v1/models` are OpenAI-compatible: the official `openai` client
   works unmodified; the model name picks the task and the answer carries the episode id.
 * `/healthz`, `/readyz` and `/metrics` (Prometheus) are for operators.
+
+Every route but `/healthz` and `/readyz` needs an API key, sent as `Authorization: Bearer atk_…` or
+`X-API-Key: atk_…` (scopes: `submit`, `read`, `admin`), unless the gateway runs without keys on loopback.
 """
 
 ORGANIZER_STOP_TIMEOUT_S = 10.0
@@ -75,25 +83,46 @@ def create_app(
     bus: Bus | None = None,
     session_factory: sessionmaker[Session] | None = None,
     embedded_backend: ModelBackend | None = None,
+    bind_host: str | None = None,
 ) -> FastAPI:
-    """The gateway app (see the module docstring); nothing connects until the lifespan starts."""
+    """The gateway app (see the module docstring); nothing connects until the lifespan starts.
+
+    ``bind_host`` is the address the server binds; with it, ``settings.requires_keys`` decides whether
+    API keys are needed, and :class:`~shared.config.InsecureSettings` is raised for ``auth=off`` on an
+    interface other than loopback (the app is not built).
+    """
     settings = settings or get_settings()
     if settings.bus not in ("inprocess", "redis"):
         raise ValueError(
             f"settings.bus must be 'inprocess' or 'redis', got {settings.bus!r} (ASYNCTHINK_BUS)"
         )
+    require_keys = settings.requires_keys(bind_host)
     metrics = GatewayMetrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
             state = await _start(stack, settings, metrics, bus, session_factory, embedded_backend)
+            if require_keys:
+                admin = settings.admin_key.get_secret_value() if settings.admin_key else None
+                if admin is None:
+                    log.warning(
+                        "API keys are required and ASYNCTHINK_ADMIN_KEY is not set: only keys made with "
+                        "`asyncthink keys create` get in"
+                    )
+                state.verifier = KeyVerifier(
+                    state.session_factory,
+                    admin_key=admin,
+                    default_rate_limit=settings.rate_limit_per_minute,
+                    cache_s=settings.auth_cache_s,
+                )
             app.state.gateway = state
             log.info(
-                "gateway ready: %s bus, model %s%s",
+                "gateway ready: %s bus, model %s%s, %s",
                 settings.bus,
                 state.model_id,
                 ", organizer embedded" if state.embedded else "",
+                "API keys required" if require_keys else "no API keys (loopback only)",
             )
             yield
 
@@ -102,6 +131,9 @@ def create_app(
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # the documentation routes below need a key like every other route
+        redoc_url=None,
+        openapi_url=None,
         openapi_tags=[
             {"name": "problems", "description": "Submit problems; each runs as one episode."},
             {"name": "episodes", "description": "Read episodes and follow them live."},
@@ -113,10 +145,29 @@ def create_app(
         ],
     )
     install_handlers(app)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    app.add_middleware(InputGuardMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts refusals too
     for module in (problems, episodes, events, openai_compat, health):
         app.include_router(module.router)
+    _documentation(app)
+    app.state.require_keys = require_keys
     return app
+
+
+def _documentation(app: FastAPI) -> None:
+    """``/openapi.json``, ``/docs`` and ``/redoc``, each behind a key (any scope)."""
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(_: AnyKey) -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(_: AnyKey) -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - docs")
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(_: AnyKey) -> HTMLResponse:
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc")
 
 
 async def _start(
@@ -148,6 +199,9 @@ async def _start(
 
             bus = RedisStreamsBus(settings.redis_url)
         stack.push_async_callback(bus.close)
+    # in memory for one process; in Redis, shared by every gateway replica
+    rate_limiter: RateLimiter = MemoryRateLimiter() if embedded else RedisRateLimiter(settings.redis_url)
+    stack.push_async_callback(rate_limiter.close)
     state = GatewayState(
         settings=settings,
         bus=bus,
@@ -156,6 +210,7 @@ async def _start(
         model_id=served_model_id(settings.model),
         embedded=embedded,
         started_at=time.time(),
+        rate_limiter=rate_limiter,
     )
     if embedded:
         backend = embedded_backend

@@ -47,10 +47,15 @@ class ProblemCreate(EpisodeSettings):
         None,
         min_length=1,
         max_length=255,
-        description="Your id for the problem; default: derived by the task.",
+        description="Your id for the problem; default: derived by the task. Problems are immutable: an id "
+        "already stored with another payload is a 409.",
     )
     model: str | None = Field(
-        None, min_length=1, max_length=255, description="Which served model runs it; default: the gateway's."
+        None,
+        min_length=1,
+        max_length=255,
+        description="Which served model runs it (the served weights or a name from GET /v1/models; any other "
+        "is a 422); default: the gateway's.",
     )
 
     @field_validator("task")
@@ -150,7 +155,9 @@ class ChatCompletionRequest(EpisodeSettings):
 
     model_config = ConfigDict(extra="ignore", frozen=False)
 
-    model: str = Field(description="A served model from GET /v1/models, e.g. asyncthink-countdown.")
+    model: str = Field(
+        max_length=255, description="A served model from GET /v1/models, e.g. asyncthink-countdown."
+    )
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -163,7 +170,13 @@ class ChatCompletionRequest(EpisodeSettings):
         le=3600,
         description="How long to wait for the episode; past it the answer is 504 with the episode id to poll.",
     )
-    user: str | None = None
+    user: str | None = Field(None, max_length=255)
+    problem_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=255,
+        description="Your id for the problem (as in POST /v1/problems); default: derived by the task.",
+    )
 
     def episode_settings(self) -> EpisodeSettings:
         """The episode settings it asks for; ``max_tokens`` sets the organizer budget unless given."""

@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from services.gateway.metrics import GatewayMetrics
+from services.gateway.ratelimit import MemoryRateLimiter, RateLimiter
 from shared.bus.base import Bus
 from shared.config import Settings
+
+if TYPE_CHECKING:
+    from services.gateway.auth import KeyVerifier
 
 # Served model names for the OpenAI-compatible API: name -> task ("auto": the text picks a graded task
 # when it states one, else free-form chat).
@@ -40,3 +45,5 @@ class GatewayState:
     probe_timeout_s: float = 5.0  # /readyz waits this long per dependency
     chat_models: dict[str, str] = field(default_factory=lambda: dict(CHAT_MODELS))
     organizer_task: asyncio.Task[None] | None = None
+    verifier: KeyVerifier | None = None  # None: no keys required (loopback only)
+    rate_limiter: RateLimiter = field(default_factory=MemoryRateLimiter)

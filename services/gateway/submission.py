@@ -2,8 +2,9 @@
 
 Submission order, so that nothing is half-written:
 
-1. the request is validated (pydantic bounds, then the task's ``problem_from_payload``); any error is a
-   :class:`~services.gateway.errors.SubmissionError` with status 422 and nothing is stored;
+1. the request is validated (pydantic bounds, then the task's ``problem_from_payload``, then the model
+   name); any error is a :class:`~services.gateway.errors.SubmissionError` with status 422 and nothing is
+   stored; a ``problem_id`` already bound to another payload is a 409 (problems are immutable);
 2. the ``pending`` episode row is written and committed (a database failure is a 503 and nothing is
    published);
 3. :class:`~shared.messages.SubmitProblem` is published on ``PROBLEMS_STREAM``; if that fails or takes
@@ -21,6 +22,9 @@ event loop (and, in embedded mode, the organizer sharing it) never waits on them
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
+import json
 import logging
 import uuid
 from collections.abc import AsyncGenerator, Callable
@@ -84,6 +88,27 @@ def _mark_failed(session: Session, episode_id: str, error: str) -> None:
         session.commit()
 
 
+def served_models(state: GatewayState) -> list[str]:
+    """The names a submission's ``model`` may take: the served weights and the OpenAI-compatible names."""
+    return [state.model_id, *(name for name in state.chat_models if name != state.model_id)]
+
+
+def check_model(state: GatewayState, model: str | None) -> None:
+    """SubmissionError (422) unless ``model`` is None or names a served model."""
+    if model is not None and model not in served_models(state):
+        raise SubmissionError(
+            422,
+            f"the model {model[:64]!r} is not served here; served models: {', '.join(served_models(state))}",
+            param="model",
+        )
+
+
+def content_addressed(problem: Problem) -> Problem:
+    """``problem`` under an id that also hashes its payload (for a derived id already bound elsewhere)."""
+    digest = hashlib.sha256(json.dumps(problem.payload, sort_keys=True, default=str).encode()).hexdigest()
+    return dataclasses.replace(problem, id=f"{problem.id[:200]}-{digest[:12]}")
+
+
 async def submit_episode(
     state: GatewayState,
     *,
@@ -91,11 +116,57 @@ async def submit_episode(
     settings: EpisodeSettings,
     model: str | None,
     api: str,
+    explicit_id: bool = False,
+    api_key_id: str | None = None,
 ) -> str:
-    """Store a pending episode, then queue it for an organizer; returns the episode id (see module doc)."""
+    """Store a pending episode, then queue it for an organizer; returns the episode id (see module doc).
+
+    ``model``, when given, must name a served model (422 otherwise); the stored ``model_id`` is always the
+    served weights. Problems are immutable: a client's ``problem_id`` (``explicit_id``) already bound to
+    another payload is a 409; an id the task derived moves to a content-addressed one instead.
+    ``api_key_id`` (the submitting key) owns the episode.
+    """
+    check_model(state, model)
     task = get_task(problem.task)
     capacity = settings.resolved_capacity(task.default_capacity)
     episode_id = uuid.uuid4().hex
+    config = SubmitProblem(
+        episode_id=episode_id, task=problem.task, problem_id=problem.id, payload=problem.payload,
+        settings=settings, model=model,
+    ).stored_config()  # fmt: skip
+
+    def create(session: Session, problem: Problem) -> None:
+        repository.create_episode(
+            session,
+            episode_id=episode_id,
+            problem=problem,
+            mode=settings.mode,
+            capacity=capacity,
+            model_id=state.model_id,
+            config=config,
+            api_key_id=api_key_id,
+        )
+
+    try:
+        try:
+            await in_thread(state.session_factory, lambda s: create(s, problem))
+        except repository.ProblemConflict as conflict:
+            if explicit_id:
+                raise SubmissionError(409, str(conflict), param="problem_id") from conflict
+            problem = content_addressed(problem)
+            await in_thread(state.session_factory, lambda s: create(s, problem))
+    except SubmissionError:
+        raise
+    except repository.ProblemConflict as err:
+        raise SubmissionError(409, str(err), param="problem_id") from err
+    except Exception as err:
+        state.metrics.submit_failures.labels("database").inc()
+        log.exception("storing episode %s in %s failed", episode_id, mask_url(state.settings.database_url))
+        # The exception may carry the URL, the SQL and its parameters: the log gets it, the client not.
+        raise SubmissionError(
+            503, f"the database did not accept the episode ({type(err).__name__}); nothing was queued"
+        ) from err
+
     message = SubmitProblem(
         episode_id=episode_id,
         task=problem.task,
@@ -104,39 +175,15 @@ async def submit_episode(
         settings=settings,
         model=model,
     )
-    config = message.stored_config()
-
-    def create(session: Session) -> None:
-        repository.create_episode(
-            session,
-            episode_id=episode_id,
-            problem=problem,
-            mode=settings.mode,
-            capacity=capacity,
-            model_id=model or state.model_id,
-            config=config,
-        )
-
-    try:
-        await in_thread(state.session_factory, create)
-    except Exception as err:
-        state.metrics.submit_failures.labels("database").inc()
-        log.exception("storing episode %s failed", episode_id)
-        where = mask_url(state.settings.database_url)
-        raise SubmissionError(
-            503,
-            f"the database at {where} did not accept the episode ({type(err).__name__}: {err}); nothing was queued",
-        ) from err
-
     try:
         await asyncio.wait_for(
             state.bus.publish(PROBLEMS_STREAM, {"data": message.model_dump_json()}), state.publish_timeout_s
         )
     except Exception as err:
         state.metrics.submit_failures.labels("bus").inc()
-        reason = "timed out" if isinstance(err, TimeoutError) else f"{type(err).__name__}: {err}"
+        reason = "timed out" if isinstance(err, TimeoutError) else type(err).__name__
         error = f"could not queue the episode on the bus ({reason})"
-        log.error("episode %s: %s", episode_id, error)
+        log.error("episode %s: %s", episode_id, error, exc_info=err)
         try:
             await in_thread(state.session_factory, lambda s: _mark_failed(s, episode_id, error))
         except Exception:

@@ -21,14 +21,16 @@ from shared.store.db import (
     migrate,
     session_factory,
 )
-from shared.store.models import Base, Episode, ModelVersion, ProblemRow, Segment
-from shared.store.repository import EpisodeNotFound
+from shared.store.models import ApiKey, Base, Episode, ModelVersion, ProblemRow, Segment
+from shared.store.repository import EpisodeNotFound, ProblemConflict
 
 __all__ = [
+    "ApiKey",
     "Base",
     "Episode",
     "EpisodeNotFound",
     "ModelVersion",
+    "ProblemConflict",
     "ProblemRow",
     "Segment",
     "StoreUnavailable",

@@ -1,4 +1,4 @@
-"""SQLAlchemy 2 tables for traces: problems, episodes, segments and model versions.
+"""SQLAlchemy 2 tables for traces (problems, episodes, segments, model versions) and the gateway's API keys.
 
 The same models run on SQLite (the embedded default) and PostgreSQL (the services): JSON columns are
 ``JSON`` everywhere and ``JSONB`` on PostgreSQL, enumerations are strings guarded by CHECK constraints,
@@ -113,6 +113,7 @@ class Episode(Base):
         Index("ix_episodes_status", "status"),
         Index("ix_episodes_created_at", "created_at"),
         Index("ix_episodes_model_version", "model_version"),
+        Index("ix_episodes_api_key_id", "api_key_id"),
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)  # the engine's episode_id
@@ -140,6 +141,9 @@ class Episode(Base):
     timeline: Mapped[list[Any] | None] = mapped_column(JsonType, nullable=True)  # Timeline.to_json()
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     config: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)  # budgets, sampling of the request
+    # the API key that submitted it (ApiKey.id, or "admin" for the bootstrap key); None: no key (the CLI,
+    # a gateway without keys). Not a foreign key: the bootstrap admin key has no row.
+    api_key_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
 
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, server_default=func.now())
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
@@ -208,3 +212,20 @@ class ModelVersion(Base):
     kind: Mapped[str] = mapped_column(String(16))  # init | sft | grpo
     metrics: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, server_default=func.now())
+
+
+class ApiKey(Base):
+    """A gateway API key: its id, name, scopes and rate limit, and the SHA-256 of the key (never the key).
+
+    Revoking sets ``revoked_at``; rows are kept, so episodes keep naming the key that submitted them.
+    """
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # 12 hex characters, inside the key
+    name: Mapped[str] = mapped_column(String(255))
+    key_hash: Mapped[str] = mapped_column(String(64))  # shared.auth.hash_key(key)
+    scopes: Mapped[list[str]] = mapped_column(JsonType)  # shared.auth.Scope values
+    rate_limit_per_minute: Mapped[int | None] = mapped_column(Integer, nullable=True)  # None: the default
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, server_default=func.now())
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)

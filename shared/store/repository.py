@@ -1,4 +1,4 @@
-"""Reading and writing traces: problems, episodes, segments, model versions.
+"""Reading and writing traces (problems, episodes, segments, model versions) and the gateway's API keys.
 
 Every function takes an explicit ``session`` and keyword-only arguments (``crud.py`` style). Writes
 are idempotent upserts (``INSERT … ON CONFLICT``) so a message delivered twice (Redis streams and
@@ -6,6 +6,8 @@ Celery are at-least-once) updates the stored row instead of adding a duplicate o
 
 * a problem is keyed by ``(task, problem_id)``, an episode by its id, a segment by
   ``(episode_id, agent)``, a model version by ``(model_id, version)``;
+* problems are **immutable**: an id is bound to the payload first stored under it; storing the same
+  payload again reuses the row, another payload raises :class:`ProblemConflict` (nothing is written);
 * :func:`save_episode` writes the problem, the episode and all its segments in one transaction.
 
 Writers commit by default; pass ``commit=False`` to only flush and make the write part of a larger
@@ -27,9 +29,11 @@ from sqlalchemy import Table, func, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from shared.auth import Scope, generate_key, hash_key, parse_scopes
 from shared.messages import EpisodeStatus, SegmentRecord
 from shared.store.models import (
     MODEL_VERSION_KINDS,
+    ApiKey,
     Episode,
     ModelVersion,
     ProblemRow,
@@ -41,6 +45,18 @@ from shared.tasks.base import Mode, Problem
 
 if TYPE_CHECKING:
     from shared.engine import EpisodeResult
+
+
+class ProblemConflict(ValueError):
+    """A problem id already stored with another payload (problems are immutable)."""
+
+    def __init__(self, task: str, problem_id: str) -> None:
+        super().__init__(
+            f"problem_id {problem_id[:80]!r} of task {task} is already stored with a different payload; "
+            "problems are immutable: use a new problem_id for this payload, or none to let the task derive one"
+        )
+        self.task = task
+        self.problem_id = problem_id
 
 
 class EpisodeNotFound(LookupError):
@@ -114,18 +130,24 @@ def _upsert_segments(session: Session, episode_id: str, segments: Sequence[Segme
 
 
 def _problem_pk(session: Session, problem: Problem) -> int:
+    """The row of ``problem``: inserted if new, reused if stored with the same payload; ProblemConflict
+    if its id is stored with another payload (the stored row is never changed)."""
+    payload = _json(problem.payload)
     stmt = _insert(session, ProblemRow).values(
         task=problem.task,
         problem_id=problem.id,
-        payload=_json(problem.payload),
+        payload=payload,
         reference=_json(problem.reference),
         created_at=utcnow(),
     )
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["task", "problem_id"],
-        set_={"payload": stmt.excluded.payload, "reference": stmt.excluded.reference},
-    ).returning(_table(ProblemRow).c.id)
-    return int(session.execute(stmt).scalar_one())
+    session.execute(stmt.on_conflict_do_nothing(index_elements=["task", "problem_id"]))
+    t = _table(ProblemRow)
+    pk, stored = session.execute(
+        select(t.c.id, t.c.payload).where(t.c.task == problem.task, t.c.problem_id == problem.id)
+    ).one()
+    if stored != payload:
+        raise ProblemConflict(problem.task, problem.id)
+    return int(pk)
 
 
 def _fresh_episode(session: Session, episode_id: str) -> Episode:
@@ -139,7 +161,8 @@ def _fresh_episode(session: Session, episode_id: str) -> Episode:
 
 # ----------------------------------------------------------------------------- problems
 def upsert_problem(session: Session, *, problem: Problem, commit: bool = True) -> ProblemRow:
-    """Store ``problem`` (or update its payload and reference) and return its row."""
+    """Store ``problem`` (or find it stored with the same payload) and return its row; ProblemConflict
+    if its id is stored with another payload."""
     with _writing(session, commit):
         pk = _problem_pk(session, problem)
     row = session.get(ProblemRow, pk, populate_existing=True)
@@ -164,9 +187,11 @@ def create_episode(
     model_id: str,
     config: dict[str, Any] | None = None,
     model_version: str | None = None,
+    api_key_id: str | None = None,
     commit: bool = True,
 ) -> Episode:
-    """Store a ``pending`` episode (e.g. submitted over REST, run later with ``config``).
+    """Store a ``pending`` episode (e.g. submitted over REST, run later with ``config``); ``api_key_id``
+    is the key that submitted it (only that key, and admins, see it over the API).
 
     Idempotent: if the episode already exists it is returned unchanged.
     """
@@ -182,6 +207,7 @@ def create_episode(
             model_version=model_version,
             status=EpisodeStatus.PENDING.value,
             config=_json(config or {}),
+            api_key_id=api_key_id,
             created_at=utcnow(),
         )
         session.execute(stmt.on_conflict_do_nothing(index_elements=["id"]))
@@ -309,10 +335,12 @@ def list_episodes(
     mode: Mode | str | None = None,
     status: EpisodeStatus | str | None = None,
     model_version: str | None = None,
+    api_key_id: str | None = None,
     limit: int = 50,
     offset: int = 0,
 ) -> tuple[list[Episode], int]:
-    """A page of episodes, newest first, and the number of episodes matching the filters."""
+    """A page of episodes, newest first, and the number of episodes matching the filters
+    (``api_key_id``: only those this key submitted)."""
     if limit < 0 or offset < 0:
         raise ValueError(f"limit and offset must be >= 0, got limit={limit}, offset={offset}")
     conditions = []
@@ -324,6 +352,8 @@ def list_episodes(
         conditions.append(Episode.status == EpisodeStatus(status).value)
     if model_version is not None:
         conditions.append(Episode.model_version == model_version)
+    if api_key_id is not None:
+        conditions.append(Episode.api_key_id == api_key_id)
     total = session.scalar(select(func.count()).select_from(Episode).where(*conditions)) or 0
     rows = session.scalars(
         select(Episode)
@@ -407,3 +437,50 @@ def latest_model_version(session: Session, *, model_id: str, kind: str | None = 
         stmt = stmt.where(ModelVersion.kind == kind)
     stmt = stmt.order_by(ModelVersion.created_at.desc(), ModelVersion.id.desc()).limit(1)
     return session.scalars(stmt).first()
+
+
+# ----------------------------------------------------------------------------- API keys
+def create_api_key(
+    session: Session,
+    *,
+    name: str,
+    scopes: Sequence[Scope | str],
+    rate_limit_per_minute: int | None = None,
+    commit: bool = True,
+) -> tuple[ApiKey, str]:
+    """A new key: its row (which holds the key's hash, never the key) and the key itself, to show once."""
+    if rate_limit_per_minute is not None and rate_limit_per_minute < 0:
+        raise ValueError(f"rate_limit_per_minute must be >= 0 (0: no limit), got {rate_limit_per_minute}")
+    key_id, key = generate_key()
+    row = ApiKey(
+        id=key_id,
+        name=name,
+        key_hash=hash_key(key),
+        scopes=[s.value for s in parse_scopes(str(s) for s in scopes)],
+        rate_limit_per_minute=rate_limit_per_minute,
+        created_at=utcnow(),
+    )
+    with _writing(session, commit):
+        session.add(row)
+    return row, key
+
+
+def get_api_key(session: Session, *, key_id: str) -> ApiKey | None:
+    return session.get(ApiKey, key_id)
+
+
+def list_api_keys(session: Session, *, include_revoked: bool = False) -> list[ApiKey]:
+    """Keys, oldest first; revoked ones only when asked for."""
+    stmt = select(ApiKey).order_by(ApiKey.created_at, ApiKey.id)
+    if not include_revoked:
+        stmt = stmt.where(ApiKey.revoked_at.is_(None))
+    return list(session.scalars(stmt).all())
+
+
+def revoke_api_key(session: Session, *, key_id: str, commit: bool = True) -> bool:
+    """Revoke a key (it stops working at once; its row stays); False if no live key has that id."""
+    with _writing(session, commit):
+        result = session.execute(
+            update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None)).values(revoked_at=utcnow())
+        )
+    return bool(getattr(result, "rowcount", 0))

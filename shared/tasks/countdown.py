@@ -42,6 +42,10 @@ TEST_SIZE = 400
 TEST_FILE = Path(__file__).parent / "data" / "countdown_test.jsonl"
 DEFAULT_N_SOLUTIONS = 4
 MAX_NUMBERS = 8  # user payloads: verification is cheap, but keep prompts sane
+# Payload bounds (user payloads; the generated splits use 1..99 and targets 10..100)
+MIN_NUMBER, MAX_NUMBER = 1, 10_000
+MIN_TARGET, MAX_TARGET = 1, 1_000_000
+MAX_SOLUTIONS = 16
 
 ORGANIZER_TEMPLATE = "Countdown. Numbers: {numbers}. Target: {target}. Find {n} distinct solutions.\n"
 
@@ -225,10 +229,16 @@ def countdown_metrics(scores: Sequence[Score]) -> dict[str, float]:
 # ---------------------------------------------------------------- the task
 
 
+def _short(value: Any) -> str:
+    """``repr(value)`` cut to 40 characters, for error messages about user input."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else f"a {len(str(value))}-digit number"
+    return text if len(text) <= 40 else text[:40] + "…"
+
+
 def _int_field(payload: dict[str, Any], name: str, default: int | None = None) -> int:
     value = payload.get(name, default)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"countdown payload field {name!r} must be an integer, got {value!r}")
+        raise ValueError(f"countdown payload field {name!r} must be an integer, got {_short(value)}")
     return value
 
 
@@ -246,12 +256,16 @@ class CountdownTask:
         if not isinstance(numbers, list) or not 1 <= len(numbers) <= MAX_NUMBERS:
             raise ValueError(f"countdown 'numbers' must be a list of 1 to {MAX_NUMBERS} integers")
         for x in numbers:
-            if isinstance(x, bool) or not isinstance(x, int) or x < 0:
-                raise ValueError(f"countdown 'numbers' must be non-negative integers, got {x!r}")
+            if isinstance(x, bool) or not isinstance(x, int):
+                raise ValueError(f"countdown 'numbers' must be integers, got {_short(x)}")
+            if not MIN_NUMBER <= x <= MAX_NUMBER:
+                raise ValueError(f"countdown 'numbers' must be {MIN_NUMBER} to {MAX_NUMBER:_}, got {_short(x)}")
         target = _int_field(payload, "target")
+        if not MIN_TARGET <= target <= MAX_TARGET:
+            raise ValueError(f"countdown 'target' must be {MIN_TARGET} to {MAX_TARGET:_}, got {_short(target)}")
         n_s = _int_field(payload, "n_solutions", DEFAULT_N_SOLUTIONS)
-        if n_s < 1:
-            raise ValueError("countdown 'n_solutions' must be at least 1")
+        if not 1 <= n_s <= MAX_SOLUTIONS:
+            raise ValueError(f"countdown 'n_solutions' must be 1 to {MAX_SOLUTIONS}, got {_short(n_s)}")
         if problem_id is None:
             digest = hashlib.sha1(json.dumps([sorted(numbers), target, n_s]).encode()).hexdigest()
             problem_id = f"cd-{digest[:10]}"

@@ -16,6 +16,7 @@ import hashlib
 import json
 import threading
 from functools import lru_cache
+from math import isfinite
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,8 @@ DATA_DIR = Path(__file__).parent / "data" / "math"
 BUNDLED = {"aime24": DATA_DIR / "aime24.jsonl", "amc23": DATA_DIR / "amc23.jsonl"}
 TEST_SPLITS = ("aime24", "amc23")  # what split "test" means: both, in this order
 MAX_ANSWER_CHARS = 1000  # longer answers are cut before parsing
+MAX_PROBLEM_CHARS = 8_000  # user payloads: a problem statement (AIME's longest is under 1,000)
+MAX_REFERENCE_CHARS = 256  # user payloads: the reference answer
 MAIN_THREAD_TIMEOUT_S = 5  # math-verify timeout per parse/verify, main thread only
 
 ORGANIZER_TEMPLATE = "Math. {problem}\n"
@@ -115,9 +118,15 @@ class MathTask:
             or not payload["problem"].strip()
         ):
             raise ValueError("math payload must be an object with a non-empty 'problem' string")
+        if len(payload["problem"]) > MAX_PROBLEM_CHARS:
+            raise ValueError(f"the math 'problem' is {len(payload['problem'])} characters; at most {MAX_PROBLEM_CHARS}")
         answer = payload.get("answer")
         if answer is not None and (isinstance(answer, bool) or not isinstance(answer, str | int | float)):
-            raise ValueError(f"math 'answer' must be a string or number, got {answer!r}")
+            raise ValueError(f"math 'answer' must be a string or number, got {type(answer).__name__}")
+        if isinstance(answer, float) and not isfinite(answer):
+            raise ValueError("math 'answer' must be a finite number")
+        if answer is not None and len(str(answer)) > MAX_REFERENCE_CHARS:
+            raise ValueError(f"math 'answer' is longer than {MAX_REFERENCE_CHARS} characters")
         ref = None if answer is None else str(answer)
         pid = problem_id or "math-" + hashlib.sha1(payload["problem"].encode()).hexdigest()[:10]
         body: dict[str, Any] = {"problem": payload["problem"], "answer": ref}

@@ -28,6 +28,7 @@ NAME = "sudoku"
 SIZE = 4
 CELLS = SIZE * SIZE
 DIGITS = "1234"
+MAX_PUZZLE_CHARS = 64  # user payloads: 16 cells with separators; longer strings are refused unread
 TEST_SEED = 26658  # seeds the held-out split
 TEST_SIZE = 100
 
@@ -196,6 +197,8 @@ class SudokuTask:
         """Validate ``{"puzzle": "1.3....2..4.2..."}``: 16 cells, givens consistent, solvable."""
         if not isinstance(payload, dict) or not isinstance(payload.get("puzzle"), str):
             raise ValueError("sudoku payload must be an object with a 'puzzle' string of 16 cells")
+        if len(payload["puzzle"]) > MAX_PUZZLE_CHARS:
+            raise ValueError(f"the sudoku 'puzzle' is {len(payload['puzzle'])} characters; at most {MAX_PUZZLE_CHARS}")
         cells = parse_grid(payload["puzzle"])
         solution = solve(cells)
         if solution is None:

@@ -79,10 +79,10 @@ def test_up_runs_the_stack_answers_and_stops_on_ctrl_c(
         accepted = _post(f"{base}/v1/problems", {"task": "countdown", "payload": {"numbers": [3, 7, 25, 50],
                          "target": 75}, "organizer_budget": 48, "worker_budget": 24})
         episode_id = accepted["episode_id"]
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300  # generous: CI's 2 cores may be busy with other tests
         episode = _get(f"{base}/v1/episodes/{episode_id}")
         while episode["status"] in ("pending", "running"):
-            assert time.monotonic() < deadline, episode
+            assert time.monotonic() < deadline, (episode, "\n".join(lines[-40:]))
             time.sleep(0.5)
             episode = _get(f"{base}/v1/episodes/{episode_id}")
         assert episode["status"] in ("completed", "format_error")  # the stack ran it end to end

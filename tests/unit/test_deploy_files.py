@@ -88,7 +88,7 @@ def test_migrations_run_first(compose: dict[str, Any]) -> None:
 def test_infrastructure_healthchecks(compose: dict[str, Any]) -> None:
     s = services(compose)
     assert "pg_isready" in " ".join(s["postgres"]["healthcheck"]["test"])
-    assert s["redis"]["healthcheck"]["test"][-2:] == ["redis-cli", "ping"]
+    assert "redis-cli ping" in " ".join(s["redis"]["healthcheck"]["test"])  # authenticated: see below
     assert "/health" in " ".join(s["sglang"]["healthcheck"]["test"])
     assert "/healthz" in " ".join(s["gateway"]["healthcheck"]["test"])
 
@@ -241,3 +241,58 @@ def test_rendered_overlays_set_the_model() -> None:
             o["metadata"].get("namespace") == "asyncthink" for o in objects if o["kind"] != "Namespace"
         )
         assert ("sglang" in by_kind(objects, "Deployment")) is (overlay == "gpu")
+
+
+# -- security defaults: nothing runs open ---------------------------------------------------------------
+
+
+def app_env(svc: dict[str, Any]) -> dict[str, str]:
+    return {k: str(v) for k, v in (svc.get("environment") or {}).items()}
+
+
+def test_compose_gateway_needs_keys_and_listens_on_loopback(compose: dict[str, Any]) -> None:
+    s = services(compose)
+    env = app_env(s["gateway"])
+    assert env["ASYNCTHINK_ENVIRONMENT"] == "production" and env["ASYNCTHINK_AUTH"] == "keys"
+    assert env["ASYNCTHINK_ADMIN_KEY"].startswith("${ASYNCTHINK_ADMIN_KEY:?")  # required, from the environment
+    for name, svc in s.items():
+        if name != "gateway":
+            assert "ASYNCTHINK_ADMIN_KEY" not in app_env(svc), f"{name} gets the admin key"
+        for port in svc.get("ports") or []:
+            assert str(port).startswith(("127.0.0.1:", "${ASYNCTHINK_GATEWAY_BIND:-127.0.0.1}:")), (name, port)
+    text = (ROOT / "compose.yaml").read_text()
+    assert "ASYNCTHINK_SECRET_KEY" not in text
+
+
+def test_compose_redis_has_a_password_and_every_url_carries_it(compose: dict[str, Any]) -> None:
+    s = services(compose)
+    redis = s["redis"]
+    assert "--requirepass" in " ".join(redis["command"])
+    assert app_env(redis)["REDIS_PASSWORD"].startswith("${REDIS_PASSWORD:?")
+    assert "REDISCLI_AUTH" in " ".join(redis["healthcheck"]["test"])
+    urls = {name: app_env(svc).get("REDIS_URL") for name, svc in s.items() if name not in INFRA | {"migrate"}}
+    assert urls and all(url and url.startswith("redis://:${REDIS_PASSWORD") for url in urls.values()), urls
+
+
+def test_k8s_redis_has_a_password_and_the_gateway_needs_keys(k8s_objects: list[dict[str, Any]]) -> None:
+    config = by_kind(k8s_objects, "ConfigMap")["asyncthink-config"]["data"]
+    assert config["ASYNCTHINK_ENVIRONMENT"] == "production" and config["ASYNCTHINK_AUTH"] == "keys"
+    assert "REDIS_URL" not in config  # it carries the password: it lives in the Secret
+    secrets = by_kind(k8s_objects, "Secret")
+    shared = secrets["asyncthink-secrets"]["stringData"]
+    assert "ASYNCTHINK_SECRET_KEY" not in shared and "ASYNCTHINK_ADMIN_KEY" not in shared
+    assert shared["REDIS_URL"].startswith(f"redis://:{shared['REDIS_PASSWORD']}@redis:")
+    deployments = by_kind(k8s_objects, "Deployment")
+    [redis] = deployments["redis"]["spec"]["template"]["spec"]["containers"]
+    assert "--requirepass" in redis["args"] and "$(REDIS_PASSWORD)" in redis["args"]
+    env = {e["name"]: e for e in redis["env"]}
+    assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "REDIS_PASSWORD"
+    assert env["REDISCLI_AUTH"]["valueFrom"]["secretKeyRef"]["key"] == "REDIS_PASSWORD"
+    [gateway] = deployments["gateway"]["spec"]["template"]["spec"]["containers"]
+    admin = {e["name"]: e for e in gateway.get("env", [])}["ASYNCTHINK_ADMIN_KEY"]
+    ref = admin["valueFrom"]["secretKeyRef"]
+    assert ref["name"] in secrets and ref["key"] in secrets[ref["name"]]["stringData"]
+    for name, dep in deployments.items():  # only the gateway holds the admin key
+        for c in dep["spec"]["template"]["spec"]["containers"]:
+            if name != "gateway":
+                assert "ASYNCTHINK_ADMIN_KEY" not in {e["name"] for e in c.get("env", [])}, name

@@ -20,14 +20,24 @@ from typing import Annotated
 from fastapi import APIRouter, Header, HTTPException, Query, Response
 from fastapi.responses import StreamingResponse
 
+from services.gateway.auth import ReadKey
 from services.gateway.deps import StateDep
+from services.gateway.errors import scrub
+from services.gateway.routes.episodes import EpisodeId
 from services.gateway.sse import SSE_HEADERS, sse_comment, sse_event
 from services.gateway.submission import follow_events, stored_status
 from shared.messages import EpisodeStatus, events_stream
 
 router = APIRouter(prefix="/v1", tags=["episodes"])
 
-_ENTRY_ID = re.compile(r"^\d+(?:-\d+)?$")
+_ENTRY_ID = re.compile(r"^(\d{1,20})(?:-(\d{1,20}))?$")
+MAX_ENTRY_PART = 2**64 - 1  # a stream entry id is two unsigned 64-bit integers
+
+
+def valid_entry_id(value: str) -> bool:
+    """Whether ``value`` is a stream entry id Redis accepts (``ms`` or ``ms-seq``, each below 2**64)."""
+    match = _ENTRY_ID.match(value)
+    return match is not None and all(int(p) <= MAX_ENTRY_PART for p in match.groups() if p is not None)
 
 
 @router.get(
@@ -47,20 +57,23 @@ _ENTRY_ID = re.compile(r"^\d+(?:-\d+)?$")
     },
 )
 async def episode_events(
-    episode_id: str,
+    episode_id: EpisodeId,
     state: StateDep,
-    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+    principal: ReadKey,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=64)] = None,
     after: Annotated[
-        str | None, Query(description="Resume after this entry id (like Last-Event-ID).")
+        str | None, Query(max_length=64, description="Resume after this entry id (like Last-Event-ID).")
     ] = None,
 ) -> Response:
     start = last_event_id or after or "0"
-    if not _ENTRY_ID.match(start):
+    if not valid_entry_id(start):
         raise HTTPException(
-            422, detail=f"bad Last-Event-ID {start!r}: expected a stream entry id like '1716-0'"
+            422,
+            detail=f"bad Last-Event-ID {start[:48]!r}: expected a stream entry id like '1716-0' "
+            "(two integers below 2**64)",
         )
     row = await stored_status(state, episode_id)
-    if row is None:
+    if row is None or not principal.may_see(row.api_key_id):  # another key's: as if missing
         raise HTTPException(404, detail=f"no episode {episode_id!r}; list episodes with GET /v1/episodes")
     finished = start != "0" and EpisodeStatus(row.status).finished
     if finished and not await state.bus.read(events_stream(episode_id), after=start, count=1, block_ms=0):
@@ -72,6 +85,9 @@ async def episode_events(
             if item.event is None:
                 yield sse_comment("heartbeat")
             else:
-                yield sse_event(item.event.model_dump_json(), event=item.event.kind, id=item.entry_id)
+                event = item.event
+                if isinstance(event.data.get("error"), str):
+                    event = event.model_copy(update={"data": event.data | {"error": scrub(event.data["error"])}})
+                yield sse_event(event.model_dump_json(), event=event.kind, id=item.entry_id)
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers=SSE_HEADERS)

@@ -2,12 +2,15 @@
 
 ``/readyz`` probes each dependency with a timeout (``probe_timeout_s``): the database with
 ``SELECT 1`` through the gateway's session factory, the bus with ``ping()`` where the bus has one
-(Redis) or an empty non-blocking read otherwise. The 503 body names each failed dependency and why.
+(Redis) or an empty non-blocking read otherwise. The 503 body names each failed dependency and the kind
+of error (``OperationalError``, ``timed out after 5s``); the error itself, which may hold a host, a URL or
+SQL, is logged, never sent: ``/readyz`` answers without a key.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -16,10 +19,12 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy import text
 
+from services.gateway.auth import AdminKey
 from services.gateway.deps import MetricsDep, StateDep
 from services.gateway.metrics import CONTENT_TYPE_LATEST
 from services.gateway.state import GatewayState
-from shared.store import mask_url
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["operations"])
 
@@ -54,14 +59,15 @@ async def _bus_probe(state: GatewayState) -> None:
         await state.bus.read(READY_PROBE_STREAM, after="0", count=1, block_ms=0)
 
 
-async def _check(probe: Callable[[], Awaitable[Any]], timeout_s: float) -> str:
+async def _check(name: str, probe: Callable[[], Awaitable[Any]], timeout_s: float) -> str:
     try:
         await asyncio.wait_for(probe(), timeout_s)
     except TimeoutError:
+        log.warning("readiness: %s timed out after %gs", name, timeout_s)
         return f"timed out after {timeout_s:g}s"
     except Exception as err:
-        reason = str(err).strip().splitlines()
-        return f"{type(err).__name__}: {reason[0] if reason else ''}".rstrip(": ")
+        log.warning("readiness: %s failed: %s: %s", name, type(err).__name__, err)
+        return type(err).__name__
     return "ok"
 
 
@@ -72,16 +78,13 @@ async def _check(probe: Callable[[], Awaitable[Any]], timeout_s: float) -> str:
     responses={503: {"model": Readiness, "description": "A dependency is unreachable; `failed` names it."}},
 )
 async def readyz(state: StateDep) -> Response:
-    db, bus = await asyncio.gather(
-        _check(lambda: asyncio.to_thread(_db_probe, state), state.probe_timeout_s),
-        _check(lambda: _bus_probe(state), state.probe_timeout_s),
-    )
     bus_name = "redis" if state.settings.bus == "redis" else "bus"
+    db, bus = await asyncio.gather(
+        _check("database", lambda: asyncio.to_thread(_db_probe, state), state.probe_timeout_s),
+        _check(bus_name, lambda: _bus_probe(state), state.probe_timeout_s),
+    )
     checks = {"database": db, bus_name: bus}
     failed = [name for name, result in checks.items() if result != "ok"]
-    if "database" in failed:
-        bind = state.session_factory.kw.get("bind")
-        checks["database"] = f"{mask_url(getattr(bind, 'url', state.settings.database_url))}: {db}"
     body = Readiness(status="unavailable" if failed else "ready", checks=checks, failed=failed)
     return JSONResponse(body.model_dump(), status_code=503 if failed else 200)
 
@@ -92,5 +95,5 @@ async def readyz(state: StateDep) -> Response:
     response_class=Response,
     responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format."}},
 )
-async def metrics(collectors: MetricsDep) -> Response:
+async def metrics(collectors: MetricsDep, _: AdminKey) -> Response:
     return Response(collectors.render(), media_type=CONTENT_TYPE_LATEST)

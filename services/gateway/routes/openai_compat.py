@@ -44,9 +44,10 @@ from fastapi import APIRouter, Response
 from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
+from services.gateway.auth import ModelsKey, SubmitKey
 from services.gateway.chat_input import request_task
 from services.gateway.deps import StateDep
-from services.gateway.errors import OpenAIError, SubmissionError
+from services.gateway.errors import OpenAIError, SubmissionError, scrub
 from services.gateway.schemas import (
     AssistantMessage,
     AsyncThinkInfo,
@@ -83,6 +84,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     for code, why in (
         (400, "Invalid request (OpenAI error shape)."),
         (404, "Unknown model."),
+        (409, "The problem_id is bound to another payload (problems are immutable)."),
         (502, "The episode failed."),
         (503, "The episode could not be queued."),
         (504, "The episode did not finish in time; the message names its id."),
@@ -95,12 +97,12 @@ def _card(state: GatewayState, name: str, task: str) -> ModelCard:
 
 
 @router.get("/models", response_model=ModelList, summary="Served models (OpenAI-compatible)")
-async def list_models(state: StateDep) -> ModelList:
+async def list_models(state: StateDep, _: ModelsKey) -> ModelList:
     return ModelList(data=[_card(state, name, task) for name, task in state.chat_models.items()])
 
 
 @router.get("/models/{model}", response_model=ModelCard, summary="One served model", responses=ERRORS)
-async def get_model(model: str, state: StateDep) -> ModelCard:
+async def get_model(model: str, state: StateDep, _: ModelsKey) -> ModelCard:
     task = state.chat_models.get(model)
     if task is None:
         raise _unknown_model(state, model)
@@ -111,7 +113,7 @@ def _unknown_model(state: GatewayState, model: str) -> OpenAIError:
     known = ", ".join(state.chat_models)
     return OpenAIError(
         404,
-        f"the model {model!r} does not exist; served models: {known}",
+        f"the model {model[:64]!r} does not exist; served models: {known}",
         param="model",
         code="model_not_found",
     )
@@ -179,7 +181,7 @@ async def _result(state: GatewayState, episode_id: str) -> _Finished:
     if episode.status == EpisodeStatus.FAILED:
         raise OpenAIError(
             502,
-            f"episode {episode_id} failed: {episode.error or 'unknown error'}",
+            f"episode {episode_id} failed: {scrub(episode.error) or 'unknown error'}",
             type="server_error",
             code="episode_failed",
         )
@@ -220,7 +222,9 @@ async def _wait(state: GatewayState, episode_id: str, timeout_s: float) -> None:
         200: {"content": {"text/event-stream": {}}, "description": "The completion, or its chunks."},
     },
 )
-async def chat_completions(body: ChatCompletionRequest, state: StateDep) -> Response | ChatCompletion:
+async def chat_completions(
+    body: ChatCompletionRequest, state: StateDep, principal: SubmitKey
+) -> Response | ChatCompletion:
     model_task = state.chat_models.get(body.model)
     if model_task is None:
         raise _unknown_model(state, body.model)
@@ -232,8 +236,16 @@ async def chat_completions(body: ChatCompletionRequest, state: StateDep) -> Resp
     if body.stream:
         settings = settings.model_copy(update={"stream_text": True})
     try:
-        problem = problem_from_request(task, payload)
-        episode_id = await submit_episode(state, problem=problem, settings=settings, model=None, api="chat")
+        problem = problem_from_request(task, payload, body.problem_id)
+        episode_id = await submit_episode(
+            state,
+            problem=problem,
+            settings=settings,
+            model=None,
+            api="chat",
+            explicit_id=body.problem_id is not None,
+            api_key_id=principal.key_id,
+        )
     except SubmissionError as err:
         if err.param == "payload":
             err.param = "messages"

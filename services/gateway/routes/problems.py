@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.exceptions import RequestValidationError
 
+from services.gateway.auth import SubmitKey
 from services.gateway.deps import StateDep
 from services.gateway.errors import SubmissionError
 from services.gateway.schemas import EpisodeLinks, ProblemAccepted, ProblemCreate
@@ -21,19 +22,29 @@ router = APIRouter(prefix="/v1", tags=["problems"])
     description=(
         "Validates the request (bounds, then the task's own payload check), stores a pending episode and "
         "queues it for an organizer. Poll `links.self` or follow `links.events` (SSE) for the result. "
-        "422: invalid input, nothing stored. 503: the database or the bus failed (a stored row is marked "
-        "failed)."
+        "422: invalid input (or a model that is not served), nothing stored. 409: the problem_id is already "
+        "bound to another payload (problems are immutable). 503: the database or the bus failed (a stored "
+        "row is marked failed)."
     ),
     responses={
+        409: {"description": "The problem_id is bound to another payload; nothing was stored."},
         422: {"description": "Invalid input; nothing was stored."},
         503: {"description": "Not queued."},
     },
 )
-async def create_problem(body: ProblemCreate, state: StateDep, request: Request) -> ProblemAccepted:
+async def create_problem(
+    body: ProblemCreate, state: StateDep, request: Request, principal: SubmitKey
+) -> ProblemAccepted:
     try:
         problem = problem_from_request(body.task, body.payload, body.problem_id)
         episode_id = await submit_episode(
-            state, problem=problem, settings=body.episode_settings(), model=body.model, api="problems"
+            state,
+            problem=problem,
+            settings=body.episode_settings(),
+            model=body.model,
+            api="problems",
+            explicit_id=body.problem_id is not None,
+            api_key_id=principal.key_id,
         )
     except SubmissionError as err:
         if err.status == 422:

@@ -247,3 +247,110 @@ async def test_app_builds_its_redis_bus_and_readyz_names_redis_when_down(postgre
         assert r.status_code == expect, r.text
         if expect == 503:
             assert r.json()["failed"] == ["redis"] and r.json()["checks"]["database"] == "ok"
+
+
+async def test_unstorable_strings_are_422_without_url_or_sql(distributed: Distributed) -> None:
+    """PostgreSQL cannot store NUL, and nothing encodes a lone surrogate: these used to be 503s whose body
+    held the database URL, the SQL and its parameters."""
+    engine = make_engine(distributed.postgres_url)
+    count = select(func.count()).select_from(Episode)
+    headers = {"content-type": "application/json"}
+    try:
+        with engine.connect() as conn:
+            before = conn.execute(count).scalar_one()
+        for body in (
+            '{"task": "countdown", "payload": {"numbers": [3, 7, 25, 50], "target": 75}, "problem_id": "a\\u0000"}',
+            '{"task": "countdown", "payload": {"numbers": [3, 7, 25, 50], "target": 75}, "problem_id": "\\ud800"}',
+            '{"task": "math", "payload": {"problem": "1+1=\\u0000?"}}',
+            '{"task": "math", "payload": {"problem": "1+1=\\udfff?"}}',
+        ):
+            r = await distributed.client.post("/v1/problems", content=body.encode(), headers=headers)
+            assert r.status_code == 422, r.text
+            for leak in ("postgresql", "INSERT", "SELECT", "Traceback", "[SQL"):
+                assert leak not in r.text, r.text
+        r = await distributed.client.get("/v1/episodes", params={"model_version": "v\x00"})
+        assert r.status_code == 422, r.text
+        with engine.connect() as conn:
+            assert conn.execute(count).scalar_one() == before
+    finally:
+        engine.dispose()
+
+
+async def test_out_of_range_last_event_id_is_422_on_redis(distributed: Distributed) -> None:
+    r = await distributed.client.post("/v1/problems", json={"task": "countdown", "payload": COUNTDOWN})
+    eid = r.json()["episode_id"]
+    await distributed.wait(eid)
+    for entry in ("99999999999999999999999-0", "1-18446744073709551616"):
+        r = await distributed.client.get(f"/v1/episodes/{eid}/events", headers={"Last-Event-ID": entry})
+        assert r.status_code == 422, r.text
+        r = await distributed.client.get(f"/v1/episodes/{eid}/events", params={"after": entry})
+        assert r.status_code == 422, r.text
+    r = await distributed.client.get(f"/v1/episodes/{eid}/events", params={"after": f"{2**64 - 1}-0"})
+    assert r.status_code == 204, r.text
+
+
+async def test_keys_and_rate_limits_shared_by_two_gateways(postgres_url: str) -> None:
+    """Keys live in PostgreSQL, token buckets in Redis: two gateway replicas share one limit per key."""
+    from services.gateway.ratelimit import RedisRateLimiter
+    from shared.auth import Scope
+    from shared.store import repository
+
+    redis_bus = await _redis_or_skip()
+    prefix = f"asyncthink-test:{uuid.uuid4().hex[:12]}:"
+    bus = PrefixedBus(redis_bus, prefix)
+    await asyncio.to_thread(migrate, postgres_url)
+    admin = "k" * 40
+    settings = Settings(database_url=postgres_url, bus="redis", redis_url=REDIS_URL, auth="keys", admin_key=admin)
+    engine = make_engine(postgres_url)
+    with session_factory(engine)() as s:
+        _, limited = repository.create_api_key(s, name="limited", scopes=[Scope.READ], rate_limit_per_minute=3)
+        _, alice = repository.create_api_key(s, name="alice", scopes=[Scope.SUBMIT, Scope.READ])
+    apps = [create_app(settings, bus=bus), create_app(settings, bus=bus)]
+    try:
+        async with apps[0].router.lifespan_context(apps[0]), apps[1].router.lifespan_context(apps[1]):
+            assert isinstance(apps[0].state.gateway.rate_limiter, RedisRateLimiter)
+            clients = [
+                httpx.AsyncClient(transport=httpx.ASGITransport(app=a), base_url="http://gateway") for a in apps
+            ]
+            codes = []
+            for i in range(4):
+                r = await clients[i % 2].get("/v1/episodes", headers={"Authorization": f"Bearer {limited}"})
+                codes.append(r.status_code)
+            assert codes == [200, 200, 200, 429]
+            assert int(r.headers["retry-after"]) >= 1
+            assert (await clients[0].get("/v1/episodes", headers={"Authorization": "Bearer garbage"})).status_code == 401
+            r = await clients[1].post(
+                "/v1/problems",
+                json={"task": "countdown", "payload": COUNTDOWN},
+                headers={"X-API-Key": alice},
+            )
+            assert r.status_code == 202, r.text
+            eid = r.json()["episode_id"]
+            mine = await clients[0].get(f"/v1/episodes/{eid}", headers={"X-API-Key": alice})
+            assert mine.status_code == 200
+            other = await clients[0].get(f"/v1/episodes/{eid}", headers={"Authorization": f"Bearer {admin}"})
+            assert other.status_code == 200
+            for c in clients:
+                await c.aclose()
+    finally:
+        engine.dispose()
+        await redis_bus.delete_prefix(prefix)
+        await redis_bus.close()
+
+
+async def test_redis_token_bucket() -> None:
+    from services.gateway.ratelimit import RedisRateLimiter
+
+    await (await _redis_or_skip()).close()
+    limiter = RedisRateLimiter(REDIS_URL)
+    key = f"test-{uuid.uuid4().hex}"
+    try:
+        assert [await limiter.acquire(key, per_minute=2) for _ in range(2)] == [0.0, 0.0]
+        wait = await limiter.acquire(key, per_minute=2)
+        assert 0 < wait <= 30
+        assert await limiter.acquire(key, per_minute=0) == 0.0
+    finally:
+        await limiter.close()
+    down = RedisRateLimiter("redis://127.0.0.1:1/0", timeout_s=0.5)
+    assert await down.acquire(key, per_minute=1) == 0.0  # fails open (logged), never a 500
+    await down.close()

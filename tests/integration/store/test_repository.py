@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC
@@ -205,15 +206,33 @@ def test_problem_upsert_and_null_reference(store: StoreUnderTest) -> None:
         assert row.reference is None and row.payload == p.payload
         null_refs = s.scalar(text("SELECT COUNT(*) FROM problems WHERE reference IS NULL"))
         assert null_refs == 1  # SQL NULL, not the JSON literal null
-        changed = type(p)(task=p.task, id=p.id, payload={"numbers": [1, 2], "target": 3}, reference="3")
-        again = repo.upsert_problem(s, problem=changed)
-        assert (
-            again.id == row.id
-            and again.payload == {"numbers": [1, 2], "target": 3}
-            and again.reference == "3"
-        )
+        again = repo.upsert_problem(s, problem=p)
+        assert again.id == row.id and again.payload == p.payload
         assert repo.get_problem(s, task="countdown", problem_id="px") is again
         assert count(s, ProblemRow) == 1
+
+
+def test_problems_are_immutable(store: StoreUnderTest) -> None:
+    """An id is bound to its content: a different payload under a used id is refused, never written."""
+    with store.sessions() as s:
+        p = factories.problem("pz")
+        row = repo.upsert_problem(s, problem=p)
+        reordered = type(p)(task=p.task, id=p.id, payload=dict(reversed(list(p.payload.items()))))
+        assert repo.upsert_problem(s, problem=reordered).id == row.id  # same content, keys in another order
+        changed = type(p)(task=p.task, id=p.id, payload={"numbers": [1, 1, 1, 1], "target": 999}, reference="3")
+        with pytest.raises(repo.ProblemConflict, match="pz"):
+            repo.upsert_problem(s, problem=changed)
+        res = dataclasses.replace(factories.result("ep-conflict"), problem=changed)
+        with pytest.raises(repo.ProblemConflict):
+            repo.save_episode(s, result=res)
+        with pytest.raises(repo.ProblemConflict):
+            repo.create_episode(
+                s, episode_id="ep-c2", problem=changed, mode="asyncthink", capacity=2, model_id="m"
+            )
+    with store.sessions() as s:
+        stored = repo.get_problem(s, task="countdown", problem_id="pz")
+        assert stored is not None and stored.payload == p.payload and stored.reference is None
+        assert repo.get_episode(s, "ep-conflict") is None and repo.get_episode(s, "ep-c2") is None
 
 
 def test_format_error_episode(store: StoreUnderTest) -> None:

@@ -120,7 +120,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-LiveServerFactory = Callable[[ModelBackend], str]
+LiveServerFactory = Callable[..., str]
 
 
 @pytest.fixture
@@ -128,10 +128,10 @@ def make_live_server(tmp_path: Path) -> Iterator[LiveServerFactory]:
     """Start real uvicorn servers (embedded mode) over any backend, each in a thread; returns base URLs."""
     running: list[tuple[uvicorn.Server, threading.Thread]] = []
 
-    def start(backend: ModelBackend) -> str:
+    def start(backend: ModelBackend, settings: Settings | None = None) -> str:
         home = tmp_path / f"server-{len(running)}"
         home.mkdir()
-        app = create_app(settings_for(home), embedded_backend=backend)
+        app = create_app(settings or settings_for(home), embedded_backend=backend, bind_host="127.0.0.1")
         port = free_port()
         server = uvicorn.Server(
             uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")

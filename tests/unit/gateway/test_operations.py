@@ -25,7 +25,8 @@ async def test_readyz_is_503_naming_the_database(make_gateway: GatewayFactory) -
     assert r.status_code == 503
     body = r.json()
     assert body["status"] == "unavailable" and body["failed"] == ["database"]
-    assert "127.0.0.1:1" in body["checks"]["database"] and body["checks"]["bus"] == "ok"
+    # the kind of error only: /readyz answers without a key, so no host, URL or SQL (logged instead)
+    assert body["checks"]["database"] == "OperationalError" and body["checks"]["bus"] == "ok"
     # A submission cannot be stored either: 503, and nothing is queued.
     r = await gw.client.post("/v1/problems", json={"task": "math", "payload": {"problem": "1+1?"}})
     assert r.status_code == 503 and "nothing was queued" in r.json()["detail"]
