@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import inspect
 import logging
 import queue
@@ -52,6 +51,7 @@ from shared.backends.base import (
     stop_pattern,
 )
 from shared.tasks.prompts import PromptStyle
+from shared.weights import initial_label
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +62,8 @@ _BUILD_HINT = (
 
 
 def _weights_hash(model_dir: Path) -> str:
-    """A short sha256 over the weight files (names and bytes)."""
-    files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.name.encode())
-        with path.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()[:12]
+    """A short sha256 over the weight files (names and bytes): :func:`shared.weights.initial_label`."""
+    return initial_label(model_dir)
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
