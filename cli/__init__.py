@@ -9,7 +9,8 @@ config (:mod:`cli.options`), so each has one help text. Verbs:
     eval    many problems in one or more modes, stored; a table, --json, --plot
     trace   show a stored episode
     db      database migrations
-    serve   run the gateway or the organizer service (distributed setup)
+    serve   run the gateway, the organizer or the trainer service
+    trainer the trainer service's operator verbs (versions, show, promote, rollback, pause, resume)
     model   build a small model from a config with a locally trained tokenizer
     synth / sft / grpo   training (the work is in ``trainer/``)
 """
@@ -29,7 +30,7 @@ class CliError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cli import db, run, train, up
+    from cli import db, run, train, trainer, up
 
     parser = argparse.ArgumentParser(
         prog="asyncthink",
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     db.register(sub)
     train.register(sub)
     up.register(sub)
+    trainer.register(sub)
     return parser
 
 

@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from services.gateway.errors import install_handlers
 from services.gateway.metrics import GatewayMetrics, MetricsMiddleware
-from services.gateway.routes import episodes, events, health, openai_compat, problems
+from services.gateway.routes import admin, episodes, events, health, openai_compat, problems
 from services.gateway.state import GatewayState
 from shared.backends.base import ModelBackend
 from shared.bus.base import Bus
@@ -114,7 +114,7 @@ def create_app(
     )
     install_handlers(app)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
-    for module in (problems, episodes, events, openai_compat, health):
+    for module in (problems, episodes, events, openai_compat, health, admin):  # admin: operators only
         app.include_router(module.router)
     return app
 

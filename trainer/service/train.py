@@ -68,6 +68,24 @@ def _grpo_args(config: TrainerServiceConfig, base: Path, updates: int, temperatu
     )
 
 
+def mean_nll(model: Any, sequences: list[Sequence], *, pad_id: int, device: Any, max_tokens: int) -> float:
+    """Mean negative log-likelihood of the generated (loss-masked) tokens of ``sequences``."""
+    import torch
+
+    from trainer.grpo.losses import collate, token_logprobs
+    from trainer.grpo.update import micro_batches
+
+    total, count = 0.0, 0.0
+    model.eval()
+    with torch.no_grad():
+        for chunk in micro_batches([(s, 1.0) for s in sequences], max_tokens):
+            batch = collate([s for s, _ in chunk], [1.0] * len(chunk), pad_id).to(device)
+            logp = token_logprobs(model(input_ids=batch.input_ids, use_cache=False).logits, batch.input_ids)
+            total += float(-(logp * batch.loss_mask).sum())
+            count += float(batch.loss_mask.sum())
+    return total / max(count, 1.0)
+
+
 def train_candidate(
     config: TrainerServiceConfig,
     *,
@@ -96,11 +114,14 @@ def train_candidate(
     sft = config.method == "sft"
     temperature = 1.0 if sft else config.episode.temperature
     steps = []
+    nll: list[float] = []
     if sft:  # one plain step per pass: ratio 1, the NLL gradient of the generated tokens
         args = _grpo_args(config, base, 1, temperature)
+        nll.append(mean_nll(model, sequences, pad_id=int(pad_id), device=device, max_tokens=config.micro_batch_tokens))
         for _ in range(config.updates_per_cycle):
             steps.append(grpo_update(model, optimizer, sequences, advantages, args, pad_id=int(pad_id),
                                      device=device, bf16=False))  # fmt: skip
+        nll.append(mean_nll(model, sequences, pad_id=int(pad_id), device=device, max_tokens=config.micro_batch_tokens))
     else:
         args = _grpo_args(config, base, config.updates_per_cycle, temperature)
         steps.append(grpo_update(model, optimizer, sequences, advantages, args, pad_id=int(pad_id),
@@ -124,6 +145,8 @@ def train_candidate(
         "generated_tokens": sum(s.n_generated for s in sequences),
         "trained_tokens": sum(s.trained_tokens for s in steps),
         "loss": [s.loss for s in steps],
+        "nll_before": nll[0] if nll else None,  # sft: mean NLL of the generated tokens, before and after
+        "nll_after": nll[-1] if nll else None,
         "grad_norm": [s.grad_norm for s in steps],
         "clip_frac": [s.clip_frac for s in steps],
         "updates": len(steps),

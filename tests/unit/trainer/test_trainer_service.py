@@ -154,6 +154,7 @@ async def test_stored_episodes_one_cycle_new_version_hot_swap_next_episodes_carr
         assert m["data_window"]["used"] == 4 and set(m["data_window"]["episode_ids"]) == {e.id for e in stored}
         assert m["gate"]["passed"] and m["gate"]["metric"] == "accuracy"
         assert m["train"]["sequences"] >= 4 and m["train"]["trained_tokens"] > 0
+        assert m["train"]["nll_after"] < m["train"]["nll_before"]  # it learnt its own traces
         assert registry.serving_version(s, model_id="base-model").version == version
         assert registry.get_version(s, model_id="base-model", version=init).metrics["status"] == "published"
 
