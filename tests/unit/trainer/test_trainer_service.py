@@ -332,3 +332,27 @@ async def test_grpo_submits_groups_through_the_problems_stream_and_trains_on_the
 
         ep = repository.get_episode(s, window["episode_ids"][0])
         assert ep is not None and ep.config["temperature"] == 1.0 and ep.mode == "sequential"
+
+
+def test_the_trainer_serves_its_own_prometheus_metrics() -> None:
+    import socket
+    import urllib.request
+
+    from trainer.service import TrainerMetrics
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    metrics = TrainerMetrics()
+    metrics.cycles.labels("published").inc()
+    metrics.swap_pause.labels("sglang").observe(0.2)
+    metrics.set_serving("v1")
+    metrics.set_serving("v2")
+    server = metrics.serve(port, host="127.0.0.1")
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    finally:
+        server.shutdown()
+    assert 'asyncthink_trainer_cycles_total{outcome="published"} 1.0' in text
+    assert 'asyncthink_trainer_swap_pause_seconds_count{kind="sglang"} 1.0' in text
+    assert 'asyncthink_trainer_serving{version="v2"} 1.0' in text and 'version="v1"' not in text
