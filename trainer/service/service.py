@@ -3,6 +3,10 @@
 :class:`TrainerService` runs cycles until stopped (:meth:`~TrainerService.run_forever`), or one at a time
 (:meth:`~TrainerService.run_cycle`, for tests and embedding). One cycle:
 
+On start, when the registry has no serving version of the lineage, the base model is registered as the
+serving version (kind ``init``, labelled as the fleet labels it) with a copy of its weights under
+``OUT/versions/``, the directory every serving process reads checkpoints from.
+
 1. **Data.** ``sft``: finished episodes of the task read from the store after the last cycle's
    watermark, with their stored ids and masks, kept by :func:`~trainer.service.data.keep_for_sft`
    (accuracy, reward, format errors, worker errors, the held-out set, staleness against the serving
@@ -42,6 +46,7 @@ import asyncio
 import logging
 import os
 import random
+import shutil
 import socket
 import time
 import uuid
@@ -73,12 +78,24 @@ from trainer.service import data
 from trainer.service.config import TrainerServiceConfig
 from trainer.service.gate import decide, evaluate, fingerprint, gate_settings
 from trainer.service.publish import WeightPublisher
-from trainer.service.train import Candidate, train_candidate
+from trainer.service.train import VERSIONS_DIR, Candidate, train_candidate
 
 log = logging.getLogger(__name__)
 
 PAGE = 256  # episodes read per query while looking for SFT data
 MAX_PAGES = 40  # per look (the scan goes on at the next look)
+
+
+def publish_base(base: Path, dest: Path) -> Path:
+    """A copy of the base model directory at ``dest`` (made once, through a temporary sibling)."""
+    if dest.is_dir() and content_hash(dest) == content_hash(base):
+        return dest
+    tmp = dest.with_name(f".tmp-{dest.name}-{uuid.uuid4().hex[:6]}")
+    shutil.copytree(base, tmp)
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
+    return dest
 
 
 class TrainerService:
@@ -159,9 +176,12 @@ class TrainerService:
             current = registry.serving_version(session, model_id=self.model_id)
             if current is None:
                 if registry.get_version(session, model_id=self.model_id, version=label) is None:
+                    # the base model's weights go to the checkpoints directory too, so a rollback to it
+                    # reads a path every serving process shares (SGLang may see the base elsewhere)
+                    path = publish_base(self.base_model, cfg.out / VERSIONS_DIR / label)
                     registry.register(
-                        session, model_id=self.model_id, version=label, path=str(self.base_model.resolve()),
-                        kind="init", metrics={"content_hash": digest, "cycle": 0},
+                        session, model_id=self.model_id, version=label, path=str(path.resolve()),
+                        kind="init", metrics={"content_hash": digest, "cycle": 0, "source": str(self.base_model)},
                     )  # fmt: skip
                 _, current = registry.set_serving(session, model_id=self.model_id, version=label, event="initial")
             return current, registry.list_versions(session, model_id=self.model_id)
