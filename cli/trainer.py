@@ -314,6 +314,12 @@ def resolve_config(config: Any, model: str) -> Any:
         else:
             base = Path(head)
         config = dataclasses.replace(config, base_model=base)
+    import os
+
+    from shared.control import DEFAULT_PREFIX, PREFIX_ENV
+
+    if config.control_prefix == DEFAULT_PREFIX and os.environ.get(PREFIX_ENV):  # as the serving processes read it
+        config = dataclasses.replace(config, control_prefix=os.environ[PREFIX_ENV])
     if not (Path(config.base_model) / "config.json").is_file():
         raise FileNotFoundError(
             f"base model {config.base_model} is not a model directory (no config.json): pass --base-model, the "

@@ -1,7 +1,7 @@
 """Control messages of the weight plane: which weights to serve, who took them, and what the trainer is told.
 
-Two pairs of streams on the bus (names under a prefix, ``asyncthink`` by default, so tests can run side
-by side):
+Two pairs of streams on the bus (names under a prefix, ``asyncthink`` by default or
+``ASYNCTHINK_CONTROL_PREFIX``, so tests and stacks can share a Redis side by side):
 
 * ``<prefix>:control:weights`` holds :class:`LoadWeights` entries. It is the log of the weights the
   fleet should serve: every serving process that reads it (the organizers; see
@@ -24,6 +24,7 @@ Pure data and bus calls: no torch, no database.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from typing import Any, Literal
@@ -33,11 +34,17 @@ from pydantic import BaseModel, Field
 from shared.bus.base import Bus
 
 DEFAULT_PREFIX = "asyncthink"
+PREFIX_ENV = "ASYNCTHINK_CONTROL_PREFIX"  # overrides the prefix of every serving process (tests, side-by-side stacks)
 CONTROL_MAXLEN = 1000  # approximate cap on each control stream
 TRAINER_GROUP = "trainers"
 
 ProcessKind = Literal["organizer", "celery", "sglang", "local"]
 TrainerOp = Literal["pause", "resume", "promote", "rollback", "status"]
+
+
+def default_prefix() -> str:
+    """The control streams' prefix of this process: ``ASYNCTHINK_CONTROL_PREFIX``, else ``asyncthink``."""
+    return os.environ.get(PREFIX_ENV) or DEFAULT_PREFIX
 
 
 def weights_stream(prefix: str = DEFAULT_PREFIX) -> str:

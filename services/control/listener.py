@@ -25,11 +25,11 @@ from typing import Any
 
 from shared.bus.base import Bus
 from shared.control import (
-    DEFAULT_PREFIX,
     LoadWeights,
     ProcessKind,
     WeightsReply,
     apply_load,
+    default_prefix,
     latest_load,
     publish_model,
     weights_replies_stream,
@@ -51,7 +51,7 @@ class WeightControlListener:
         *,
         process: str,
         kind: ProcessKind = "organizer",
-        prefix: str = DEFAULT_PREFIX,
+        prefix: str | None = None,
         block_ms: int = 500,
         heartbeat_s: float = 10.0,
     ) -> None:
@@ -59,7 +59,7 @@ class WeightControlListener:
         self.backend = backend
         self.process = process
         self.kind: ProcessKind = kind
-        self.prefix = prefix
+        self.prefix = prefix or default_prefix()  # ASYNCTHINK_CONTROL_PREFIX, else asyncthink
         self.block_ms = block_ms
         self.heartbeat_s = heartbeat_s
         self.replies: list[WeightsReply] = []  # what this process answered (newest last)

@@ -65,12 +65,12 @@ def asyncthink_weights(state: Any, **_: Any) -> dict[str, Any]:
 def load_published(sender: Any = None, **_: Any) -> None:
     """At start: serve the newest published version, if the weights stream has one."""
     from services.workers.tasks import runtime
-    from shared.control import latest_load
+    from shared.control import default_prefix, latest_load
 
     rt = runtime()
     backend = rt.backend
     try:
-        _after, newest = rt.call(latest_load(rt.bus), timeout=30)
+        _after, newest = rt.call(latest_load(rt.bus, default_prefix()), timeout=30)
     except Exception as exc:
         log.warning("could not read the weights stream at start (%s); serving %s", exc, backend.weight_version)
         return

@@ -128,7 +128,9 @@ class TrainerServiceConfig:
     start_paused: bool = _f(False, "start paused (resume with `asyncthink trainer resume`)")
     seed: int = _f(0, "seed of problem sampling and torch")
     metrics_port: int = _f(9108, "port of the trainer's own Prometheus /metrics (0: none)")
-    control_prefix: str = _f("asyncthink", "prefix of the control streams on the bus")
+    control_prefix: str = _f(
+        "asyncthink", "prefix of the control streams on the bus (serving processes read ASYNCTHINK_CONTROL_PREFIX)"
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.episode, dict):

@@ -73,7 +73,7 @@ def worker(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     shutil.copytree(tiny_model_dir, base)
     name = f"swaptest-{uuid.uuid4().hex[:8]}@localhost"
     env = dict(os.environ, ASYNCTHINK_REDIS_URL=REDIS_URL, ASYNCTHINK_MODEL=str(base), ASYNCTHINK_BUS="redis",
-               PYTHONPATH=str(REPO))  # fmt: skip
+               ASYNCTHINK_CONTROL_PREFIX=name, PYTHONPATH=str(REPO))  # fmt: skip
     env.pop("ASYNCTHINK_BACKEND_FACTORY", None)
     log = root / "worker.log"
     celery = str(Path(sys.executable).with_name("celery"))
@@ -121,7 +121,7 @@ async def test_celery_workers_swap_on_a_broadcast_and_report_their_version(
 ) -> None:
     app, name, base = worker
     bus = await redis_bus_or_skip(REDIS_URL)
-    prefix = f"swaptest-{uuid.uuid4().hex[:8]}"
+    prefix = name  # the worker's ASYNCTHINK_CONTROL_PREFIX
     try:
         assert fleet_versions(app)[name]["version"] == initial_label(base)
         v2 = _variant(base, tmp_path / "v2", seed=1)
