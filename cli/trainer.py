@@ -207,6 +207,9 @@ def _print_version(row: dict[str, Any]) -> None:
         metric = gate.get("metric")
         print(f"  gate          {metric}: candidate {c.get(metric)} vs serving {s.get(metric)} "
               f"(Δ {gate.get('delta'):+.3f}, tolerance {gate.get('tolerance')}): {'passed' if gate.get('passed') else 'failed'}")  # fmt: skip
+    if m.get("phases"):
+        phases = ", ".join(f"{k} {v:.1f}s" for k, v in m["phases"].items())
+        print(f"  timing        {m.get('cycle_seconds', 0):.1f}s: {phases}")
     if m.get("post_swap"):
         ps = m["post_swap"]
         print(f"  after swap    {'passed' if ps.get('passed') else 'failed: ' + str(ps.get('why'))}")

@@ -89,7 +89,9 @@ class WeightsReply(BaseModel):
     version: str | None  # the version it serves now (the old one when it failed)
     previous: str | None = None  # what it served before
     error: str | None = None
-    seconds: float = 0.0  # how long taking the weights held its generation (the swap's pause)
+    # how long taking the weights held its generation: measured by the backend where it can (the copy
+    # between two forward passes), else the whole call (an SGLang client: reading the version back)
+    seconds: float = 0.0
     ts: float = Field(default_factory=time.time)
 
 
@@ -263,6 +265,7 @@ async def apply_load(backend: Any, message: LoadWeights, *, process: str, kind: 
             await backend.update_weights(WeightUpdate(message.version, path=message.path))
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"
+    held = getattr(backend, "last_swap_pause_s", None)  # what a local backend measured itself
     return WeightsReply(
         request_id=message.request_id,
         process=process,
@@ -271,5 +274,5 @@ async def apply_load(backend: Any, message: LoadWeights, *, process: str, kind: 
         version=backend.weight_version,
         previous=previous,
         error=error,
-        seconds=time.perf_counter() - t0,
+        seconds=float(held) if held is not None and error is None and previous != message.version else time.perf_counter() - t0,
     )

@@ -32,6 +32,7 @@ import logging
 import queue
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -220,6 +221,7 @@ class TransformersBackend:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._closed = False
+        self.last_swap_pause_s: float | None = None  # how long the last update_weights held generation
 
     # ----------------------------------------------------------------------------- the protocol
     @property
@@ -272,8 +274,10 @@ class TransformersBackend:
         _check_keys(self.model, state)
 
         def apply() -> None:
+            t0 = time.perf_counter()
             self.model.load_state_dict(state, strict=False)  # tied weights may be absent from a checkpoint
             self._version = update.version
+            self.last_swap_pause_s = time.perf_counter() - t0  # generation held between two forward passes
 
         loop = asyncio.get_running_loop()
         control = _Control(apply, loop, loop.create_future())

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -81,6 +82,7 @@ class SlotEngineBackend:
         self._waiters: dict[int, _Waiter] = {}
         self._cuts: dict[int, list[tuple[str, int]]] = {}  # handle -> (version until then, ids sampled)
         self._closed = False
+        self.last_swap_pause_s: float | None = None  # how long the last update_weights held the steps
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._drive, name="slot-engine", daemon=True)
         self._thread.start()
@@ -145,12 +147,14 @@ class SlotEngineBackend:
     # driver -----------------------------------------------------------------------------------
     def _apply(self, update: WeightUpdate, waiter: _Waiter) -> None:
         """Copy new weights in (driver thread, between steps); the waiter gets the outcome."""
+        t0 = time.perf_counter()
         progress = self.engine.progress()
         try:
             self.engine.update_weights(update.module)
         except Exception as exc:
             _settle(waiter, exc)
             return
+        self.last_swap_pause_s = time.perf_counter() - t0  # the driver ran no step meanwhile
         for handle, n in progress.items():  # running requests: what came before the copy is the old version
             self._cuts.setdefault(handle, []).append((self._weight_version, n))
         self._weight_version = update.version

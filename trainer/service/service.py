@@ -136,6 +136,7 @@ class TrainerService:
         self._last_seen: tuple[datetime, str] | None = None
         self._skipped: Counter[str] = Counter()
         self._pool: list[Problem] = []
+        self._phases: dict[str, float] = {}  # this cycle's seconds per phase
         self._started = False
 
     # ------------------------------------------------------------------------------------------ helpers
@@ -150,6 +151,11 @@ class TrainerService:
         if self.metrics is not None:
             metric = getattr(self.metrics, name)
             (metric.labels(*labels) if labels else metric).inc(n)
+
+    def _phase(self, name: str, seconds: float) -> None:
+        """Record a cycle phase's seconds (the cycle report's ``phases``, and the metrics)."""
+        self._phases[name] = self._phases.get(name, 0.0) + seconds
+        self._observe("phase_seconds", seconds, name)
 
     def _observe(self, name: str, value: float, *labels: str) -> None:
         if self.metrics is not None:
@@ -233,10 +239,11 @@ class TrainerService:
         """One cycle (see the module docstring); returns its report (``outcome`` says how it ended)."""
         await self.start()
         t0 = time.monotonic()
+        self._phases = {}
         serving = await self.serving()
         self.phase = "data"
         got = await (self._sft_data(serving) if self.config.method == "sft" else self._grpo_data(serving))
-        self._observe("phase_seconds", time.monotonic() - t0, "data")
+        self._phase("data", time.monotonic() - t0)
         if got is None:
             self.phase = "idle"
             return {"outcome": "no_data", "cycle": self.cycle, "serving": serving.version, "pending": len(self._kept)}
@@ -255,11 +262,11 @@ class TrainerService:
         candidate = await asyncio.to_thread(
             train_candidate, cfg, base=Path(serving.path), cycle=cycle, sequences=seqs, advantages=advantages
         )
-        self._observe("phase_seconds", time.monotonic() - t1, "train")
+        self._phase("train", time.monotonic() - t1)
         report: dict[str, Any] = {"cycle": cycle, "method": cfg.method, "parent": serving.version, "data_window": window}
         if candidate is None:
             report["outcome"] = "no_signal"
-            return self._finish(report, t0)
+            return await self._finish(report, t0)
         report.update(version=candidate.version, path=str(candidate.path))
         self.phase = "gate"
         t2 = time.monotonic()
@@ -267,7 +274,7 @@ class TrainerService:
                                    device=cfg.device)  # fmt: skip
         serving_eval = await self._serving_eval(serving)
         gate = decide(cand_eval, serving_eval, metric=cfg.gate_metric, tolerance=cfg.gate_tolerance)
-        self._observe("phase_seconds", time.monotonic() - t2, "gate")
+        self._phase("gate", time.monotonic() - t2)
         if self.metrics is not None:
             for side, ev in (("candidate", cand_eval), ("serving", serving_eval)):
                 for metric in ("accuracy", "reward", "format_error_rate"):
@@ -287,19 +294,22 @@ class TrainerService:
             await self._patch(candidate.version, {"status": "rejected"}, "gate_failed", delta=gate["delta"])
             report["outcome"] = "rejected"
             log.info("cycle %d: %s rejected by the gate (%s %+.3f)", cycle, candidate.version, cfg.gate_metric, gate["delta"])
-            return self._finish(report, t0)
+            return await self._finish(report, t0)
         await self._patch(candidate.version, None, "gate_passed", delta=gate["delta"])
         async with self._lock:
             now = await self.serving()
             if now.version != serving.version:  # an operator changed the serving version meanwhile
                 await self._patch(candidate.version, {"status": "superseded"}, "superseded", serving=now.version)
                 report["outcome"] = "superseded"
-                return self._finish(report, t0)
+                return await self._finish(report, t0)
             report.update(await self._publish_candidate(candidate, serving, cand_eval))
-        return self._finish(report, t0)
+        return await self._finish(report, t0)
 
-    def _finish(self, report: dict[str, Any], t0: float) -> dict[str, Any]:
+    async def _finish(self, report: dict[str, Any], t0: float) -> dict[str, Any]:
         report["seconds"] = time.monotonic() - t0
+        report["phases"] = dict(self._phases)
+        if report.get("version"):  # the cycle's timing beside its other metrics
+            await self._patch(report["version"], {"cycle_seconds": report["seconds"], "phases": report["phases"]})
         self._count("cycles", report["outcome"])
         self._observe("cycle_seconds", report["seconds"])
         self.last = {k: v for k, v in report.items() if k != "data_window"} | {
@@ -498,7 +508,7 @@ class TrainerService:
         self.phase = "check"
         t0 = time.monotonic()
         check = await self._post_swap_check(candidate.version, cand_eval)
-        self._observe("phase_seconds", time.monotonic() - t0, "check")
+        self._phase("check", time.monotonic() - t0)
         await self._patch(candidate.version, {"post_swap": check})
         out["post_swap"] = check
         if check["passed"]:
@@ -553,7 +563,7 @@ class TrainerService:
                               reason=reason)  # fmt: skip
         t0 = time.monotonic()
         report = await self.publisher.publish(message)
-        self._observe("phase_seconds", time.monotonic() - t0, "publish")
+        self._phase("publish", time.monotonic() - t0)
         self._count("swaps", reason, "ok" if report.ok else "failed")
         for reply in report.replies:
             self._observe("swap_pause", reply.seconds, reply.kind)
