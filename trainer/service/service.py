@@ -267,7 +267,7 @@ class TrainerService:
         if candidate is None:
             report["outcome"] = "no_signal"
             return await self._finish(report, t0)
-        report.update(version=candidate.version, path=str(candidate.path))
+        report.update(version=candidate.version, path=str(candidate.path), train=candidate.stats)
         self.phase = "gate"
         t2 = time.monotonic()
         cand_eval = await evaluate(candidate.path, candidate.version, self.task, self.held_out, cfg.episode,
