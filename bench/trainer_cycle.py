@@ -57,7 +57,7 @@ async def one(method: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any
     bus = InProcessBus()
     backend = TransformersBackend(base, device=args.device)
     organizer = OrganizerService(bus, factory, backend, endpoints=local_endpoints(), consumer_name="bench",
-                                 read_block_ms=50)  # fmt: skip
+                                 read_block_ms=50, claim_idle_ms=3_600_000)  # fmt: skip
     stop = asyncio.Event()
     running = asyncio.create_task(organizer.run_forever(stop))
     config = TrainerServiceConfig(

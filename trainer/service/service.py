@@ -137,6 +137,7 @@ class TrainerService:
         self._skipped: Counter[str] = Counter()
         self._pool: list[Problem] = []
         self._phases: dict[str, float] = {}  # this cycle's seconds per phase
+        self._registered = False  # this cycle's candidate is in the registry (its data is consumed)
         self._started = False
 
     # ------------------------------------------------------------------------------------------ helpers
@@ -223,7 +224,16 @@ class TrainerService:
                 if self.paused:
                     await sleep_or_stop(stop, 0.5)
                     continue
-                report = await self.run_cycle()
+                try:
+                    report = await self.run_cycle()
+                except Exception as exc:  # a broken cycle (store down, a bad checkpoint): log, wait, go on
+                    log.exception("trainer cycle %d failed", self.cycle)
+                    self._count("cycles", "error")
+                    self.last = {"cycle": self.cycle, "outcome": "error", "error": f"{type(exc).__name__}: {exc}"}
+                    self.phase = "idle"
+                    if await sleep_or_stop(stop, self.config.poll_s):
+                        break
+                    continue
                 if report["outcome"] == "no_data":
                     if await sleep_or_stop(stop, self.config.poll_s):
                         break
@@ -240,8 +250,11 @@ class TrainerService:
         await self.start()
         t0 = time.monotonic()
         self._phases = {}
+        self._registered = False
         serving = await self.serving()
         self.phase = "data"
+        scanned = (self._scan_after, list(self._kept), self._seen, self._first_seen, self._last_seen,
+                   Counter(self._skipped))  # fmt: skip
         got = await (self._sft_data(serving) if self.config.method == "sft" else self._grpo_data(serving))
         self._phase("data", time.monotonic() - t0)
         if got is None:
@@ -250,6 +263,11 @@ class TrainerService:
         seqs, advantages, window, cycle = got
         try:
             return await self._train_gate_publish(serving, cycle, seqs, advantages, window, t0)
+        except Exception:
+            if not self._registered:  # no version holds this data: the next cycle reads it again
+                (self._scan_after, self._kept, self._seen, self._first_seen, self._last_seen,
+                 self._skipped) = scanned  # fmt: skip
+            raise
         finally:
             self.phase = "idle"
 
@@ -290,6 +308,7 @@ class TrainerService:
             s, model_id=self.model_id, version=candidate.version, path=str(candidate.path.resolve()),
             kind=cfg.method, parent=serving.version, step=cycle, metrics=metrics,
         ))  # fmt: skip
+        self._registered = True  # the data window is recorded with a version now
         if not gate["passed"]:
             await self._patch(candidate.version, {"status": "rejected"}, "gate_failed", delta=gate["delta"])
             report["outcome"] = "rejected"

@@ -356,3 +356,31 @@ def test_the_trainer_serves_its_own_prometheus_metrics() -> None:
     assert 'asyncthink_trainer_cycles_total{outcome="published"} 1.0' in text
     assert 'asyncthink_trainer_swap_pause_seconds_count{kind="sglang"} 1.0' in text
     assert 'asyncthink_trainer_serving{version="v2"} 1.0' in text and 'version="v1"' not in text
+
+
+async def test_run_forever_survives_a_broken_cycle_answers_commands_and_stops_after_its_cycles(
+    make_loop: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shared.control import ask_trainer
+    from trainer.service import service as service_module
+
+    loop: Loop = await make_loop(cycles=1, poll_s=0.2)
+    await loop.episodes(3)
+    real = service_module.train_candidate
+    calls = {"n": 0}
+
+    def flaky(*args: Any, **kw: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError("disk full while saving")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(service_module, "train_candidate", flaky)
+    stop = asyncio.Event()
+    running = asyncio.create_task(loop.trainer.run_forever(stop))
+    status = await ask_trainer(loop.bus, TrainerCommand(op="status"), timeout_s=20)
+    assert status.ok and status.data["method"] == "sft"
+    await asyncio.wait_for(running, 120)  # the failed cycle did not count; the second one did
+    assert calls["n"] == 2 and loop.trainer.last["outcome"] == "published"
+    assert loop.trainer.last["episodes"] == 3  # the broken cycle's data was not lost
+    assert 'asyncthink_trainer_cycles_total{outcome="error"} 1.0' in loop.trainer.metrics.render().decode()
