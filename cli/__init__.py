@@ -10,7 +10,8 @@ config (:mod:`cli.options`), so each has one help text. Verbs:
     trace   show a stored episode
     db      database migrations
     keys    the gateway's API keys: create (printed once), list, revoke
-    serve   run the gateway or the organizer service (distributed setup)
+    serve   run the gateway, the organizer or the trainer service
+    trainer the trainer service's operator verbs (versions, show, promote, rollback, pause, resume)
     model   build a small model from a config with a locally trained tokenizer
     synth / sft / grpo   training (the work is in ``trainer/``)
 """
@@ -30,7 +31,7 @@ class CliError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from cli import db, keys, run, train, up
+    from cli import db, keys, run, train, trainer, up
 
     parser = argparse.ArgumentParser(
         prog="asyncthink",
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     keys.register(sub)
     train.register(sub)
     up.register(sub)
+    trainer.register(sub)
     return parser
 
 

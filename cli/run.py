@@ -53,13 +53,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=cmd_trace)
 
     p = sub.add_parser("serve", help="run a service of the distributed setup")
-    p.add_argument("service", choices=("gateway", "organizer"), help="which service")
+    p.add_argument("service", choices=("gateway", "organizer", "trainer"), help="which service")
     p.add_argument("--host", default="127.0.0.1",
                    help="gateway bind address (default 127.0.0.1; any other needs API keys, see ASYNCTHINK_AUTH)")
     p.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
     p.add_argument("--organizer-args", default="",
                    help="organizer: options passed on, e.g. \"--local-workers --migrate\" "
                    "(see python -m services.organizer --help)")
+    from cli.trainer import add_serve_options  # trainer: options from its config (cli/trainer.py)
+
+    add_serve_options(p)
     p.set_defaults(func=cmd_serve)
 
 
@@ -330,6 +333,10 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.service == "trainer":
+        from cli.trainer import cmd_serve_trainer
+
+        return cmd_serve_trainer(args)
     if args.service == "gateway":
         import uvicorn
         from pydantic import ValidationError

@@ -19,8 +19,16 @@ and ``η``. The runner does no I/O of its own: the model is a
 default, a Celery dispatcher in the distributed setup, tools by ``<FORK-i@endpoint>``), events go to an
 :class:`EventSink`.
 
+Aborted calls. A backend may end a call with finish ABORT (SGLang's ``abort`` pause for a weight swap,
+a server that cancelled the request): the partial output is dropped (never parsed, never recorded) and
+the call is sent again from the same prefix, up to ``abort_retries`` times. When the retries run out the
+agent ends with an error; a worker's outcome then carries that error and an error text for its join, so
+a cut-off worker is never joined as if it had finished. Each segment records the weight versions that
+produced its tokens (``model_version``; ``a+b`` when a swap happened during it).
+
 Limits: a worker that times out returns an error text and is charged its whole token budget on the
-clock (its real length is unknown); workers still running when their parent finishes are cancelled.
+clock (its real length is unknown); workers still running when their parent finishes are cancelled; text
+a streaming backend already sent as text events before an abort is not taken back.
 """
 
 from __future__ import annotations
@@ -34,7 +42,14 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from shared.backends.base import FinishReason, GenerateRequest, GenerateResult, ModelBackend, SamplingParams
+from shared.backends.base import (
+    FinishReason,
+    GenerateRequest,
+    GenerateResult,
+    ModelBackend,
+    SamplingParams,
+    version_label,
+)
 from shared.messages import EpisodeEvent, EventKind, SegmentRecord, WorkerOutcome, WorkerTask
 from shared.metrics import Decode, ForkStep, JoinStep, Step, Timeline
 from shared.protocol import (
@@ -54,6 +69,9 @@ from shared.protocol import (
 from shared.tasks.base import Task
 
 log = logging.getLogger(__name__)
+
+ABORT_RETRIES = 2  # a call the backend aborted (finish ABORT) is sent again this many times
+ABORT_BACKOFF_S = 0.05  # before each resend (a paused server holds the resend until it continues)
 
 
 # ----------------------------------------------------------------------------- interfaces
@@ -177,6 +195,7 @@ class AgentRun:
     final: str | None  # the Answer or Return text
     errors: list[dict[str, object]]  # format errors, this agent's and its workers'
     children: list[SegmentRecord]  # the segments of every worker it forked (recursively)
+    failure: str | None = None  # the agent could not run to its end (backend error, aborted calls)
 
 
 @dataclass
@@ -192,7 +211,9 @@ class _AgentState:
 
     parser: ProtocolParser
     prompt_ids: list[int]
-    version: str
+    version: str  # the backend's version when the agent started (the label if it generates nothing)
+    versions: list[str] = field(default_factory=list)  # the versions that produced its tokens, in order
+    aborted_calls: int = 0  # generate calls the backend aborted (retried or not)
     wall_start: float = field(default_factory=time.time)
     ids: list[int] = field(default_factory=list)  # every id after the prompt
     mask: list[int] = field(default_factory=list)  # 1 = generated here, 0 = injected by a join
@@ -215,8 +236,13 @@ class _AgentState:
         self.generated += n
         if n:
             self.steps.append(Decode(n))
-        if result.weight_version:
-            self.version = result.weight_version
+        for v in result.versions:  # each result's own label (spans when a swap happened during it)
+            if v not in self.versions:
+                self.versions.append(v)
+
+    @property
+    def label(self) -> str | None:
+        return version_label(self.versions) or self.version
 
     def add_injected(self, ids: list[int]) -> None:
         self.ids += ids
@@ -243,9 +269,13 @@ class AgentRunner:
         *,
         endpoints: Mapping[str | None, WorkerEndpoint] | None = None,
         sink: EventSink | None = None,
+        abort_retries: int = ABORT_RETRIES,
     ) -> None:
+        if abort_retries < 0:
+            raise ValueError(f"abort_retries must be >= 0, got {abort_retries}")
         self.backend = backend
         self.task = task
+        self.abort_retries = abort_retries
         self.endpoints: dict[str | None, WorkerEndpoint] = dict(endpoints or {})
         self.endpoints.setdefault(None, ModelWorker(self))
         self.sink: EventSink = sink or NullSink()
@@ -281,6 +311,9 @@ class AgentRunner:
                 result = await self._decode(spec, state, emit)
                 if result is None:
                     break
+                if result.finish is FinishReason.ABORT:  # retries exhausted: nothing to parse
+                    self._goes_on(result, state)
+                    break
                 pending: deque[Event] = deque(state.parser.feed(result.text))
                 while pending:
                     pending.extend(await self._handle(pending.popleft(), spec, state, emit))
@@ -307,17 +340,31 @@ class AgentRunner:
             streamed.append(piece)
             emit.soon(EventKind.TEXT, spec.agent, state.clock, text=piece, injected=False)
 
-        result = await self.backend.generate(
-            GenerateRequest(
-                input_ids=state.prompt_ids + state.ids,
-                max_new_tokens=remaining,
-                stop_regex=spec.stop_regex,
-                sampling=spec.sampling,
-                session=spec.episode_id,
-                tag=spec.agent,
-                on_text=on_text if spec.stream_text else None,
-            )
+        request = GenerateRequest(
+            input_ids=state.prompt_ids + state.ids,
+            max_new_tokens=remaining,
+            stop_regex=spec.stop_regex,
+            sampling=spec.sampling,
+            session=spec.episode_id,
+            tag=spec.agent,
+            on_text=on_text if spec.stream_text else None,
         )
+        result = await self.backend.generate(request)
+        for attempt in range(self.abort_retries):
+            if result.finish is not FinishReason.ABORT:
+                break
+            state.aborted_calls += 1
+            log.warning(
+                "episode %s agent %s: the backend aborted a call after %d tokens (weights %s); sending it "
+                "again (%d/%d)", spec.episode_id, spec.agent, len(result.output_ids), result.weight_version,
+                attempt + 1, self.abort_retries,
+            )  # fmt: skip
+            await asyncio.sleep(ABORT_BACKOFF_S)
+            streamed.clear()
+            result = await self.backend.generate(request)
+        if result.finish is FinishReason.ABORT:  # out of retries: the partial output is dropped
+            state.aborted_calls += 1
+            return result
         state.add_generated(result)
         if spec.stream_text:
             sent = "".join(streamed)
@@ -332,7 +379,7 @@ class AgentRunner:
         if state.parser.done:
             return False
         if result.finish is FinishReason.ABORT:
-            state.error = "backend aborted the request"
+            state.error = f"backend aborted the request ({state.aborted_calls} attempts)"
             return False
         if result.finish is not FinishReason.STOP:  # EOS or the budget, with no final tag
             state.parser.close(budget_exhausted=result.finish is FinishReason.LENGTH)
@@ -413,9 +460,9 @@ class AgentRunner:
             wall_start=state.wall_start,
             wall_end=time.time(),
             error=state.error or (str(errors[0]["kind"]) if errors else None),
-            model_version=state.version,
+            model_version=state.label,
         )
-        return AgentRun(segment, Timeline(tuple(resolved)), final, errors, child_segments)
+        return AgentRun(segment, Timeline(tuple(resolved)), final, errors, child_segments, failure=state.error)
 
     # ------------------------------------------------------------------------------- workers
     async def _run_worker(self, task: WorkerTask, timeout_s: float, emit: Emitter, clock: int) -> WorkerOutcome:
@@ -502,6 +549,14 @@ class ModelWorker:
         seg = run.segment.model_copy(
             update={"fork_id": task.fork_id, "parent": task.parent, "endpoint": task.endpoint, "query": task.query}
         )
+        if run.failure is not None:  # cut off (aborted calls, a backend error): an error, never a result
+            return WorkerOutcome(
+                returned=f"[worker {task.fork_id} failed: {run.failure}]",
+                timeline=run.timeline.to_json(),
+                segments=[seg, *run.children],
+                format_errors=run.errors,
+                error=run.failure,
+            )
         return WorkerOutcome(
             returned=run.final if run.final is not None else seg.text,
             timeline=run.timeline.to_json(),

@@ -35,7 +35,7 @@ from shared.agents import (
     NullSink,
     WorkerEndpoint,
 )
-from shared.backends.base import ModelBackend, SamplingParams
+from shared.backends.base import ModelBackend, SamplingParams, version_label
 from shared.episode import EpisodeSettings
 from shared.messages import EpisodeStatus, EventKind, SegmentRecord
 from shared.metrics import Schedule, Timeline, concurrency, parallel_metrics, schedule
@@ -249,7 +249,8 @@ class Engine:
             mode=cfg.mode,
             capacity=self.capacity,
             model_id=self.backend.model_id,
-            model_version=self.backend.weight_version,
+            # the weights that produced the episode's tokens (a+b when a swap happened during it)
+            model_version=version_label(s.model_version for s in segments) or self.backend.weight_version,
             status=status,
             answer=answer,
             score=score,

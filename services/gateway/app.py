@@ -38,7 +38,7 @@ from services.gateway.errors import install_handlers
 from services.gateway.limits import InputGuardMiddleware
 from services.gateway.metrics import GatewayMetrics, MetricsMiddleware
 from services.gateway.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
-from services.gateway.routes import episodes, events, health, openai_compat, problems
+from services.gateway.routes import admin, episodes, events, health, openai_compat, problems
 from services.gateway.state import GatewayState
 from shared.backends.base import ModelBackend
 from shared.bus.base import Bus
@@ -147,7 +147,7 @@ def create_app(
     install_handlers(app)
     app.add_middleware(InputGuardMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts refusals too
-    for module in (problems, episodes, events, openai_compat, health):
+    for module in (problems, episodes, events, openai_compat, health, admin):  # admin: admin keys only
         app.include_router(module.router)
     _documentation(app)
     app.state.require_keys = require_keys

@@ -68,9 +68,14 @@ async def amain(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    from services.control.listener import WeightControlListener  # follows the trainer's published versions
+
+    weights = WeightControlListener(bus, backend, process=service.consumer_name)
+    weights.start()
     try:
         await service.run_forever(stop)
     finally:
+        await weights.close()
         if celery_endpoint is not None:
             await celery_endpoint.close()
         await backend.aclose()

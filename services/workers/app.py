@@ -33,7 +33,7 @@ def make_app(redis_url: str | None = None) -> Celery:
     """A configured Celery app for ``redis_url`` (default ``Settings.redis_url``)."""
     url = redis_url or get_settings().redis_url
     app = Celery(
-        "asyncthink", broker=url, backend=url, include=["services.workers.tasks", "services.workers.warmup"]
+        "asyncthink", broker=url, backend=url, include=["services.workers.tasks", "services.workers.warmup", "services.workers.control"]
     )
     app.conf.update(
         task_queues=tuple(Queue(q, Exchange(q, type="direct"), routing_key=q) for q in QUEUES),

@@ -14,6 +14,14 @@ a torch module in the same process, or a checkpoint directory on disk; empty: no
 with ``update_weights(WeightUpdate)``, after which ``weight_version`` (and every result it produces) is
 the update's ``version``. A backend asked for a source it does not declare raises
 :class:`WeightUpdateUnsupported`. Backends with fixed weights inherit :class:`FixedWeights`.
+
+Version labels. Every result says which weights produced it: ``weight_version`` (the version of its last
+token) and, when a request lived through a weight swap, ``weight_versions``: spans of output positions
+per version (:class:`VersionSpan`), so text generated under the old weights is never labelled with the
+new ones. A sequence built from several results (one agent's segment) that mixes versions is labelled
+with all of them in order, joined by ``+`` (:func:`version_label`); a version label therefore never
+contains ``+``. A backend whose weights live in a server that other clients share (SGLang) sets
+``remote_weights = True``: one place swaps the server, its other clients only learn the new version.
 """
 
 from __future__ import annotations
@@ -63,13 +71,58 @@ class GenerateRequest:
 
 
 @dataclass(frozen=True)
+class VersionSpan:
+    """Output positions ``[start, end)`` of one result that the weights ``version`` produced."""
+
+    version: str
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
 class GenerateResult:
     output_ids: list[int]  # newly generated ids, stop text included
     text: str  # decode of output_ids
     finish: FinishReason
     matched: str | None = None  # the text the stop pattern matched
     cached_tokens: int = 0  # prompt tokens the backend found cached (0 where unknown)
-    weight_version: str | None = None  # the weights that produced the output, where the backend knows
+    weight_version: str | None = None  # the weights that produced the output (its last token), where known
+    # per-version spans over output positions when a weight swap happened during the request; empty when
+    # one version (weight_version) produced every token
+    weight_versions: tuple[VersionSpan, ...] = ()
+
+    @property
+    def versions(self) -> list[str]:
+        """The versions that produced this output, in order (empty where the backend does not know)."""
+        if self.weight_versions:
+            return distinct(s.version for s in self.weight_versions if s.end > s.start) or [
+                self.weight_versions[-1].version
+            ]
+        return [self.weight_version] if self.weight_version else []
+
+
+VERSION_SEPARATOR = "+"
+
+
+def distinct(items: Any) -> list[str]:
+    """``items`` without repeats, first occurrence first."""
+    out: list[str] = []
+    for item in items:
+        if item and item not in out:
+            out.append(item)
+    return out
+
+
+def version_label(versions: Any) -> str | None:
+    """The label of a sequence produced by ``versions`` (in order): one version, or ``a+b`` when a weight
+    swap happened during it; None for none."""
+    parts = distinct(part for v in versions if v for part in str(v).split(VERSION_SEPARATOR))
+    return VERSION_SEPARATOR.join(parts) if parts else None
+
+
+def split_version_label(label: str | None) -> list[str]:
+    """The versions a label names (``a+b`` -> ``[a, b]``; None -> ``[]``)."""
+    return distinct(label.split(VERSION_SEPARATOR)) if label else []
 
 
 class WeightSource(StrEnum):
@@ -88,6 +141,11 @@ class WeightUpdate:
     def __post_init__(self) -> None:
         if not self.version:
             raise ValueError("a weight update needs a non-empty version label")
+        if VERSION_SEPARATOR in self.version:
+            raise ValueError(
+                f"version label {self.version!r} contains {VERSION_SEPARATOR!r}, which joins the versions of "
+                "a sequence generated across a weight swap; pick another label"
+            )
         if (self.module is None) == (self.path is None):
             raise ValueError("a weight update carries exactly one of module= or path=")
 

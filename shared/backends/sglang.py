@@ -12,8 +12,15 @@ Follows ``shared/reference/sglang-http-api.md`` (SGLang 0.5.23, read from its so
 - *Non-streaming response*: ``output_ids``; ``meta_info.finish_reason`` mapped as
   ``stop`` with a string ``matched`` (which is the *pattern* for a regex) -> STOP, ``stop`` with an integer
   ``matched`` (a token id; only EOS, as no ``stop_token_ids`` are sent) -> EOS, ``length`` -> LENGTH,
-  ``abort`` -> ABORT; ``cached_tokens``, ``completion_tokens``, ``weight_version``. The matched *text*
-  is found here by searching the pattern in the decoded output.
+  ``abort`` -> ABORT; ``cached_tokens``, ``completion_tokens``. The matched *text* is found here by
+  searching the pattern in the decoded output.
+- *Weight versions*: every result is labelled with its own response's ``meta_info.weight_version`` (the
+  version of its last token), never with what this client last swapped to; a response that lived
+  through an in-place or retract swap also lists ``meta_info.weight_versions`` spans
+  (``{"version", "start", "end"}`` over output positions, servers since 0.5.20), which become
+  :attr:`GenerateResult.weight_versions`, so the tokens generated before the swap keep the old label.
+  An ``abort`` pause ends in-flight requests with finish ABORT and their partial output; the engine
+  retries or reports such a call (:mod:`shared.agents`), it never treats it as finished.
 - *Errors*: a 400 body is ``{"error": str}`` (schema gate), ``{"error": {"message"}}`` (ValueError) or
   ``{"object": "error", "message"}`` (bad JSON); all become :class:`SGLangRequestError`.
 - *Endpoints*: ``GET /health`` (200 once the engine answers; 503 while starting or paused) for
@@ -26,8 +33,9 @@ Follows ``shared/reference/sglang-http-api.md`` (SGLang 0.5.23, read from its so
   Cache-flush rule: during an ``in_place`` pause with parked requests an update with ``flush_cache: true``
   answers 400, so ``in_place`` sends ``flush_cache: false`` and flushes afterwards on a best-effort basis
   (``/flush_cache?timeout=S`` succeeds only once the scheduler is idle); ``retract`` (the default here)
-  and ``abort`` flush with the update. Continue is sent even when the update fails, so a replica is
-  never left paused.
+  and ``abort`` flush with the update. Continue is sent whenever a pause was attempted, even when the
+  pause or the update failed (its own failure is reported without hiding the first error), so a replica
+  is never left paused by this client.
 
 Routing: a request with a ``session`` (the episode id) always goes to the same replica, chosen by
 rendezvous hashing (sha256 of URL and session), so its growing prefix stays in that replica's radix cache
@@ -47,6 +55,7 @@ import asyncio
 import hashlib
 import itertools
 import logging
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -58,6 +67,7 @@ from shared.backends.base import (
     GenerateRequest,
     GenerateResult,
     TokenizerCodec,
+    VersionSpan,
     WeightSource,
     WeightUpdate,
     check_source,
@@ -91,7 +101,14 @@ class SGLangServerError(RuntimeError):
 
 
 class WeightUpdateError(RuntimeError):
-    """A weight hot-swap failed on a replica (generation there was resumed on the old weights)."""
+    """A weight hot-swap failed on a replica (generation there was resumed on the old weights).
+
+    ``updated`` lists the replicas swapped before the failure (they serve the new version now).
+    """
+
+    def __init__(self, message: str, *, updated: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.updated = list(updated or [])
 
 
 def load_tokenizer(tokenizer_dir: str | Path) -> Any:
@@ -116,6 +133,7 @@ class SGLangBackend(TokenizerCodec):
     """:class:`shared.backends.base.ModelBackend` over SGLang replicas (native HTTP API, 0.5.23)."""
 
     weight_sources = frozenset({WeightSource.PATH})  # the servers load a checkpoint directory
+    remote_weights = True  # the weights live in servers other clients share: swap them from one place
 
     def __init__(
         self,
@@ -149,6 +167,8 @@ class SGLangBackend(TokenizerCodec):
         self._api_key = api_key
         self._admin_key = admin_api_key or api_key
         self._weight_version = "unknown"  # until a response or check_server() tells
+        self._epoch = 0  # bumped when this client learns the version itself (swap, model_info)
+        self.swap_pause_mode: PauseMode = "retract"  # how update_weights pauses generation
         self._turn = itertools.count()
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s), transport=transport
@@ -205,6 +225,7 @@ class SGLangBackend(TokenizerCodec):
             else [self.replica_for(None)]
         )
         last: ConnectionError | None = None
+        epoch = self._epoch
         for n, url in enumerate(order):
             try:
                 retries = self.retries if n == 0 else 0
@@ -214,11 +235,11 @@ class SGLangBackend(TokenizerCodec):
                 if n + 1 < len(order):
                     log.warning("%s; session %s moves to %s", exc, request.session, order[n + 1])
                 continue
-            return self._result(data, request, url)
+            return self._result(data, request, url, epoch)
         assert last is not None
         raise last
 
-    def _result(self, data: Any, request: GenerateRequest, url: str) -> GenerateResult:
+    def _result(self, data: Any, request: GenerateRequest, url: str, epoch: int = -1) -> GenerateResult:
         if isinstance(data, list) and len(data) == 1:
             data = data[0]
         if not isinstance(data, Mapping) or not isinstance(data.get("output_ids"), list):
@@ -237,7 +258,10 @@ class SGLangBackend(TokenizerCodec):
                 len(output_ids),
             )
         version = meta.get("weight_version")
-        if version is not None:
+        spans = _version_spans(meta.get("weight_versions"), len(output_ids))
+        if version is not None and epoch == self._epoch:
+            # learn the server's version from a request sent since this client last set it (a response
+            # that was in flight across our own swap must not put the old label back)
             self._weight_version = str(version)
         return GenerateResult(
             output_ids=output_ids,
@@ -246,6 +270,7 @@ class SGLangBackend(TokenizerCodec):
             matched=matched,
             cached_tokens=int(meta.get("cached_tokens") or 0),
             weight_version=None if version is None else str(version),
+            weight_versions=spans if len({s.version for s in spans}) > 1 else (),
         )
 
     def _finish(self, reason: Any, text: str, request: GenerateRequest) -> tuple[FinishReason, str | None]:
@@ -285,9 +310,22 @@ class SGLangBackend(TokenizerCodec):
                     f"SGLang at {url} answered /health with {r.status_code}: it is still starting, paused "
                     f"for a weight update, or unhealthy. {START_HINT}"
                 )
-        info = await self.model_info(self.base_urls[0])
-        if info.get("weight_version") is not None:
-            self._weight_version = str(info["weight_version"])
+        await self.sync_version()
+
+    async def sync_version(self) -> dict[str, str | None]:
+        """Every replica's current ``weight_version`` (``GET /model_info``); this client's
+        ``weight_version`` becomes the first replica's. For a client whose servers were swapped by someone
+        else (the trainer's publisher)."""
+        versions: dict[str, str | None] = {}
+        for url in self.base_urls:
+            info = await self.model_info(url)
+            v = info.get("weight_version")
+            versions[url] = None if v is None else str(v)
+        first = versions[self.base_urls[0]]
+        if first is not None:
+            self._weight_version = first
+            self._epoch += 1
+        return versions
 
     async def model_info(self, url: str | None = None) -> dict[str, Any]:
         """``GET /model_info`` of one replica (the first by default)."""
@@ -305,10 +343,10 @@ class SGLangBackend(TokenizerCodec):
         return True
 
     async def update_weights(self, update: WeightUpdate) -> None:
-        """Load ``update.path`` on every replica (:meth:`hot_swap` with the default pause mode)."""
+        """Load ``update.path`` on every replica (:meth:`hot_swap` with ``swap_pause_mode``)."""
         check_source(self, update)
         assert update.path is not None
-        await self.hot_swap(update.path, weight_version=update.version)
+        await self.hot_swap(update.path, weight_version=update.version, pause_mode=self.swap_pause_mode)
 
     async def hot_swap(
         self,
@@ -318,11 +356,13 @@ class SGLangBackend(TokenizerCodec):
         pause_mode: PauseMode = "retract",
         load_format: str | None = None,
         flush_timeout_s: float = 30.0,
-    ) -> None:
+    ) -> dict[str, float]:
         """Hot-swap weights on every replica, one at a time (the others keep serving meanwhile).
 
         Per replica: pause -> update (with ``weight_version``) -> continue, continue always sent.
-        Raises :class:`WeightUpdateError` naming the replica and SGLang's message on the first failure.
+        Returns each replica's seconds from the pause request to the continue answer (the time its
+        generation was held). Raises :class:`WeightUpdateError` naming the replica and SGLang's message
+        on the first failure; replicas swapped before it keep the new version (``error.updated``).
         """
         if pause_mode not in ("abort", "retract", "in_place"):
             raise ValueError(f"pause_mode must be abort, retract or in_place, got {pause_mode!r}")
@@ -334,16 +374,35 @@ class SGLangBackend(TokenizerCodec):
         }
         if load_format is not None:
             update["load_format"] = load_format
+        paused: dict[str, float] = {}
         for url in self.base_urls:
-            await self._control(url, "/pause_generation", {"mode": pause_mode})
+            t0 = time.perf_counter()
+            answer: dict[str, Any] = {}
+            error: BaseException | None = None
             try:
+                await self._control(url, "/pause_generation", {"mode": pause_mode})
                 answer = await self._control(url, "/update_weights_from_disk", update, ok_on_400=True)
-            finally:
+            except Exception as exc:  # continue below all the same, then report this
+                error = exc
+            try:
                 await self._control(url, "/continue_generation", {"torch_empty_cache": True})
+            except Exception as exc:
+                log.error("SGLang at %s: /continue_generation failed (%s); the replica may stay paused", url, exc)
+                if error is None:
+                    error = exc
+            paused[url] = time.perf_counter() - t0
+            updated = [u for u in self.base_urls if u in paused and u != url]
+            if error is not None:
+                raise WeightUpdateError(
+                    f"SGLang at {url}: weight update to {weight_version} ({model_path}) failed: {error}; "
+                    f"generation was resumed there on version {self._weight_version}",
+                    updated=updated,
+                ) from error
             if not answer.get("success"):
                 raise WeightUpdateError(
                     f"SGLang at {url} did not load {model_path}: {answer.get('message', answer)}; it keeps "
-                    f"serving version {self._weight_version}"
+                    f"serving version {self._weight_version}",
+                    updated=updated,
                 )
             if not flush_with_update and not await self.flush_cache(url, timeout_s=flush_timeout_s):
                 log.warning(
@@ -352,6 +411,8 @@ class SGLangBackend(TokenizerCodec):
                     url,
                 )
         self._weight_version = weight_version
+        self._epoch += 1
+        return paused
 
     async def _control(
         self, url: str, path: str, body: dict[str, Any], *, ok_on_400: bool = False
@@ -402,6 +463,29 @@ class SGLangBackend(TokenizerCodec):
                     "if generations are long"
                 ) from exc
         return _body(r, url, path)
+
+
+def _version_spans(raw: Any, n_output: int) -> tuple[VersionSpan, ...]:
+    """``meta_info.weight_versions`` as spans (merged where one version continues); () when absent or
+    unreadable (then ``weight_version`` labels the whole output)."""
+    if not isinstance(raw, list) or not raw:
+        return ()
+    spans: list[VersionSpan] = []
+    try:
+        for item in raw:
+            span = VersionSpan(str(item["version"]), int(item["start"]), int(item["end"]))
+            if span.end < span.start:
+                return ()
+            if spans and spans[-1].version == span.version and spans[-1].end == span.start:
+                spans[-1] = VersionSpan(span.version, spans[-1].start, span.end)
+            else:
+                spans.append(span)
+    except (KeyError, TypeError, ValueError):
+        log.warning("SGLang sent unreadable weight_versions %r; labelling by weight_version", raw)
+        return ()
+    if spans[-1].end > n_output:
+        log.warning("SGLang weight_versions end at %d but %d output_ids", spans[-1].end, n_output)
+    return tuple(spans)
 
 
 def _body(r: httpx.Response, url: str, path: str) -> Any:

@@ -14,7 +14,8 @@ and top-p, with a per-request ``torch.Generator`` seeded from ``sampling.seed`` 
 
 New weights (``update_weights``: a torch module's tensors, or a checkpoint directory) are copied into
 the model by the scheduler thread between two forward passes, so a step never sees half-copied weights;
-requests in flight go on with the new weights, and results report the version that finished them.
+requests in flight go on with the new weights, and a result that lived through the swap says which
+tokens each version produced (``weight_versions`` spans; ``weight_version`` is its last token's).
 
 Limits: no prefix cache (every request prefills its whole prefix; ``cached_tokens`` is always 0); the KV
 cache is transformers' ``DynamicCache`` whose tensors this module pads, merges and slices directly, so it
@@ -26,12 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import inspect
 import logging
 import queue
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from shared.backends.base import (
     FinishReason,
     GenerateRequest,
     GenerateResult,
+    VersionSpan,
     WeightSource,
     WeightUpdate,
     check_source,
@@ -50,6 +52,7 @@ from shared.backends.base import (
     stop_pattern,
 )
 from shared.tasks.prompts import PromptStyle
+from shared.weights import initial_label
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +63,8 @@ _BUILD_HINT = (
 
 
 def _weights_hash(model_dir: Path) -> str:
-    """A short sha256 over the weight files (names and bytes)."""
-    files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.name.encode())
-        with path.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()[:12]
+    """A short sha256 over the weight files (names and bytes): :func:`shared.weights.initial_label`."""
+    return initial_label(model_dir)
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -152,6 +148,7 @@ class _Seq:
     output: list[int] = field(default_factory=list)
     text_len: int = 0  # length of the decoded output at the last stop check
     streamed: int = 0  # characters of the output already handed to the request's on_text
+    spans: list[list[Any]] = field(default_factory=list)  # [version, start, end) runs over the output
 
 
 class TransformersBackend:
@@ -224,6 +221,7 @@ class TransformersBackend:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._closed = False
+        self.last_swap_pause_s: float | None = None  # how long the last update_weights held generation
 
     # ----------------------------------------------------------------------------- the protocol
     @property
@@ -276,8 +274,10 @@ class TransformersBackend:
         _check_keys(self.model, state)
 
         def apply() -> None:
+            t0 = time.perf_counter()
             self.model.load_state_dict(state, strict=False)  # tied weights may be absent from a checkpoint
             self._version = update.version
+            self.last_swap_pause_s = time.perf_counter() - t0  # generation held between two forward passes
 
         loop = asyncio.get_running_loop()
         control = _Control(apply, loop, loop.create_future())
@@ -502,6 +502,11 @@ class _Scheduler:
         for r, tok in zip(rows, tokens, strict=True):
             seq = self.running[r]
             seq.output.append(tok)
+            version, n = self.b._version, len(seq.output)
+            if seq.spans and seq.spans[-1][0] == version:
+                seq.spans[-1][2] = n
+            else:
+                seq.spans.append([version, n - 1, n])
             self.b.stats["tokens"] += 1
             reason = self._check(seq, tok)
             self._stream(seq)
@@ -554,12 +559,14 @@ class _Scheduler:
         if reason is FinishReason.STOP and seq.pattern is not None:
             m = find_stop(text, seq.pattern, seq.text_len)
             matched = m.group(0) if m else None
+        spans = tuple(VersionSpan(v, a, b) for v, a, b in seq.spans)
         result = GenerateResult(
             output_ids=list(seq.output),
             text=text,
             finish=reason,
             matched=matched,
-            weight_version=self.b.weight_version,
+            weight_version=spans[-1].version if spans else self.b.weight_version,
+            weight_versions=spans if len(spans) > 1 else (),
         )
         self.b.stats["requests"] += 1
         self._deliver(seq.item, result)

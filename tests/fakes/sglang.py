@@ -17,6 +17,13 @@ Each replica generates its ``script`` (then EOS), token by token. Test knobs per
 (continue the script after a prompt that ends with its beginning, as a greedy model would; off by
 default); ``calls`` records every request and ``generated`` counts the output ids answered.
 
+In-flight requests (``token_delay_s`` > 0): each token then takes that long, and a pause reaches the
+requests already generating, as the reference's pause semantics say: ``abort`` ends them at once with
+finish ``abort`` and their partial output (the pause answers once none is left), ``in_place`` freezes
+them until ``/continue_generation`` and ``retract`` does too, counting ``num_retractions``; tokens
+generated after a weight update carry the new version, and ``meta_info.weight_versions`` lists the
+spans per version (``weight_version`` is the last token's). ``running`` counts requests generating now.
+
 Used by ``tests/unit/backends/test_sglang_contract.py`` and the backend conformance suite.
 """
 
@@ -84,6 +91,9 @@ class Replica:
     resume: bool = False  # continue the script after a prompt that ends with its beginning (resume_point)
     script_for: Any = None  # (prompt text) -> script: a different script per prompt (organizer vs worker)
     generated: int = 0  # output ids answered so far
+    token_delay_s: float = 0.0  # > 0: seconds per token, and pauses reach requests in flight
+    running: int = 0  # /generate requests generating now (in-flight mode)
+    update_delay_s: float = 0.0  # seconds /update_weights_from_disk takes (loading the weights)
 
     def cached(self, ids: list[int]) -> int:
         best = 0
@@ -195,18 +205,39 @@ class FakeSGLang:
             script = script[resume_point(ids, script) :]
         out: list[int] = []
         finish: dict[str, Any] = {"type": "length", "length": max_new}
-        for tok in script:
-            if len(out) >= max_new:
-                break
-            out.append(tok)
-            text = self.tok.decode(out, skip_special_tokens=True)
-            hit = next((p for p in patterns if re.search(p, text)), None)
-            if hit is not None:  # order: stop string -> stop token / EOS -> length (0.5.20+)
-                finish = {"type": "stop", "matched": hit}
-                break
-            if tok == self.eos_id:
-                finish = {"type": "stop", "matched": self.eos_id}
-                break
+        versions: list[str] = []  # the version that produced each output id
+        retractions = 0
+        rep.running += 1
+        try:
+            for tok in script:
+                if len(out) >= max_new:
+                    break
+                if rep.token_delay_s:
+                    await asyncio.sleep(rep.token_delay_s)
+                    if rep.paused == "abort":
+                        finish = {"type": "abort", "message": "Aborted", "status_code": None, "err_type": None}
+                        break
+                    if rep.paused in ("in_place", "retract"):
+                        retractions += rep.paused == "retract"
+                        await rep.resumed.wait()
+                out.append(tok)
+                versions.append(rep.weight_version)
+                text = self.tok.decode(out, skip_special_tokens=True)
+                hit = next((p for p in patterns if re.search(p, text)), None)
+                if hit is not None:  # order: stop string -> stop token / EOS -> length (0.5.20+)
+                    finish = {"type": "stop", "matched": hit}
+                    break
+                if tok == self.eos_id:
+                    finish = {"type": "stop", "matched": self.eos_id}
+                    break
+        finally:
+            rep.running -= 1
+        return self._answer(rep, sp, ids, out, versions, finish, cached, retractions)
+
+    def _answer(
+        self, rep: Replica, sp: dict[str, Any], ids: list[int], out: list[int], versions: list[str],
+        finish: dict[str, Any], cached: int, retractions: int,
+    ) -> Response:  # fmt: skip
         if rep.abort_next:
             rep.abort_next = False
             finish = {"type": "abort", "message": "Aborted", "status_code": None, "err_type": None}
@@ -219,10 +250,17 @@ class FakeSGLang:
                 text = self.tok.decode(out[:-1], skip_special_tokens=True)
         rep.cache.append(ids + out[:-1])
         rep.generated += len(out)
+        spans: list[dict[str, Any]] = []
+        for k, v in enumerate(versions):  # runs of one version over output positions
+            if spans and spans[-1]["version"] == v:
+                spans[-1]["end"] = k + 1
+            else:
+                spans.append({"version": v, "start": k, "end": k + 1})
+        last = versions[-1] if versions else rep.weight_version
         meta = {
-            "id": "rid", "finish_reason": finish, "prompt_tokens": len(ids), "weight_version": rep.weight_version,
-            "num_retractions": 0, "reasoning_tokens": 0, "completion_tokens": len(out), "cached_tokens": cached,
-            "weight_versions": [{"version": rep.weight_version, "start": 0, "end": len(out)}],
+            "id": "rid", "finish_reason": finish, "prompt_tokens": len(ids), "weight_version": last,
+            "num_retractions": retractions, "reasoning_tokens": 0, "completion_tokens": len(out),
+            "cached_tokens": cached, "weight_versions": spans or [{"version": last, "start": 0, "end": 0}],
             "e2e_latency": 0.01, "response_sent_to_client_ts": 1795620000.1,
         }  # fmt: skip
         return JSONResponse({"text": text, "output_ids": out, "meta_info": meta})
@@ -245,7 +283,7 @@ class FakeSGLang:
         rep, _, err = await self._enter(request)
         if err:
             return err
-        if rep.parked:
+        if rep.parked or rep.running:
             return PlainTextResponse("Flush cache failed.\n", 400)
         rep.cache.clear()
         return PlainTextResponse("Cache flushed.\nPlease check backend logs for more details.\n")
@@ -256,6 +294,8 @@ class FakeSGLang:
             return err
         if not isinstance(body, dict) or "model_path" not in body:
             return bad_request("1 validation error: model_path Field required")
+        if rep.update_delay_s:
+            await asyncio.sleep(rep.update_delay_s)
         if "missing" in body["model_path"]:
             msg = f"Failed to get weights iterator: {body['model_path']} (repository not found)."
             return JSONResponse({"success": False, "message": msg, "num_paused_requests": 0}, 400)
@@ -264,7 +304,7 @@ class FakeSGLang:
         if version is not None:
             rep.weight_version = version
         if body.get("flush_cache", True):
-            if rep.paused == "in_place" and rep.parked:
+            if rep.paused == "in_place" and (rep.parked or rep.running):
                 msg = ("Weights were updated, but the cache was not flushed because requests are still running "
                        "or queued. Retract or finish them, then call /flush_cache.")  # fmt: skip
                 return JSONResponse({"success": False, "message": msg, "num_paused_requests": 0}, 400)
@@ -285,6 +325,8 @@ class FakeSGLang:
             return bad_request(f"Input should be 'abort', 'retract' or 'in_place', got {mode!r}")
         rep.paused = mode
         rep.resumed = asyncio.Event()
+        while mode == "abort" and rep.running:  # abort: answers once no request holds the model
+            await asyncio.sleep(0.001)
         return JSONResponse({"message": "Generation paused successfully.", "status": "ok"})
 
     async def continue_(self, request: Request) -> Response:

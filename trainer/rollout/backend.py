@@ -9,6 +9,11 @@ the event loop.
 ``text`` is :meth:`SlotEngineBackend.decode` of ``output_ids``, which drops special tokens (an EOS id stays
 the last output id but adds no text), as in the other backends; the engine's own decode keeps them.
 
+Weights: ``update_weights`` takes a torch module (the trainer's model) or a checkpoint directory (read
+into a model in a thread first); the driver copies the tensors in between two steps. A request running
+across the copy reports both versions (``weight_versions`` spans, cut where the engine's
+:meth:`~trainer.rollout.slot_engine.SlotEngine.progress` stood at the copy).
+
 Limits: one engine per backend; requests from several event loops work (each future is resolved on
 its own loop); ``aclose`` aborts waiting and running requests with ``FinishReason.ABORT``; an
 exception inside a step fails every outstanding request with that exception and stops the driver.
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -25,6 +31,7 @@ from shared.backends.base import (
     FinishReason,
     GenerateRequest,
     GenerateResult,
+    VersionSpan,
     WeightSource,
     WeightUpdate,
     check_source,
@@ -49,11 +56,12 @@ class _Waiter:
 class SlotEngineBackend:
     """A :class:`~shared.backends.base.ModelBackend` over a :class:`SlotEngine`.
 
-    ``update_weights`` takes a torch module with the engine's architecture (the trainer's model): the
-    driver thread copies its tensors in place between two steps (captured CUDA graphs stay valid).
+    ``update_weights`` takes a torch module with the engine's architecture (the trainer's model) or a
+    checkpoint directory of one: the driver thread copies its tensors in place between two steps
+    (captured CUDA graphs stay valid).
     """
 
-    weight_sources = frozenset({WeightSource.MODULE})
+    weight_sources = frozenset({WeightSource.MODULE, WeightSource.PATH})
     prompt_style = PromptStyle.TRAINED  # the models we train learn the tasks' short prompts
 
     def __init__(
@@ -72,7 +80,9 @@ class SlotEngineBackend:
         self._incoming: list[tuple[GenerateRequest, _Waiter]] = []
         self._updates: list[tuple[WeightUpdate, _Waiter]] = []
         self._waiters: dict[int, _Waiter] = {}
+        self._cuts: dict[int, list[tuple[str, int]]] = {}  # handle -> (version until then, ids sampled)
         self._closed = False
+        self.last_swap_pause_s: float | None = None  # how long the last update_weights held the steps
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._drive, name="slot-engine", daemon=True)
         self._thread.start()
@@ -108,10 +118,7 @@ class SlotEngineBackend:
                 raise RuntimeError("SlotEngineBackend is closed")
             self._incoming.append((request, waiter))
             self._cond.notify()
-        result = await waiter.future
-        if result.weight_version is None:
-            result = _with_version(result, self._weight_version)
-        return result
+        return await waiter.future
 
     async def aclose(self) -> None:
         with self._cond:
@@ -126,6 +133,8 @@ class SlotEngineBackend:
 
     async def update_weights(self, update: WeightUpdate) -> None:
         check_source(self, update)
+        if update.path is not None:  # a checkpoint directory: read it into a module off the event loop
+            update = WeightUpdate(update.version, module=await asyncio.to_thread(_load_module, update.path))
         loop = asyncio.get_running_loop()
         waiter = _Waiter(loop, loop.create_future())
         with self._cond:
@@ -138,13 +147,34 @@ class SlotEngineBackend:
     # driver -----------------------------------------------------------------------------------
     def _apply(self, update: WeightUpdate, waiter: _Waiter) -> None:
         """Copy new weights in (driver thread, between steps); the waiter gets the outcome."""
+        t0 = time.perf_counter()
+        progress = self.engine.progress()
         try:
             self.engine.update_weights(update.module)
         except Exception as exc:
             _settle(waiter, exc)
             return
+        self.last_swap_pause_s = time.perf_counter() - t0  # the driver ran no step meanwhile
+        for handle, n in progress.items():  # running requests: what came before the copy is the old version
+            self._cuts.setdefault(handle, []).append((self._weight_version, n))
         self._weight_version = update.version
         _settle(waiter, _done())
+
+    def _labelled(self, handle: int, result: GenerateResult) -> GenerateResult:
+        """``result`` with the version(s) that produced it (driver thread)."""
+        result = replace(result, text=self.decode(result.output_ids), weight_version=self._weight_version)
+        cuts = self._cuts.pop(handle, None)
+        if not cuts:
+            return result
+        spans: list[VersionSpan] = []
+        start = 0
+        for version, end in cuts:
+            end = min(end, len(result.output_ids))
+            if end > start:
+                spans.append(VersionSpan(version, start, end))
+                start = end
+        spans.append(VersionSpan(self._weight_version, start, len(result.output_ids)))
+        return replace(result, weight_versions=tuple(spans)) if len(spans) > 1 else result
 
     def _drive(self) -> None:
         engine = self.engine
@@ -167,7 +197,7 @@ class SlotEngineBackend:
                 if engine.has_work:
                     for handle, result in engine.step():
                         # the engine's text keeps special tokens; the contract's is decode(output_ids)
-                        _settle(self._waiters.pop(handle), replace(result, text=self.decode(result.output_ids)))
+                        _settle(self._waiters.pop(handle), self._labelled(handle, result))
         except BaseException as exc:  # a broken step fails everyone waiting
             with self._cond:
                 self._error = exc
@@ -188,8 +218,12 @@ def _done() -> GenerateResult:
     return GenerateResult(output_ids=[], text="", finish=FinishReason.STOP)
 
 
-def _with_version(result: GenerateResult, version: str) -> GenerateResult:
-    return replace(result, weight_version=version)
+def _load_module(path: str) -> Any:
+    """A checkpoint directory as a float32 CPU module (the engine copies it into its own dtype)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32)
 
 
 def _settle(waiter: _Waiter, outcome: GenerateResult | BaseException) -> None:

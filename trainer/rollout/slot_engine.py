@@ -206,6 +206,17 @@ class SlotEngine:
                 dst.copy_(src)
         self._pool.forget_caches()  # cached K/V came from the old weights
 
+    def progress(self) -> dict[int, int]:
+        """Ids sampled so far per running request (handle -> count), decode steps launched but not yet
+        read back included: what the weights in the tensors now have produced (for version spans)."""
+        counts = {seq.handle: int(self._ledger.n_out[slot]) for slot, seq in enumerate(self._slot_seq) if seq}
+        for step in self._inflight:
+            for slot in step.rows:
+                seq = self._slot_seq[int(slot)]
+                if seq is not None:
+                    counts[seq.handle] += 1
+        return counts
+
     # ------------------------------------------------------------------ public API
     def submit(self, request: GenerateRequest) -> int:
         """Queue a request; returns its handle (results come back from :meth:`step`)."""
