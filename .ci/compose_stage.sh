@@ -245,11 +245,19 @@ on_exit() {
         echo "---- docker compose logs (last 40 lines per service) ----"
         timeout 60 "${COMPOSE[@]}" logs --no-color --tail 40
       fi
+      local t_stop
+      t_stop=$(date +%s)
+      timeout 180 "${COMPOSE[@]}" stop -t 20 >"$TMP/stop.log" 2>&1
+      log "compose stop: $(($(date +%s) - t_stop)) s; exit codes:" \
+        "$("${COMPOSE[@]}" ps -a --format '{{.Service}}={{.ExitCode}}' 2>/dev/null | sort | tr '\n' ' ')" \
+        "(137: killed when the 20 s stop timeout ran out)"
       timeout 180 "${COMPOSE[@]}" down -v --remove-orphans -t 20 >"$TMP/down.log" 2>&1 ||
         { echo "compose down failed:"; tail -n 20 "$TMP/down.log"; }
+      log "compose down -v: containers, volumes and the network removed"
     fi
     if [ "$CACHE" != "$TMP/cache" ]; then # keep the cached data root from growing: old app images go
-      timeout 120 docker image prune -f >/dev/null 2>&1
+      timeout 300 docker image prune -f >"$TMP/prune.log" 2>&1
+      log "pruned unused images: $(tail -n 1 "$TMP/prune.log")"
     fi
     stop_pid "$INDEX_PID" "package index server" 5
     local containerd_pid=""
@@ -459,13 +467,18 @@ for name, files in projects.items():
 PY
     touch "$index/complete"
   fi
+  # the index URL is a build argument, part of the cache key of the torch layer: the same port every run
+  # keeps that layer cached (a busy port falls back to any free one, and the layer is rebuilt)
   python3 -c '
 import functools, http.server, sys
 handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[1])
 handler.log_message = lambda *a: None
-server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+try:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", int(sys.argv[2])), handler)
+except OSError:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
 print(server.server_port, flush=True)
-server.serve_forever()' "$index" >"$TMP/index.port" 2>"$TMP/index.log" &
+server.serve_forever()' "$index" "${ASYNCTHINK_COMPOSE_INDEX_PORT:-38917}" >"$TMP/index.port" 2>"$TMP/index.log" &
   INDEX_PID=$!
   for _ in $(seq 1 50); do [ -s "$TMP/index.port" ] && break; sleep 0.1; done
   [ -s "$TMP/index.port" ] || fail "the local package index did not start: $(cat "$TMP/index.log")"

@@ -1,9 +1,9 @@
 #!/bin/sh
 # Entrypoint of the postgres stand-in (.ci/standins/postgres.Dockerfile). As root: own the data folder,
-# then run again as the postgres user. As postgres: on an empty data folder, create the cluster (UTF8,
-# C.UTF-8: in a locale-less image the default would be SQL_ASCII, and psycopg 3 then returns bytes), the
-# superuser POSTGRES_USER with POSTGRES_PASSWORD, password logins over TCP, and the database POSTGRES_DB;
-# then exec the command (postgres, reading PGDATA).
+# then run again as the postgres user (setpriv execs, so the stop signal reaches postgres). As postgres:
+# on an empty data folder, create the cluster (UTF8, C.UTF-8: in a locale-less image the default would
+# be SQL_ASCII, and psycopg 3 then returns bytes), the superuser POSTGRES_USER with POSTGRES_PASSWORD,
+# password logins over TCP, and the database POSTGRES_DB; then exec the command (postgres, reading PGDATA).
 set -eu
 : "${POSTGRES_USER:=postgres}"
 : "${POSTGRES_DB:=$POSTGRES_USER}"
@@ -14,7 +14,7 @@ if [ "$(id -u)" = 0 ]; then
   mkdir -p "$PGDATA" /var/run/postgresql
   chown -R postgres:postgres "$PGDATA" /var/run/postgresql
   chmod 700 "$PGDATA"
-  exec runuser -u postgres -- "$0" "$@"
+  exec setpriv --reuid=postgres --regid=postgres --init-groups "$0" "$@"
 fi
 
 if [ ! -s "$PGDATA/PG_VERSION" ]; then

@@ -1,7 +1,7 @@
 #!/bin/sh
 # Entrypoint of the redis stand-in (.ci/standins/redis.Dockerfile): a command that starts with an option
 # runs redis-server with it; redis-server gets --protected-mode no first (options given later win) and
-# runs as the redis user, owning /data.
+# runs as the redis user (setpriv execs, so redis gets the stop signal), owning /data.
 set -eu
 case "${1:-}" in
   -*) set -- redis-server "$@" ;;
@@ -11,7 +11,7 @@ if [ "${1:-}" = redis-server ]; then
   set -- redis-server --protected-mode no "$@"
   if [ "$(id -u)" = 0 ]; then
     chown -R redis:redis /data
-    exec runuser -u redis -- "$@"
+    exec setpriv --reuid=redis --regid=redis --init-groups "$@"
   fi
 fi
 exec "$@"
