@@ -5,6 +5,9 @@ and the store, opens the model backend (the organizer decodes; forks go to the C
 ``--local-workers``), and consumes the problems stream until SIGTERM or SIGINT, then finishes or hands
 back its running episodes (see :mod:`services.organizer.service`). The schema must already be migrated
 (``asyncthink db upgrade`` / the compose migration job), or pass ``--migrate``.
+
+``--heartbeat-file PATH`` keeps a liveness file fresh while the service runs, for probes (the organizer
+has no HTTP port): see :mod:`services.organizer.heartbeat`.
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="cap on every episode's worker timeout, in seconds (default: what each episode asks)")
     p.add_argument("--local-workers", action="store_true", help="run workers in this process instead of Celery")
     p.add_argument("--migrate", action="store_true", help="upgrade the database schema before starting")
+    p.add_argument("--heartbeat-file", default=None,
+                   help="write the time to this file every --heartbeat-interval s while running, for a "
+                   "liveness probe (python -m services.organizer.heartbeat PATH); removed on exit")
+    p.add_argument("--heartbeat-interval", type=float, default=10.0, help="seconds between heartbeats (default 10)")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -72,9 +79,19 @@ async def amain(args: argparse.Namespace) -> None:
 
     weights = WeightControlListener(bus, backend, process=service.consumer_name)
     weights.start()
+    heartbeat = None
+    if args.heartbeat_file:
+        from pathlib import Path
+
+        from services.organizer.heartbeat import run_heartbeat
+
+        heartbeat = asyncio.create_task(run_heartbeat(Path(args.heartbeat_file), args.heartbeat_interval))
     try:
         await service.run_forever(stop)
     finally:
+        if heartbeat is not None:
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
         await weights.close()
         if celery_endpoint is not None:
             await celery_endpoint.close()

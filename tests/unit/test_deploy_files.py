@@ -129,12 +129,51 @@ def test_profiles_pick_the_backend(compose: dict[str, Any]) -> None:
 def test_service_commands(compose: dict[str, Any]) -> None:
     s = services(compose)
     assert s["gateway"]["command"][:3] == ["asyncthink", "serve", "gateway"]
-    assert s["organizer"]["command"] == s["organizer-cpu"]["command"] == ["asyncthink", "serve", "organizer"]
+    assert s["organizer"]["command"] == s["organizer-cpu"]["command"]
+    assert s["organizer"]["command"][:3] == ["asyncthink", "serve", "organizer"]
     for name, queue in (("worker-model", "model"), ("worker-model-cpu", "model"), ("worker-tool", "tool")):
         cmd = s[name]["command"]
         assert cmd[:4] == ["celery", "-A", "services.workers.app", "worker"], name
         assert cmd[cmd.index("-Q") + 1] == queue, name
     assert s["flower"]["command"][:4] == ["celery", "-A", "services.workers.app", "flower"]
+
+
+def test_every_service_has_its_own_healthcheck(compose: dict[str, Any]) -> None:
+    """The image's HEALTHCHECK probes the gateway's port: any other service that inherited it would stay
+    unhealthy for good (and `docker compose up --wait` would fail), so each one sets its own, and the
+    one-shot migration job turns it off."""
+    for name, svc in services(compose).items():
+        check = svc.get("healthcheck")
+        assert check, f"{name} inherits the image's healthcheck (the gateway's port)"
+        if name == "migrate":
+            assert check == {"disable": True}
+        else:
+            assert check.get("test") and not check.get("disable"), name
+
+
+def test_the_organizer_probe_reads_the_file_its_command_writes(compose: dict[str, Any]) -> None:
+    for name in ("organizer", "organizer-cpu"):
+        svc = services(compose)[name]
+        command = " ".join(svc["command"]).split()
+        written = command[command.index("--heartbeat-file") + 1]
+        test = svc["healthcheck"]["test"]
+        assert test[:4] == ["CMD", "python", "-m", "services.organizer.heartbeat"], name
+        assert test[4] == written, f"{name} probes {test[4]} but writes {written}"
+
+
+def dockerignore_patterns(path: Path) -> list[str]:
+    lines = (line.strip() for line in path.read_text().splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def test_both_builders_get_the_same_context_filter() -> None:
+    """The legacy builder reads only the root .dockerignore, BuildKit prefers docker/Dockerfile.dockerignore."""
+    root = dockerignore_patterns(ROOT / ".dockerignore")
+    assert root == dockerignore_patterns(ROOT / "docker" / "Dockerfile.dockerignore")
+    assert {".git", ".venv", "tests/", "bench/", "runs/", "*.db"} <= set(root)
+    copied = {"models", "models/", "README.md", "pyproject.toml", "shared/", "services/", "cli/"}
+    assert not copied & set(root), "the Dockerfile needs these in the context"
+    assert not any(p.startswith("!") for p in root)  # no re-inclusions to reason about
 
 
 def test_the_dockerfile_installs_the_serve_extra() -> None:
@@ -192,6 +231,13 @@ def test_every_deployment_has_probes(k8s_objects: list[dict[str, Any]]) -> None:
         assert "celery -A services.workers.app inspect ping" in " ".join(
             c["livenessProbe"]["exec"]["command"]
         )
+
+
+def test_the_organizer_liveness_probe_reads_its_heartbeat(k8s_objects: list[dict[str, Any]]) -> None:
+    [c] = by_kind(k8s_objects, "Deployment")["organizer"]["spec"]["template"]["spec"]["containers"]
+    command = " ".join(c["command"]).split()
+    written = command[command.index("--heartbeat-file") + 1]
+    assert c["livenessProbe"]["exec"]["command"][:4] == ["python", "-m", "services.organizer.heartbeat", written]
 
 
 def test_workers_autoscale_and_migrations_run_as_a_job(k8s_objects: list[dict[str, Any]]) -> None:
