@@ -16,9 +16,14 @@ Idempotency (Celery is at-least-once with ``acks_late``): the outcome is stored 
 ``asyncthink:worker-done:<episode_id>:<agent>`` with ``SET NX`` (first writer wins, 1-day TTL) before
 it is published. A redelivered or duplicated task finds the marker and republishes the stored outcome
 instead of recomputing, so every copy on the result stream is identical and the organizer keeps the
-first. Backend connection errors (``ConnectionError``, ``TimeoutError``, ``OSError``) are retried with
-exponential backoff; once retries run out, or on any other error, an error outcome is published so
-the organizer's Join resumes instead of waiting for its timeout.
+first. Every Redis call of a task (the done-marker check, the marker write and the outcome's publish in
+:func:`finish`) is retried in process through a short outage: the Redis client's own
+``ConnectionError``/``TimeoutError`` and the bus's ``BusConnectionError``, with jittered exponential
+backoff for up to ``REDIS_RETRY_S`` (:func:`shared.retry.retry_async`), so a computed outcome is not
+lost to a 5-10 s cut. Backend connection errors (Python's ``ConnectionError``, ``TimeoutError``,
+``OSError``) and Redis errors that outlast that budget are retried by Celery with exponential backoff;
+once retries run out, or on any other error, an error outcome is published so the organizer's Join
+resumes instead of waiting for its timeout.
 
 Backend: :func:`services.runtime.open_service_backend` (the configured model; tests and benchmarks
 inject the scripted backend through ``ASYNCTHINK_BACKEND_FACTORY``), opened once per process.
@@ -45,6 +50,7 @@ from shared.agents import AgentRunner, failed_outcome
 from shared.backends.base import ModelBackend
 from shared.config import Settings, get_settings
 from shared.messages import WorkerOutcome, WorkerTask, results_stream
+from shared.retry import REDIS_ERRORS, retry_async
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +59,10 @@ T = TypeVar("T")
 DONE_TTL_S = 24 * 3600  # how long a done-marker (and so idempotency) lasts
 RESULTS_MAXLEN = 10_000  # approximate cap on one episode's result stream
 MAX_RETRIES = 5  # backend connection errors retried with backoff 1, 2, 4, 8, 16 s (jittered)
-RETRYABLE: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError, OSError)
+# Python's connection errors (a backend's HTTP client) and the Redis client's own, which are not
+# subclasses of them (a Celery-level retry after the in-process Redis retries below ran out).
+RETRYABLE: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError, OSError, *REDIS_ERRORS)
+REDIS_RETRY_S = 60.0  # how long one Redis write of a task is retried in process (a short outage)
 
 
 def done_key(episode_id: str, agent: str) -> str:
@@ -131,27 +140,43 @@ async def compute(rt: WorkerRuntime, task: WorkerTask, sink: BusSink | None = No
     return failed_outcome(task, f"unknown endpoint {task.endpoint!r}")
 
 
+def _redis(rt: WorkerRuntime, task: WorkerTask, what: str, fn: Any) -> Any:
+    """``fn()`` retried on Redis errors for ``REDIS_RETRY_S`` (jittered backoff), logged per episode."""
+    return retry_async(f"episode {task.episode_id} worker {task.agent}: {what}", fn, budget_s=REDIS_RETRY_S, logger=log)
+
+
 async def finish(rt: WorkerRuntime, task: WorkerTask, outcome: WorkerOutcome | None) -> str:
-    """Store ``outcome`` under the done-marker unless one is there; publish the stored one. Returns it."""
+    """Store ``outcome`` under the done-marker unless one is there; publish the stored one. Returns it.
+
+    Both writes are retried through a short Redis outage (both are idempotent: ``SET NX GET`` returns
+    the outcome stored first, and the organizer drops a repeated outcome on the result stream)."""
     key = done_key(task.episode_id, task.agent)
     stored: str | None = None
     if outcome is not None:
         data = outcome.model_dump_json()
-        previous = await rt.redis.set(key, data, nx=True, ex=DONE_TTL_S, get=True)
+        previous = await _redis(
+            rt, task, "storing the outcome", lambda: rt.redis.set(key, data, nx=True, ex=DONE_TTL_S, get=True)
+        )
         stored = previous or data
     else:
-        stored = await rt.redis.get(key)
+        stored = await _redis(rt, task, "reading the stored outcome", lambda: rt.redis.get(key))
         if stored is None:
             raise LookupError(f"no done-marker for {key}")
-    await rt.bus.publish(
-        results_stream(task.episode_id), {"agent": task.agent, "data": stored}, maxlen=RESULTS_MAXLEN
+    await _redis(
+        rt,
+        task,
+        "publishing the outcome",
+        lambda: rt.bus.publish(
+            results_stream(task.episode_id), {"agent": task.agent, "data": stored}, maxlen=RESULTS_MAXLEN
+        ),
     )
     return stored
 
 
 async def run_once(rt: WorkerRuntime, task: WorkerTask, *, final_attempt: bool) -> None:
     """The idempotent body: republish a stored outcome, or compute, store and publish a new one."""
-    if await rt.redis.exists(done_key(task.episode_id, task.agent)):
+    key = done_key(task.episode_id, task.agent)
+    if await _redis(rt, task, "checking the done-marker", lambda: rt.redis.exists(key)):
         log.info("episode %s worker %s: already done, republishing", task.episode_id, task.agent)
         await finish(rt, task, None)
         return
