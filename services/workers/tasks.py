@@ -25,6 +25,11 @@ lost to a 5-10 s cut. Backend connection errors (Python's ``ConnectionError``, `
 once retries run out, or on any other error, an error outcome is published so the organizer's Join
 resumes instead of waiting for its timeout.
 
+Bounds: the computation is cut off at the worker timeout (``Settings.worker_timeout_s``, see
+:func:`services.workers.app.task_limits`) and a "timeout" outcome is stored and published instead, so a
+task never runs unbounded whatever the pool; the task's message is leased (:mod:`.leases`): renewed while
+this process holds it, delivered again soon after this process dies.
+
 Backend: :func:`services.runtime.open_service_backend` (the configured model; tests and benchmarks
 inject the scripted backend through ``ASYNCTHINK_BACKEND_FACTORY``), opened once per process.
 
@@ -44,7 +49,7 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from services.runtime import BusSink, open_service_backend
-from services.workers.app import app
+from services.workers.app import REDIS_RETRY_S, app, task_limits
 from services.workers.tools import TOOL_NAMES, run_tool
 from shared.agents import AgentRunner, failed_outcome
 from shared.backends.base import ModelBackend
@@ -62,7 +67,6 @@ MAX_RETRIES = 5  # backend connection errors retried with backoff 1, 2, 4, 8, 16
 # Python's connection errors (a backend's HTTP client) and the Redis client's own, which are not
 # subclasses of them (a Celery-level retry after the in-process Redis retries below ran out).
 RETRYABLE: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError, OSError, *REDIS_ERRORS)
-REDIS_RETRY_S = 60.0  # how long one Redis write of a task is retried in process (a short outage)
 
 
 def done_key(episode_id: str, agent: str) -> str:
@@ -181,13 +185,20 @@ async def run_once(rt: WorkerRuntime, task: WorkerTask, *, final_attempt: bool) 
         await finish(rt, task, None)
         return
     sink = BusSink(rt.bus, background=True)
+    cutoff = task_limits(rt.settings).worker_timeout_s
+    deadline = asyncio.timeout(cutoff)
     try:
-        outcome = await compute(rt, task, sink)
+        async with deadline:
+            outcome = await compute(rt, task, sink)
     except RETRYABLE as exc:
-        if not final_attempt:
+        if isinstance(exc, TimeoutError) and deadline.expired():
+            log.error("episode %s worker %s: cut off at the worker timeout (%gs)", task.episode_id, task.agent, cutoff)
+            outcome = failed_outcome(task, "timeout", returned=f"[worker {task.fork_id} timed out after {cutoff:g}s]")
+        elif not final_attempt:
             raise
-        log.error("episode %s worker %s: backend unreachable after retries: %s", task.episode_id, task.agent, exc)
-        outcome = failed_outcome(task, f"backend unreachable: {exc}")
+        else:
+            log.error("episode %s worker %s: backend unreachable after retries: %s", task.episode_id, task.agent, exc)
+            outcome = failed_outcome(task, f"backend unreachable: {exc}")
     except Exception as exc:
         log.exception("episode %s worker %s failed", task.episode_id, task.agent)
         outcome = failed_outcome(task, f"{type(exc).__name__}: {exc}")
@@ -195,7 +206,15 @@ async def run_once(rt: WorkerRuntime, task: WorkerTask, *, final_attempt: bool) 
     await sink.drain()
 
 
-@app.task(name="asyncthink.run_worker", bind=True, acks_late=True, ignore_result=True, max_retries=MAX_RETRIES)
+@app.task(
+    name="asyncthink.run_worker",
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    ignore_result=True,
+    max_retries=MAX_RETRIES,
+    Request="services.workers.leases:LeasedRequest",
+)
 def run_worker(self: Any, task_json: str) -> None:
     """Run one forked sub-query (model or tool) and publish its outcome to the episode's result stream."""
     task = WorkerTask.model_validate_json(task_json)
