@@ -4,7 +4,8 @@
   and started again with the same command and environment;
 * :func:`celery_worker` / :func:`organizer`: the two services, as ``compose.yaml`` runs them, with the
   environment the caller gives (``ASYNCTHINK_REDIS_URL``, ``DATABASE_URL``, ``ASYNCTHINK_BACKEND_FACTORY``...);
-* :func:`wait_worker_ready`: a Celery worker answers an ``asyncthink.echo`` task.
+* :func:`wait_worker_ready`: a Celery worker answers an ``asyncthink.echo`` task; :func:`wait_organizer_ready`:
+  an organizer's log says it consumes the problems stream.
 
 Limits: loopback, one host; a killed process's children (none: the worker runs ``--pool=threads``) are
 not hunted down.
@@ -115,3 +116,18 @@ def wait_worker_ready(app: Any, worker: ServiceProcess, timeout_s: float = 60.0)
         except Exception:
             if time.monotonic() - t0 > timeout_s:
                 raise RuntimeError(f"{worker.name} did not answer in {timeout_s:g} s:\n{worker.log_tail()}") from None
+
+
+def wait_organizer_ready(proc: ServiceProcess, timeout_s: float = 60.0) -> float:
+    """Seconds until an organizer's log says it consumes the problems stream (this start of it)."""
+    t0 = time.monotonic()
+    marker = f"===== start {proc.starts} of {proc.name}"
+    while True:
+        log = proc.log_tail(2_000_000)
+        if "consuming asyncthink:problems" in log.split(marker)[-1]:
+            return time.monotonic() - t0
+        if not proc.alive:
+            raise RuntimeError(f"{proc.name} exited:\n{proc.log_tail()}")
+        if time.monotonic() - t0 > timeout_s:
+            raise RuntimeError(f"{proc.name} did not start consuming in {timeout_s:g} s:\n{proc.log_tail()}")
+        time.sleep(0.1)

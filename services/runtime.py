@@ -7,6 +7,8 @@
 * :class:`BusSink` publishes every :class:`~shared.messages.EpisodeEvent` as JSON (field ``data``) to
   ``events_stream(episode_id)``, where the gateway's SSE endpoint tails it.
 * :class:`FanoutSink` sends one event to several sinks; a failing sink is logged and skipped.
+* :class:`StoreCheckpoint` saves the organizer's checkpoints (its partial sequence with ids and mask, at
+  each fork and join) as the episode's organizer segment, so a restarted organizer can resume it.
 * :func:`build_engine` turns a :class:`~shared.messages.SubmitProblem` into an :class:`Engine`.
 * :func:`open_service_backend` opens the model backend of a service process:
   ``shared.backends.registry.open_backend(settings.model, settings)``, unless the environment variable
@@ -32,7 +34,7 @@ from typing import Any
 from shared.backends.base import ModelBackend
 from shared.bus.base import Bus
 from shared.config import Settings
-from shared.engine import Engine, EngineConfig, EventSink, WorkerEndpoint
+from shared.engine import Checkpointer, Engine, EngineConfig, EventSink, WorkerEndpoint
 from shared.messages import EpisodeEvent, EventKind, SegmentRecord, SubmitProblem, events_stream
 from shared.tasks import get_task
 
@@ -101,6 +103,52 @@ class StoreSink:
         """Wait for every segment write started so far."""
         while pending := [w for w in self._writes if not w.done()]:
             await asyncio.gather(*pending, return_exceptions=True)
+
+
+class StoreCheckpoint:
+    """The organizer's checkpoints (:class:`~shared.agents.Checkpointer`) saved as its segment row.
+
+    Each checkpoint is a partial organizer segment (``wall_end`` 0, ``error`` None) with its ids and
+    mask, upserted as the episode's ``organizer`` segment; the final ``save_episode`` replaces it with
+    the complete one. Writes run in one background task, latest first: a checkpoint that arrives while
+    one is being written replaces any still waiting, so the database sees at most one write in flight
+    per episode and never an older checkpoint after a newer one. :meth:`drain` must run before the
+    final save (else a late checkpoint could replace the complete row).
+    """
+
+    def __init__(self, session_factory: Callable[[], Any], episode_id: str) -> None:
+        self.session_factory = session_factory
+        self.episode_id = episode_id
+        self._latest: SegmentRecord | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self.saved = 0
+
+    async def checkpoint(self, episode_id: str, segment: SegmentRecord) -> None:
+        if episode_id != self.episode_id:
+            return
+        self._latest = segment
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write())
+
+    async def _write(self) -> None:
+        while self._latest is not None:
+            segment, self._latest = self._latest, None
+            try:
+                await asyncio.to_thread(self._save, segment)
+                self.saved += 1
+            except Exception:
+                log.exception("saving the checkpoint of episode %s failed", self.episode_id)
+
+    def _save(self, segment: SegmentRecord) -> None:
+        from shared.store import repository
+
+        with self.session_factory() as session:
+            repository.save_segment(session, episode_id=self.episode_id, segment=segment)
+
+    async def drain(self) -> None:
+        """Wait until every checkpoint handed in so far is written (or has failed)."""
+        while self._writer is not None and not self._writer.done():
+            await asyncio.shield(self._writer)
 
 
 class BusSink:
@@ -183,6 +231,7 @@ def build_engine(
     sink: EventSink,
     *,
     worker_timeout_cap_s: float | None = None,
+    checkpointer: Checkpointer | None = None,
 ) -> Engine:
     """An engine for one submission: its task, its configuration, the given endpoints and sink.
 
@@ -191,7 +240,7 @@ def build_engine(
     """
     task = get_task(submission.task)
     config = engine_config(submission, worker_timeout_cap_s=worker_timeout_cap_s)
-    return Engine(backend, task, config, endpoints=endpoints, sink=sink)
+    return Engine(backend, task, config, endpoints=endpoints, sink=sink, checkpointer=checkpointer)
 
 
 async def events_until_finished(

@@ -10,7 +10,14 @@ task (at most ``max_concurrent_episodes`` at once):
    it ``running`` — committed before any worker is dispatched;
 3. runs the engine with a sink that saves each worker segment as it completes (:class:`StoreSink`) and
    publishes every event to ``events_stream(episode_id)`` (:class:`BusSink`), both in the background
-   so neither a database write nor an XADD sits on the path from a worker's outcome to the join;
+   so neither a database write nor an XADD sits on the path from a worker's outcome to the join, and
+   with a checkpointer that saves the organizer's sequence so far (ids and mask) at each fork and join
+   as its partial segment (:class:`StoreCheckpoint`). An episode the store has as ``running`` (its
+   organizer died, or lost its lease) resumes from that checkpoint (``Engine.run(resume_from=...)``):
+   the organizer continues from its stored prefix, its forks are dispatched again and the workers'
+   done-markers hand back the outcomes already computed, so a crash costs only the organizer tokens
+   decoded since the last checkpoint and the workers still running. Without a checkpoint (or with
+   ``resume=False``) it runs again from the start;
 4. saves the finished episode (``save_episode``: the episode row and every segment with its token ids
    and masks), *then* publishes the engine's ``finished`` event, so a client that sees ``finished``
    can read the stored result;
@@ -51,11 +58,18 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from services.runtime import BusSink, FanoutSink, StoreSink, build_engine, engine_config
+from services.runtime import BusSink, FanoutSink, StoreCheckpoint, StoreSink, build_engine, engine_config
 from shared.backends.base import ModelBackend
 from shared.bus.base import Bus, Entry, dead_letter_stream
 from shared.engine import EpisodeResult, EventSink, WorkerEndpoint
-from shared.messages import ORGANIZER_GROUP, PROBLEMS_STREAM, EpisodeEvent, EventKind, SubmitProblem
+from shared.messages import (
+    ORGANIZER_GROUP,
+    PROBLEMS_STREAM,
+    EpisodeEvent,
+    EventKind,
+    SegmentRecord,
+    SubmitProblem,
+)
 from shared.retry import REDIS_ERRORS, retry_async
 
 log = logging.getLogger(__name__)
@@ -85,6 +99,17 @@ class _HoldFinished:
             self.finished = event
             return
         await self.sink.emit(event)
+
+
+def _checkpoint_of(segments: list[Any]) -> SegmentRecord | None:
+    """The organizer's checkpoint among an unfinished episode's stored segments: its partial organizer
+    segment (``wall_end`` 0, ids stored), if any."""
+    from shared.store import repository
+
+    for row in segments:
+        if row.agent == "organizer" and row.role == "organizer" and not row.wall_end and row.completion_ids:
+            return repository.segment_record(row)
+    return None
 
 
 def default_consumer_name() -> str:
@@ -133,8 +158,11 @@ class OrganizerService:
         self.resume = resume
         self._running: dict[str, asyncio.Task[None]] = {}  # entry id -> its task
         self._lost: set[str] = set()  # entry ids claimed by another organizer while running here
+        self._bus_failed_at = -1e9  # time.monotonic() of the last failed bus call (claims wait after one)
         self._episodes_in_flight: set[str] = set()
         self.episodes_done = 0
+        self.episodes_resumed = 0  # interrupted episodes continued from their organizer's checkpoint
+        self.episodes_rerun = 0  # interrupted episodes run again from the start (no checkpoint, or resume off)
         self.leases_lost = 0
         self.dead_letters_failed = 0
 
@@ -163,7 +191,7 @@ class OrganizerService:
                     await asyncio.wait([stop_wait, *self._running.values()], return_when=asyncio.FIRST_COMPLETED)
                     continue
                 entries: list[Entry] = []
-                if time.monotonic() >= next_claim:
+                if time.monotonic() >= next_claim and await self._may_claim():
                     next_claim = time.monotonic() + self.renew_every_ms / 1000
                     entries = await self._safely(
                         self.bus.claim_stale(
@@ -205,19 +233,21 @@ class OrganizerService:
             await asyncio.sleep(self.renew_every_ms / 1000)
             await self.renew_leases()
 
-    async def renew_leases(self) -> None:
+    async def renew_leases(self) -> bool:
         """Renew this organizer's running entries; an entry another organizer claimed meanwhile (this
-        one stalled past its lease) is stopped here: the new owner runs (or resumes) its episode."""
+        one stalled past its lease) is stopped here: the new owner runs (or resumes) its episode.
+        Returns False when Redis could not be asked."""
         ids = [i for i, t in self._running.items() if not t.done() and i not in self._lost]
         if not ids:
-            return
+            return True
         try:
             owned = set(await self.bus.renew(PROBLEMS_STREAM, ORGANIZER_GROUP, self.consumer_name, *ids))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # Redis down: keep running; the next renewal tells what is still ours
+            self._bus_failed_at = time.monotonic()
             log.warning("organizer %s: renewing %d leases failed: %s", self.consumer_name, len(ids), exc)
-            return
+            return False
         for entry_id in ids:
             task = self._running.get(entry_id)
             if entry_id in owned or task is None or task.done():
@@ -229,6 +259,7 @@ class OrganizerService:
                 "stalled past %d ms); stopping its episode here", self.consumer_name, entry_id, self.claim_idle_ms,
             )
             task.cancel()
+        return True
 
     async def _still_owner(self, entry_id: str) -> bool:
         """Whether this organizer still holds ``entry_id`` (renewing it); True when Redis cannot tell."""
@@ -251,6 +282,7 @@ class OrganizerService:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            self._bus_failed_at = time.monotonic()
             log.warning("reading %s failed: %s", DEAD_LETTERS, exc)
             return
         for entry in entries:
@@ -287,12 +319,22 @@ class OrganizerService:
             self.dead_letters_failed += 1
             log.error("episode %s failed: its submission %s was %s", submission.episode_id, entry.fields.get("dead_id"), error)
 
+    async def _may_claim(self) -> bool:
+        """Whether to sweep for stale entries now: only right after renewing this organizer's own leases,
+        and only once Redis has answered for half a lease since its last failure, so that after an
+        outage (when every lease looks stale) the other live organizers renew theirs before anyone
+        sweeps, and nobody takes a live organizer's episodes."""
+        if not await self.renew_leases():
+            return False
+        return time.monotonic() - self._bus_failed_at > self.claim_idle_ms / 2000
+
     async def _safely(self, aw: Any) -> list[Entry]:
         try:
             return list(await aw)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            self._bus_failed_at = time.monotonic()
             log.warning("reading %s failed: %s; retrying in 1 s", PROBLEMS_STREAM, exc)
             await asyncio.sleep(1.0)
             return []
@@ -388,23 +430,39 @@ class OrganizerService:
     async def _handle(self, submission: SubmitProblem, entry_id: str | None) -> EpisodeResult | None:
         eid = submission.episode_id
         problem = self._problem(submission)
-        if not await asyncio.to_thread(self._prepare, submission, problem):
+        prepared = await asyncio.to_thread(self._prepare, submission, problem)
+        if prepared is None:
             log.info("episode %s already finished in the store; skipping the redelivered submission", eid)
             return None
+        checkpoint = prepared[0] if self.resume else None
         sinks = FanoutSink(
             StoreSink(self.session_factory, eid, background=True), BusSink(self.bus, background=True)
         )
         hold = _HoldFinished(sinks)
+        checkpointer = StoreCheckpoint(self.session_factory, eid) if self.resume else None
         engine = build_engine(
-            submission, self.backend, self.endpoints, hold, worker_timeout_cap_s=self.worker_timeout_cap_s
+            submission, self.backend, self.endpoints, hold, worker_timeout_cap_s=self.worker_timeout_cap_s,
+            checkpointer=checkpointer,
         )
+        if checkpoint is not None:
+            self.episodes_resumed += 1
+            log.warning(
+                "episode %s resumed: the organizer continues from %d tokens it had decoded (%d joined results "
+                "in its prefix) instead of from its prompt",
+                eid, checkpoint.generated_tokens, checkpoint.text.count("</JOIN-"),
+            )
+        elif prepared[1]:
+            self.episodes_rerun += 1
+            log.warning("episode %s was left running by an organizer that stopped; running it again from the start", eid)
         log.info(
             "episode %s started: task %s, mode %s, capacity %d",
             eid, submission.task, submission.settings.mode.value, engine.capacity,
         )
-        result = await engine.run(problem, episode_id=eid)
+        result = await engine.run(problem, episode_id=eid, resume_from=checkpoint)
         config = submission.stored_config()
         await sinks.drain()  # live segment writes land before the complete ones
+        if checkpointer is not None:
+            await checkpointer.drain()  # ... and so do the checkpoints
         if entry_id is not None and not await self._still_owner(entry_id):
             raise LeaseLost(
                 f"episode {eid} ran to its end here, but another organizer claimed its submission {entry_id}; "
@@ -422,20 +480,25 @@ class OrganizerService:
         )
         return result
 
-    def _prepare(self, submission: SubmitProblem, problem: Any) -> bool:
-        """Create (if missing) and mark the episode running; False if it is already finished."""
+    def _prepare(self, submission: SubmitProblem, problem: Any) -> tuple[SegmentRecord | None, bool] | None:
+        """Create (if missing) and mark the episode running. None if it is already finished; else the
+        organizer's checkpoint of an interrupted run (if it has one) and whether it was running already."""
         from shared.store import repository
 
+        checkpoint: SegmentRecord | None = None
         with self.session_factory() as session:
             episode = repository.get_episode(session, submission.episode_id)
             if episode is not None and repository.is_finished(episode):
-                return False
+                return None
+            was_running = episode is not None and episode.status == "running"
             if episode is None:
                 self._create(session, submission, problem)
+            elif was_running and self.resume:
+                checkpoint = _checkpoint_of(repository.episode_segments(session, submission.episode_id))
             repository.mark_running(
                 session, episode_id=submission.episode_id, model_version=self.backend.weight_version
             )
-        return True
+        return checkpoint, was_running
 
     def _create(self, session: Any, submission: SubmitProblem, problem: Any) -> None:
         """Store the episode of a submission written straight to the stream (the gateway stores it first)."""

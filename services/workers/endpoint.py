@@ -6,7 +6,9 @@
 2. sends ``asyncthink.run_worker`` with the task as JSON to the queue of ``task.endpoint``
    (``queue_for_endpoint``: ``None`` -> ``model``, ``"python"`` -> ``tool``); the organizer marks the
    episode running (a committed write) before the engine starts, so everything a worker depends on is
-   committed before the dispatch;
+   committed before the dispatch. The send runs in a small thread pool, not on the event loop (a broker
+   that does not answer would stall every episode of the process), and a send that cannot reach the
+   broker is retried with jittered backoff until it can, within the engine's worker timeout;
 3. awaits the future. One reader per episode tails ``results_stream(episode_id)`` with a blocking
    XREAD and resolves the waiting futures by the entry's ``agent`` field; nothing polls per worker. The
    reader starts with the episode's first waiter and stops with its last (its position is remembered,
@@ -15,8 +17,7 @@
 Duplicates (a redelivered task republishes the same outcome) resolve nobody and are dropped. On
 cancellation (the engine's worker timeout, or the organizer answering before a join) the waiter is
 removed and the Celery task is revoked (best effort: a task already running still finishes and
-publishes, and the outcome is ignored). ``send_task`` is a short synchronous Redis write done on the
-event loop (a thread hop would cost more than the write).
+publishes, and the outcome is ignored).
 
 Limits: the reader reads from the start of the stream the first time, so an organizer that re-runs an
 episode after a crash sees the outcomes already published and the workers' done-markers make the
@@ -27,19 +28,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import uuid
 from collections import OrderedDict
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+from kombu.exceptions import OperationalError
 
 from shared.bus.base import Bus
 from shared.messages import SegmentRecord, WorkerOutcome, WorkerTask, results_stream
+from shared.retry import REDIS_ERRORS, backoff_delay
 
 log = logging.getLogger(__name__)
 
 DEFAULT_QUEUES: Mapping[str | None, str] = {None: "model", "python": "tool"}
 RUN_WORKER_TASK = "asyncthink.run_worker"
+# what a broker that cannot be reached looks like to send_task (kombu wraps most of it)
+SEND_ERRORS: tuple[type[BaseException], ...] = (OperationalError, ConnectionError, TimeoutError, OSError, *REDIS_ERRORS)
 
 
 class _EpisodeReader:
@@ -81,7 +89,12 @@ class _EpisodeReader:
             if not self.waiters and self.running:
                 wake = asyncio.create_task(self.bus.publish(self.stream, {"agent": "", "wake": "1"}))
                 self._wakes.add(wake)
-                wake.add_done_callback(self._wakes.discard)
+                wake.add_done_callback(self._woken)
+
+    def _woken(self, wake: asyncio.Task[str]) -> None:
+        self._wakes.discard(wake)
+        if not wake.cancelled() and wake.exception() is not None:  # Redis down: the read times out by itself
+            log.debug("episode %s: waking the result reader failed: %s", self.episode_id, wake.exception())
 
     async def _loop(self) -> None:
         delay = 0.05
@@ -121,6 +134,7 @@ class CeleryWorkerEndpoint:
         queue_for_endpoint: Mapping[str | None, str] | None = None,
         read_block_ms: int = 5000,
         remember_episodes: int = 4096,
+        send_threads: int = 8,
     ) -> None:
         self.bus = bus
         self.app = celery_app
@@ -129,6 +143,8 @@ class CeleryWorkerEndpoint:
         self._readers: dict[str, _EpisodeReader] = {}
         self._positions: OrderedDict[str, str] = OrderedDict()  # last read id of finished readers
         self._remember = remember_episodes
+        # Sends run here, off the event loop: a broker that does not answer must not stall every episode.
+        self._send_pool = ThreadPoolExecutor(max_workers=send_threads, thread_name_prefix="celery-send")
 
     def endpoints(self) -> dict[str | None, CeleryWorkerEndpoint]:
         """The engine's endpoint map: this endpoint for every worker kind it has a queue for."""
@@ -170,15 +186,38 @@ class CeleryWorkerEndpoint:
         fut = reader.register(task.agent)
         task_id = uuid.uuid4().hex
         try:
-            self.app.send_task(
-                RUN_WORKER_TASK, args=[task.model_dump_json()], queue=queue, task_id=task_id, ignore_result=True
-            )
+            await self._send(task, queue, task_id)
             return await fut
         except asyncio.CancelledError:
             self._revoke(task_id)
             raise
         finally:
             reader.discard(task.agent, fut)
+
+    async def _send(self, task: WorkerTask, queue: str, task_id: str) -> None:
+        """Send the task from the send threads; a broker that cannot be reached is retried with jittered
+        backoff until it can (the engine's worker timeout bounds the wait). A retried send may reach the
+        broker twice; the task is idempotent."""
+        loop = asyncio.get_running_loop()
+        send = functools.partial(
+            self.app.send_task, RUN_WORKER_TASK, args=[task.model_dump_json()], queue=queue, task_id=task_id,
+            ignore_result=True, retry=False,
+        )
+        attempt = 0
+        while True:
+            try:
+                await loop.run_in_executor(self._send_pool, send)
+                if attempt:
+                    log.info("episode %s worker %s: sent after %d retries", task.episode_id, task.agent, attempt)
+                return
+            except SEND_ERRORS as exc:
+                attempt += 1
+                delay = backoff_delay(attempt, base_s=0.1, cap_s=2.0)
+                log.warning(
+                    "episode %s worker %s: sending the task failed (%s); retry %d in %.2fs",
+                    task.episode_id, task.agent, exc, attempt, delay,
+                )
+                await asyncio.sleep(delay)
 
     def _revoke(self, task_id: str) -> None:
         def revoke() -> None:
@@ -196,3 +235,4 @@ class CeleryWorkerEndpoint:
         tasks = [r.task for r in self._readers.values() if r.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=2.0)
+        self._send_pool.shutdown(wait=False, cancel_futures=True)
