@@ -35,8 +35,8 @@ what was decoded twice anyway). ``--no-resume`` runs the organizers with ``--no-
 directly. The target line: 0 lost, 0 duplicated, 0 stuck, 0 late.
 
 Limits: one host and two cores, so the tokens/s and the episode sizes are small on purpose (the
-scripted model costs no compute; the stack's overhead is what is exercised); tokens decoded during the
-last call before a kill are not counted (the scripted backend counts a call when it returns). The
+scripted model costs no compute; the stack's overhead is what is exercised); decoding is counted every
+0.1 s, so a kill leaves at most one slice per running agent uncounted. The
 Redis database (default 13) is the soak's own: its keys are deleted at the start. The PostgreSQL
 database is created and dropped (``--keep-db`` keeps it).
 """
@@ -71,6 +71,7 @@ RATE_ENV = "ASYNCTHINK_SOAK_TOKENS_PER_S"
 SIZE_ENV = "ASYNCTHINK_SOAK_SIZE"  # "<organizer tokens>,<worker tokens>"
 METER_ENV = "ASYNCTHINK_SOAK_METER_URL"  # Redis for the token counts (not behind the proxy)
 METER_KEY = "asyncthink-soak:decoded:"  # + episode id: hash agent -> tokens decoded
+METER_SLICE_S = 0.1  # the decoding is counted this often (a kill loses at most one slice from the count)
 PAYLOAD = {"numbers": [1, 2, 3, 4], "target": 10, "n_solutions": 1}
 ANSWER = "1+2+3+4"
 CAPACITY = 4  # the organizer and up to 3 workers at once
@@ -145,18 +146,24 @@ class SoakBackend(ScriptRouter):
         eid = request.session or ""
         backend = self._backends.get(eid)
         if backend is None:
-            backend = ScriptedBackend(
-                script_for(eid, *self.size), tokens_per_s=self.tokens_per_s, resumable=True, model_id=self.model_id
-            )
+            backend = ScriptedBackend(script_for(eid, *self.size), resumable=True, model_id=self.model_id)
             self._backends[eid] = backend
             while len(self._backends) > 4096:
                 self._backends.popitem(last=False)
         return backend
 
     async def generate(self, request: GenerateRequest) -> GenerateResult:
+        """The scripted piece, decoded at the fixed rate in slices of ``METER_SLICE_S``, each slice counted
+        as it is decoded (so a process killed mid-call has counted what it decoded before the kill)."""
         result = await super().generate(request)
-        if self.meter_url and result.output_ids:
-            await self._count(request.session or "", request.tag, len(result.output_ids))
+        n, done = len(result.output_ids), 0
+        step = max(1, int(self.tokens_per_s * METER_SLICE_S))
+        while done < n:
+            k = min(step, n - done)
+            await asyncio.sleep(k / self.tokens_per_s)
+            done += k
+            if self.meter_url:
+                await self._count(request.session or "", request.tag, k)
         return result
 
     async def _count(self, episode_id: str, agent: str, n: int) -> None:

@@ -57,10 +57,12 @@ async def amain(args: argparse.Namespace) -> None:
     endpoints: dict[str | None, WorkerEndpoint] = local_endpoints()
     celery_endpoint = None
     if not args.local_workers:
-        from services.workers.app import app
+        from services.workers.app import app, task_limits
         from services.workers.endpoint import CeleryWorkerEndpoint
 
-        celery_endpoint = CeleryWorkerEndpoint(bus, app)
+        # a task no worker started within two task leases is sent again (see CeleryWorkerEndpoint)
+        resend_after_s = max(5.0, 2 * task_limits(settings).lease_s)
+        celery_endpoint = CeleryWorkerEndpoint(bus, app, resend_after_s=resend_after_s)
         endpoints = dict(celery_endpoint.endpoints())
     service = OrganizerService(
         bus,

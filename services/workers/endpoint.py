@@ -9,7 +9,11 @@
    committed before the dispatch. The send runs in a small thread pool, not on the event loop (a broker
    that does not answer would stall every episode of the process), and a send that cannot reach the
    broker is retried with jittered backoff until it can, within the engine's worker timeout;
-3. awaits the future. One reader per episode tails ``results_stream(episode_id)`` with a blocking
+3. awaits the future; if no worker has started the task (its ``started`` notice on the result stream)
+   ``resend_after_s`` after the send, sends it again (then after twice as long, and so on, up to 8x):
+   kombu's Redis transport pops a message before the worker records it as unacked, so a worker killed in
+   that instant loses it for good, and nothing else would ever send it. Once a worker started it, its
+   task lease covers that worker's death. One reader per episode tails ``results_stream(episode_id)`` with a blocking
    XREAD and resolves the waiting futures by the entry's ``agent`` field; nothing polls per worker. The
    reader starts with the episode's first waiter and stops with its last (its position is remembered,
    so a later fork of the same episode does not re-read old entries).
@@ -68,6 +72,7 @@ class _EpisodeReader:
         self.block_ms = block_ms
         self.on_exit = on_exit
         self.waiters: dict[str, asyncio.Future[WorkerOutcome]] = {}
+        self.started: set[str] = set()  # agents a worker has started computing (their "started" notice)
         self.task: asyncio.Task[None] | None = None
         self._wakes: set[asyncio.Task[str]] = set()
 
@@ -112,6 +117,9 @@ class _EpisodeReader:
                     continue
                 for entry in entries:
                     self.after = entry.id
+                    if "started" in entry.fields:  # a worker began computing it: no need to send it again
+                        self.started.add(entry.fields.get("agent", ""))
+                        continue
                     fut = self.waiters.pop(entry.fields.get("agent", ""), None)
                     if fut is None or fut.done():
                         continue  # a duplicate, a wake-up, or a worker nobody waits for any more
@@ -135,11 +143,14 @@ class CeleryWorkerEndpoint:
         read_block_ms: int = 5000,
         remember_episodes: int = 4096,
         send_threads: int = 8,
+        resend_after_s: float = 10.0,
     ) -> None:
         self.bus = bus
         self.app = celery_app
         self.queue_for_endpoint = dict(DEFAULT_QUEUES if queue_for_endpoint is None else queue_for_endpoint)
         self.read_block_ms = read_block_ms
+        self.resend_after_s = resend_after_s
+        self.resent = 0  # tasks sent again because no worker started them in time
         self._readers: dict[str, _EpisodeReader] = {}
         self._positions: OrderedDict[str, str] = OrderedDict()  # last read id of finished readers
         self._remember = remember_episodes
@@ -183,13 +194,33 @@ class CeleryWorkerEndpoint:
                 error=error,
             )
         reader = self._reader(task.episode_id)
+        reader.started.discard(task.agent)
         fut = reader.register(task.agent)
-        task_id = uuid.uuid4().hex
+        task_ids = [uuid.uuid4().hex]
         try:
-            await self._send(task, queue, task_id)
-            return await fut
+            await self._send(task, queue, task_ids[-1])
+            wait_s = self.resend_after_s
+            while True:
+                done, _ = await asyncio.wait([fut], timeout=wait_s)
+                if done:
+                    return fut.result()
+                if task.agent in reader.started:
+                    wait_s = self.resend_after_s  # a worker has it: its lease covers its death from now on
+                    continue
+                # Sent, but no worker started it: still queued behind others, or lost on its way (the
+                # Redis transport pops a message before the worker records it; a worker killed in between
+                # never had it). Send it again; a copy that finds the outcome stored republishes it.
+                log.warning(
+                    "episode %s worker %s: no worker started it %.0fs after it was sent; sending it again",
+                    task.episode_id, task.agent, wait_s,
+                )
+                task_ids.append(uuid.uuid4().hex)
+                await self._send(task, queue, task_ids[-1])
+                self.resent += 1
+                wait_s = min(wait_s * 2, 8 * self.resend_after_s)
         except asyncio.CancelledError:
-            self._revoke(task_id)
+            for task_id in task_ids:
+                self._revoke(task_id)
             raise
         finally:
             reader.discard(task.agent, fut)

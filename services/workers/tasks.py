@@ -12,11 +12,14 @@ then publishes the :class:`~shared.messages.WorkerOutcome` JSON to ``results_str
 fields ``agent`` and ``data``. The worker's own events (its Return, its format errors) go to the
 episode's event stream, as they do in the embedded setup.
 
-Idempotency (Celery is at-least-once with ``acks_late``): the outcome is stored under a done-marker
-``asyncthink:worker-done:<episode_id>:<agent>`` with ``SET NX`` (first writer wins, 1-day TTL) before
-it is published. A redelivered or duplicated task finds the marker and republishes the stored outcome
-instead of recomputing, so every copy on the result stream is identical and the organizer keeps the
-first. Every Redis call of a task (the done-marker check, the marker write and the outcome's publish in
+Idempotency (Celery is at-least-once with ``acks_late``, and the organizer sends a task again when no
+worker started it): the outcome is stored under a done-marker ``asyncthink:worker-done:<episode_id>:<agent>``
+with ``SET NX`` (first writer wins, 1-day TTL) before it is published. A redelivered or duplicated task
+finds the marker and republishes the stored outcome instead of recomputing, so every copy on the result
+stream is identical and the organizer keeps the first. A copy that arrives while another is computing
+finds that copy's claim (``asyncthink:worker-claim:...``, a short TTL its process renews) and waits for
+the outcome instead of computing it twice; a claim whose holder died lapses within a lease. The copy that
+computes first publishes a ``started`` notice on the result stream. Every Redis call of a task (the done-marker check, the marker write and the outcome's publish in
 :func:`finish`) is retried in process through a short outage: the Redis client's own
 ``ConnectionError``/``TimeoutError`` and the bus's ``BusConnectionError``, with jittered exponential
 backoff for up to ``REDIS_RETRY_S`` (:func:`shared.retry.retry_async`), so a computed outcome is not
@@ -33,8 +36,9 @@ this process holds it, delivered again soon after this process dies.
 Backend: :func:`services.runtime.open_service_backend` (the configured model; tests and benchmarks
 inject the scripted backend through ``ASYNCTHINK_BACKEND_FACTORY``), opened once per process.
 
-Limits: two copies of one task running at the same moment both compute (the marker decides which
-outcome is kept and published by both); a worker that forks (recursive organization) runs its own
+Limits: two copies of one task compute twice only when the first one's claim lapsed (its process
+stalled, or Redis was unreachable, for longer than a lease); the done-marker still decides which outcome
+is kept and published by both. A worker that forks (recursive organization) runs its own
 children in this process rather than through the queue; ``echo`` exists only as the benchmark's
 yardstick.
 """
@@ -42,9 +46,12 @@ yardstick.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
+import time
+import uuid
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -73,6 +80,11 @@ def done_key(episode_id: str, agent: str) -> str:
     return f"asyncthink:worker-done:{episode_id}:{agent}"
 
 
+def claim_key(episode_id: str, agent: str) -> str:
+    """Held (with a short TTL the holder renews) by the one copy of a task that is computing it."""
+    return f"asyncthink:worker-claim:{episode_id}:{agent}"
+
+
 class WorkerRuntime:
     """Per-process state: an asyncio loop in a daemon thread, the backend, the bus and a Redis client.
 
@@ -88,7 +100,10 @@ class WorkerRuntime:
         self._thread.start()
         self._backend: ModelBackend | None = None
         self._backend_lock = threading.Lock()
+        self.claim_ttl_s = task_limits(settings).lease_s
+        self.claims: dict[str, str] = {}  # claim key -> the token this process holds it with
         self.bus, self.redis = self.call(self._connect())
+        self._renewer = asyncio.run_coroutine_threadsafe(self._renew_claims_forever(), self.loop)
 
     async def _connect(self) -> tuple[Any, Any]:
         import redis.asyncio as aioredis
@@ -98,6 +113,29 @@ class WorkerRuntime:
         url = self.settings.redis_url
         client = aioredis.Redis.from_url(url, decode_responses=True, socket_timeout=10, socket_connect_timeout=5)
         return RedisStreamsBus(url), client
+
+    async def _renew_claims_forever(self) -> None:
+        """Every third of the claim TTL, extend the claims this process holds (a heartbeat)."""
+        while True:
+            await asyncio.sleep(self.claim_ttl_s / 3)
+            for key in list(self.claims):
+                try:
+                    await self.redis.expire(key, max(1, round(self.claim_ttl_s)))
+                except Exception as exc:  # Redis down: the claim may lapse; a second copy then computes too
+                    log.warning("renewing claim %s failed: %s", key, exc)
+                    break
+
+    def close(self) -> None:
+        """Stop the heartbeat, close the clients and stop the loop (tests; a worker process just exits)."""
+        self._renewer.cancel()
+
+        async def close_clients() -> None:
+            await self.bus.close()
+            await self.redis.aclose()
+
+        with contextlib.suppress(Exception):
+            self.call(close_clients(), timeout=5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -177,13 +215,56 @@ async def finish(rt: WorkerRuntime, task: WorkerTask, outcome: WorkerOutcome | N
     return stored
 
 
-async def run_once(rt: WorkerRuntime, task: WorkerTask, *, final_attempt: bool) -> None:
-    """The idempotent body: republish a stored outcome, or compute, store and publish a new one."""
-    key = done_key(task.episode_id, task.agent)
-    if await _redis(rt, task, "checking the done-marker", lambda: rt.redis.exists(key)):
+async def _claim(rt: WorkerRuntime, task: WorkerTask, token: str) -> bool:
+    """Become the one copy of this task that computes it: True once claimed; False when another copy
+    stored the outcome meanwhile (waiting while a live copy holds the claim, bounded by the cutoff)."""
+    done, claim = done_key(task.episode_id, task.agent), claim_key(task.episode_id, task.agent)
+    ttl = max(1, round(rt.claim_ttl_s))
+    deadline = time.monotonic() + task_limits(rt.settings).worker_timeout_s
+    waited = False
+    while True:
+        if await _redis(rt, task, "checking the done-marker", lambda: rt.redis.exists(done)):
+            return False
+        if await _redis(rt, task, "claiming the task", lambda: rt.redis.set(claim, token, nx=True, ex=ttl)):
+            rt.claims[claim] = token
+            return True
+        if time.monotonic() > deadline:  # the holder renews but never finishes: compute anyway
+            log.error("episode %s worker %s: its claim was held past the worker timeout", task.episode_id, task.agent)
+            rt.claims[claim] = token
+            return True
+        if not waited:
+            log.info("episode %s worker %s: another copy is computing it; waiting for its outcome", task.episode_id, task.agent)
+            waited = True
+        await asyncio.sleep(0.25)
+
+
+async def run_once(rt: WorkerRuntime, task: WorkerTask, *, final_attempt: bool, token: str | None = None) -> None:
+    """The idempotent body: republish a stored outcome, or compute, store and publish a new one.
+
+    At most one copy computes at a time (the claim); a copy that finds another computing waits for its
+    outcome and republishes it. Before computing, a ``started`` notice goes to the result stream, so the
+    organizer knows the task reached a worker (it sends a task again only when none started it)."""
+    token = token or uuid.uuid4().hex
+    if not await _claim(rt, task, token):
         log.info("episode %s worker %s: already done, republishing", task.episode_id, task.agent)
         await finish(rt, task, None)
         return
+    try:
+        await _redis(
+            rt, task, "publishing the started notice",
+            lambda: rt.bus.publish(
+                results_stream(task.episode_id), {"agent": task.agent, "started": token}, maxlen=RESULTS_MAXLEN
+            ),
+        )
+        await _compute_and_finish(rt, task, final_attempt=final_attempt)
+    finally:
+        claim = claim_key(task.episode_id, task.agent)
+        if rt.claims.pop(claim, None) is not None:
+            with contextlib.suppress(Exception):  # it expires by itself
+                await rt.redis.delete(claim)
+
+
+async def _compute_and_finish(rt: WorkerRuntime, task: WorkerTask, *, final_attempt: bool) -> None:
     sink = BusSink(rt.bus, background=True)
     cutoff = task_limits(rt.settings).worker_timeout_s
     deadline = asyncio.timeout(cutoff)
@@ -223,7 +304,7 @@ def run_worker(self: Any, task_json: str) -> None:
     try:
         if task.endpoint is None:
             _ = rt.backend  # open it here, not on the shared loop (loading a model blocks)
-        rt.call(run_once(rt, task, final_attempt=retries >= MAX_RETRIES))
+        rt.call(run_once(rt, task, final_attempt=retries >= MAX_RETRIES, token=self.request.id))
     except RETRYABLE as exc:
         countdown = min(2**retries, 60)
         log.warning("episode %s worker %s: %s; retry %d in %ds", task.episode_id, task.agent, exc, retries + 1, countdown)

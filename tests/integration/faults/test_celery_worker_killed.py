@@ -62,6 +62,11 @@ def _slow_task() -> WorkerTask:
     )
 
 
+def _outcomes(direct: redis.Redis, stream: str) -> list[Any]:
+    """The outcome entries of a result stream (not the ``started`` notices)."""
+    return [e for e in direct.xrange(stream) if "data" in e[1]]
+
+
 def _send(app: Any, task: WorkerTask) -> None:
     app.send_task("asyncthink.run_worker", args=[task.model_dump_json()], queue="model", ignore_result=True)
 
@@ -90,11 +95,11 @@ def test_a_killed_workers_task_is_delivered_again_within_seconds(
         time.sleep(1.0)  # mid-way through its ~4 s of decoding
         first.kill9()
         killed_at = time.monotonic()
-        assert direct.xlen(stream) == 0
+        assert _outcomes(direct, stream) == []
         wait_worker_ready(app, second.start())
-        took = _wait_for("the outcome after the kill", 45, lambda: direct.xlen(stream) >= 1, second)
+        took = _wait_for("the outcome after the kill", 45, lambda: len(_outcomes(direct, stream)) >= 1, second)
         since_kill = time.monotonic() - killed_at
-        (entry,) = direct.xrange(stream)
+        (entry,) = _outcomes(direct, stream)
         outcome = WorkerOutcome.model_validate_json(entry[1]["data"])
         assert outcome.returned == "x" and outcome.error is None
         # lease (2 s) + a restore sweep (1 s) + ~4 s of decoding, plus the second worker's start
@@ -102,7 +107,8 @@ def test_a_killed_workers_task_is_delivered_again_within_seconds(
     finally:
         first.kill9()
         second.stop()
-        direct.delete(stream, f"asyncthink:worker-done:{task.episode_id}:1", f"asyncthink:episode:{task.episode_id}:events")
+        direct.delete(stream, f"asyncthink:worker-done:{task.episode_id}:1", f"asyncthink:episode:{task.episode_id}:events",
+                      f"asyncthink:worker-claim:{task.episode_id}:1")
 
 
 def test_a_task_longer_than_its_lease_runs_once_on_a_live_worker(
@@ -114,11 +120,13 @@ def test_a_task_longer_than_its_lease_runs_once_on_a_live_worker(
     try:
         wait_worker_ready(app, worker.start())
         _send(app, task)
-        _wait_for("the outcome", 30, lambda: direct.xlen(stream) >= 1, worker)
+        _wait_for("the outcome", 30, lambda: len(_outcomes(direct, stream)) >= 1, worker)
         time.sleep(2 * LEASE_S + 1.5)  # a second delivery would have published by now... or be running
-        assert direct.xlen(stream) == 1, "the task was delivered again while its worker was alive"
+        assert len(_outcomes(direct, stream)) == 1, "the task was delivered again while its worker was alive"
+        assert sum("started" in f for _, f in direct.xrange(stream)) == 1  # and computed once
         assert "already done, republishing" not in worker.log_tail(200_000)
         assert direct.zcard("unacked_index") == 0  # acked
     finally:
         worker.stop()
-        direct.delete(stream, f"asyncthink:worker-done:{task.episode_id}:1", f"asyncthink:episode:{task.episode_id}:events")
+        direct.delete(stream, f"asyncthink:worker-done:{task.episode_id}:1", f"asyncthink:episode:{task.episode_id}:events",
+                      f"asyncthink:worker-claim:{task.episode_id}:1")
