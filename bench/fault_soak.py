@@ -208,6 +208,7 @@ class Report:
     worker_decoded: int = 0
     worker_kept: int = 0
     slowest_after_last_fault_s: float = 0.0
+    durations_s: list[float] = field(default_factory=list)  # submission to stored result, per finished episode
     wall_s: float = 0.0
     last_fault_s: float = 0.0  # when the last fault ended, seconds after the start
     notes: list[str] = field(default_factory=list)
@@ -461,6 +462,7 @@ class Soak:
                     if len(r.notes) < 5:
                         r.notes.append(f"{eid}: {c.why}")
                 if c.finished_at is not None:
+                    r.durations_s.append(c.finished_at - submitted)
                     after = c.finished_at - max(submitted, last_fault_wall)
                     r.slowest_after_last_fault_s = max(r.slowest_after_last_fault_s, after)
                     if after > self.cfg.episode_timeout_s:
@@ -575,8 +577,10 @@ def format_report(r: Report, cfg: SoakConfig) -> str:
             f"the same organizer crashes with re-run instead of resume: {rerun_cost} organizer tokens = "
             f"{_per(rerun_cost, org_kills)} per organizer kill (the resumed prefixes decoded again)"
         )
+    d = sorted(r.durations_s) or [0.0]
     lines.append(
-        f"slowest episode after max(its submission, the last fault): {r.slowest_after_last_fault_s:.1f} s "
+        f"episode time, submission to stored result: p50 {d[len(d) // 2]:.1f} s, p99 {d[min(len(d) - 1, round(0.99 * (len(d) - 1)))]:.1f} s, "
+        f"max {d[-1]:.1f} s; slowest after max(its submission, the last fault): {r.slowest_after_last_fault_s:.1f} s "
         f"(limit {cfg.episode_timeout_s:g} s); wall {r.wall_s:.0f} s"
     )
     for note in r.notes:

@@ -110,17 +110,29 @@ class StoreCheckpoint:
 
     Each checkpoint is a partial organizer segment (``wall_end`` 0, ``error`` None) with its ids and
     mask, upserted as the episode's ``organizer`` segment; the final ``save_episode`` replaces it with
-    the complete one. Writes run in one background task, latest first: a checkpoint that arrives while
-    one is being written replaces any still waiting, so the database sees at most one write in flight
-    per episode and never an older checkpoint after a newer one. :meth:`drain` must run before the
-    final save (else a late checkpoint could replace the complete row).
+    the complete one. Writes run in one background task, latest only and debounced: a checkpoint is
+    written ``delay_s`` after it arrives, unless a newer one replaced it meanwhile (then the newer one
+    is), and only if it holds at least ``min_new_tokens`` generated tokens more than the last one
+    written. So the database sees at most one write in flight per episode, never an older checkpoint
+    after a newer one, and no write at all for an episode that ends within ``delay_s`` or decodes
+    little (its final save comes first): a checkpoint costs an upsert of the whole sequence, which
+    short episodes would pay for nothing. A crash loses at most ``min_new_tokens`` plus ``delay_s`` of
+    decoding more than with a write at every fork and join. :meth:`finish` must run before the final
+    save: it drops a checkpoint not yet written and waits for one being written (else a late
+    checkpoint could replace the complete row).
     """
 
-    def __init__(self, session_factory: Callable[[], Any], episode_id: str) -> None:
+    def __init__(
+        self, session_factory: Callable[[], Any], episode_id: str, *, delay_s: float = 0.25, min_new_tokens: int = 32
+    ) -> None:
         self.session_factory = session_factory
         self.episode_id = episode_id
+        self.delay_s = delay_s
+        self.min_new_tokens = min_new_tokens
         self._latest: SegmentRecord | None = None
         self._writer: asyncio.Task[None] | None = None
+        self._writing = False
+        self._written_tokens = 0  # generated tokens in the last checkpoint written
         self.saved = 0
 
     async def checkpoint(self, episode_id: str, segment: SegmentRecord) -> None:
@@ -132,12 +144,21 @@ class StoreCheckpoint:
 
     async def _write(self) -> None:
         while self._latest is not None:
+            await asyncio.sleep(self.delay_s)
             segment, self._latest = self._latest, None
+            if segment is None:
+                return
+            if segment.generated_tokens - self._written_tokens < self.min_new_tokens:
+                continue  # too little new work to be worth a write
+            self._written_tokens = segment.generated_tokens
+            self._writing = True
             try:
                 await asyncio.to_thread(self._save, segment)
                 self.saved += 1
             except Exception:
                 log.exception("saving the checkpoint of episode %s failed", self.episode_id)
+            finally:
+                self._writing = False
 
     def _save(self, segment: SegmentRecord) -> None:
         from shared.store import repository
@@ -145,10 +166,14 @@ class StoreCheckpoint:
         with self.session_factory() as session:
             repository.save_segment(session, episode_id=self.episode_id, segment=segment)
 
-    async def drain(self) -> None:
-        """Wait until every checkpoint handed in so far is written (or has failed)."""
-        while self._writer is not None and not self._writer.done():
-            await asyncio.shield(self._writer)
+    async def finish(self) -> None:
+        """Drop the checkpoint waiting to be written; wait for the one being written, if any."""
+        writer, self._latest = self._writer, None
+        if writer is None or writer.done():
+            return
+        if not self._writing:
+            writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
 
 
 class BusSink:

@@ -462,7 +462,7 @@ class OrganizerService:
         config = submission.stored_config()
         await sinks.drain()  # live segment writes land before the complete ones
         if checkpointer is not None:
-            await checkpointer.drain()  # ... and so do the checkpoints
+            await checkpointer.finish()  # ... and no checkpoint lands after it
         if entry_id is not None and not await self._still_owner(entry_id):
             raise LeaseLost(
                 f"episode {eid} ran to its end here, but another organizer claimed its submission {entry_id}; "

@@ -49,9 +49,9 @@ class TaskLeases:
         self._thread.start()
 
     def hold(self, tag: str) -> None:
+        """Renew ``tag`` from the next beat on (kombu scored it "now" when the message arrived)."""
         with self._lock:
             self._held[tag] = time.time()
-        self._renew([tag])  # at once: a prefetched message may already be older than the lease
 
     def release(self, tag: str) -> None:
         with self._lock:

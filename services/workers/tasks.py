@@ -103,6 +103,7 @@ class WorkerRuntime:
         self.claim_ttl_s = task_limits(settings).lease_s
         self.claims: dict[str, str] = {}  # claim key -> the token this process holds it with
         self.bus, self.redis = self.call(self._connect())
+        self.claim_script = self.redis.register_script(_CLAIM_LUA)
         self._renewer = asyncio.run_coroutine_threadsafe(self._renew_claims_forever(), self.loop)
 
     async def _connect(self) -> tuple[Any, Any]:
@@ -215,17 +216,34 @@ async def finish(rt: WorkerRuntime, task: WorkerTask, outcome: WorkerOutcome | N
     return stored
 
 
+# KEYS: done-marker, claim, result stream; ARGV: token, claim TTL (s), agent, stream maxlen.
+# "done" if the outcome is stored; "claimed" (and the started notice published) if the claim was free;
+# else "busy": another copy holds it. One round trip for what a task checks before computing.
+_CLAIM_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 'done' end
+if redis.call('GET', KEYS[2]) == ARGV[1] then return 'claimed' end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'EX', tonumber(ARGV[2])) then
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'agent', ARGV[3], 'started', ARGV[1])
+  return 'claimed'
+end
+return 'busy'
+"""
+
+
 async def _claim(rt: WorkerRuntime, task: WorkerTask, token: str) -> bool:
-    """Become the one copy of this task that computes it: True once claimed; False when another copy
-    stored the outcome meanwhile (waiting while a live copy holds the claim, bounded by the cutoff)."""
+    """Become the one copy of this task that computes it: True once claimed (its ``started`` notice is
+    then on the result stream); False when the outcome is stored (waiting while a live copy holds the
+    claim, bounded by the cutoff)."""
     done, claim = done_key(task.episode_id, task.agent), claim_key(task.episode_id, task.agent)
-    ttl = max(1, round(rt.claim_ttl_s))
+    keys = [done, claim, results_stream(task.episode_id)]
+    args = [token, max(1, round(rt.claim_ttl_s)), task.agent, RESULTS_MAXLEN]
     deadline = time.monotonic() + task_limits(rt.settings).worker_timeout_s
     waited = False
     while True:
-        if await _redis(rt, task, "checking the done-marker", lambda: rt.redis.exists(done)):
+        state = await _redis(rt, task, "claiming the task", lambda: rt.claim_script(keys=keys, args=args))
+        if state == "done":
             return False
-        if await _redis(rt, task, "claiming the task", lambda: rt.redis.set(claim, token, nx=True, ex=ttl)):
+        if state == "claimed":
             rt.claims[claim] = token
             return True
         if time.monotonic() > deadline:  # the holder renews but never finishes: compute anyway
@@ -250,12 +268,6 @@ async def run_once(rt: WorkerRuntime, task: WorkerTask, *, final_attempt: bool, 
         await finish(rt, task, None)
         return
     try:
-        await _redis(
-            rt, task, "publishing the started notice",
-            lambda: rt.bus.publish(
-                results_stream(task.episode_id), {"agent": task.agent, "started": token}, maxlen=RESULTS_MAXLEN
-            ),
-        )
         await _compute_and_finish(rt, task, final_attempt=final_attempt)
     finally:
         claim = claim_key(task.episode_id, task.agent)
