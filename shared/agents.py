@@ -19,8 +19,19 @@ and ``η``. The runner does no I/O of its own: the model is a
 default, a Celery dispatcher in the distributed setup, tools by ``<FORK-i@endpoint>``), events go to an
 :class:`EventSink`.
 
+Checkpoints and resuming: with a :class:`Checkpointer`, the organizer's sequence so far (ids and mask)
+is handed out after each fork and around each join; ``run_agent(..., resume=checkpoint)`` rebuilds a fresh
+agent from such a checkpoint (:meth:`AgentRunner.restore`: the parser replayed run by run, the timeline
+rebuilt, the prefix's forks dispatched again) and decodes on from there. The runner still does no I/O:
+storing checkpoints is the caller's (the organizer service's store).
+
 Limits: a worker that times out returns an error text and is charged its whole token budget on the
-clock (its real length is unknown); workers still running when their parent finishes are cancelled.
+clock (its real length is unknown); workers still running when their parent finishes are cancelled. A
+resumed organizer's timeline places each fork at the token that closes its tag; where a generate call
+ran past ``</FORK-i>``, the live run placed the fork at the end of that call, so the prefix's ``T``
+could differ by the tokens in between (a backend that stops at the tag, as the stop regex asks, gives
+the same timeline). A joined worker whose outcome comes back different on resume (a
+done-marker expired) keeps the joined text, marked ``replaced`` (or ``timeout``) on its segment.
 """
 
 from __future__ import annotations

@@ -12,6 +12,12 @@ score and the reward (:mod:`shared.rewards`). It does no I/O of its own, so the 
 
 Its settings are :class:`EngineConfig`: the episode settings declared once in
 :class:`~shared.episode.EpisodeSettings`, plus the reward settings.
+
+An interrupted episode can continue: ``run(..., resume_from=checkpoint)`` starts the organizer from its
+checkpoint (a partial organizer segment handed to the engine's :class:`~shared.agents.Checkpointer`
+by an earlier run) instead of from its prompt, and yields the result an uninterrupted run would have.
+The ``started`` event then says how many organizer tokens came back (``resumed_tokens``). Parallel
+thinking always runs from the start.
 """
 
 from __future__ import annotations

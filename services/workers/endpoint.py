@@ -23,9 +23,11 @@ cancellation (the engine's worker timeout, or the organizer answering before a j
 removed and the Celery task is revoked (best effort: a task already running still finishes and
 publishes, and the outcome is ignored).
 
-Limits: the reader reads from the start of the stream the first time, so an organizer that re-runs an
-episode after a crash sees the outcomes already published and the workers' done-markers make the
-re-dispatched tasks republish them; outcomes of agents nobody waits for are not kept.
+Limits: the reader reads from the start of the stream the first time, so an organizer that resumes (or
+re-runs) an episode after a crash sees the outcomes already published and the workers' done-markers
+make the re-dispatched tasks republish them; outcomes of agents nobody waits for are not kept. A task
+that waits in a long queue for more than ``resend_after_s`` is sent again (a cheap second copy: it
+republishes the stored outcome or waits for the first copy's).
 """
 
 from __future__ import annotations
