@@ -7,6 +7,8 @@
 * :class:`BusSink` publishes every :class:`~shared.messages.EpisodeEvent` as JSON (field ``data``) to
   ``events_stream(episode_id)``, where the gateway's SSE endpoint tails it.
 * :class:`FanoutSink` sends one event to several sinks; a failing sink is logged and skipped.
+* :class:`StoreCheckpoint` saves the organizer's checkpoints (its partial sequence with ids and mask, at
+  each fork and join) as the episode's organizer segment, so a restarted organizer can resume it.
 * :func:`build_engine` turns a :class:`~shared.messages.SubmitProblem` into an :class:`Engine`.
 * :func:`open_service_backend` opens the model backend of a service process:
   ``shared.backends.registry.open_backend(settings.model, settings)``, unless the environment variable
@@ -32,7 +34,7 @@ from typing import Any
 from shared.backends.base import ModelBackend
 from shared.bus.base import Bus
 from shared.config import Settings
-from shared.engine import Engine, EngineConfig, EventSink, WorkerEndpoint
+from shared.engine import Checkpointer, Engine, EngineConfig, EventSink, WorkerEndpoint
 from shared.messages import EpisodeEvent, EventKind, SegmentRecord, SubmitProblem, events_stream
 from shared.tasks import get_task
 
@@ -101,6 +103,77 @@ class StoreSink:
         """Wait for every segment write started so far."""
         while pending := [w for w in self._writes if not w.done()]:
             await asyncio.gather(*pending, return_exceptions=True)
+
+
+class StoreCheckpoint:
+    """The organizer's checkpoints (:class:`~shared.agents.Checkpointer`) saved as its segment row.
+
+    Each checkpoint is a partial organizer segment (``wall_end`` 0, ``error`` None) with its ids and
+    mask, upserted as the episode's ``organizer`` segment; the final ``save_episode`` replaces it with
+    the complete one. Writes run in one background task, latest only and debounced: a checkpoint is
+    written ``delay_s`` after it arrives, unless a newer one replaced it meanwhile (then the newer one
+    is), and only if it holds at least ``min_new_tokens`` generated tokens more than the last one
+    written. So the database sees at most one write in flight per episode, never an older checkpoint
+    after a newer one, and no write at all for an episode that ends within ``delay_s`` or decodes
+    little (its final save comes first): a checkpoint costs an upsert of the whole sequence, which
+    short episodes would pay for nothing. A crash loses at most ``min_new_tokens`` plus ``delay_s`` of
+    decoding more than with a write at every fork and join. :meth:`finish` must run before the final
+    save: it drops a checkpoint not yet written and waits for one being written (else a late
+    checkpoint could replace the complete row).
+    """
+
+    def __init__(
+        self, session_factory: Callable[[], Any], episode_id: str, *, delay_s: float = 0.25, min_new_tokens: int = 32
+    ) -> None:
+        self.session_factory = session_factory
+        self.episode_id = episode_id
+        self.delay_s = delay_s
+        self.min_new_tokens = min_new_tokens
+        self._latest: SegmentRecord | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._writing = False
+        self._written_tokens = 0  # generated tokens in the last checkpoint written
+        self.saved = 0
+
+    async def checkpoint(self, episode_id: str, segment: SegmentRecord) -> None:
+        if episode_id != self.episode_id:
+            return
+        self._latest = segment
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write())
+
+    async def _write(self) -> None:
+        while self._latest is not None:
+            await asyncio.sleep(self.delay_s)
+            segment, self._latest = self._latest, None
+            if segment is None:
+                return
+            if segment.generated_tokens - self._written_tokens < self.min_new_tokens:
+                continue  # too little new work to be worth a write
+            self._written_tokens = segment.generated_tokens
+            self._writing = True
+            try:
+                await asyncio.to_thread(self._save, segment)
+                self.saved += 1
+            except Exception:
+                log.exception("saving the checkpoint of episode %s failed", self.episode_id)
+            finally:
+                self._writing = False
+
+    def _save(self, segment: SegmentRecord) -> None:
+        from shared.store import repository
+
+        with self.session_factory() as session:
+            repository.save_segment(session, episode_id=self.episode_id, segment=segment)
+
+    async def finish(self) -> None:
+        """Drop the checkpoint waiting to be written; wait for the one being written, if any."""
+        writer, self._latest = self._writer, None
+        if writer is None or writer.done():
+            return
+        if not self._writing:
+            writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
 
 
 class BusSink:
@@ -183,6 +256,7 @@ def build_engine(
     sink: EventSink,
     *,
     worker_timeout_cap_s: float | None = None,
+    checkpointer: Checkpointer | None = None,
 ) -> Engine:
     """An engine for one submission: its task, its configuration, the given endpoints and sink.
 
@@ -191,7 +265,7 @@ def build_engine(
     """
     task = get_task(submission.task)
     config = engine_config(submission, worker_timeout_cap_s=worker_timeout_cap_s)
-    return Engine(backend, task, config, endpoints=endpoints, sink=sink)
+    return Engine(backend, task, config, endpoints=endpoints, sink=sink, checkpointer=checkpointer)
 
 
 async def events_until_finished(

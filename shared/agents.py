@@ -26,8 +26,19 @@ agent ends with an error; a worker's outcome then carries that error and an erro
 a cut-off worker is never joined as if it had finished. Each segment records the weight versions that
 produced its tokens (``model_version``; ``a+b`` when a swap happened during it).
 
+Checkpoints and resuming: with a :class:`Checkpointer`, the organizer's sequence so far (ids and mask)
+is handed out after each fork and around each join; ``run_agent(..., resume=checkpoint)`` rebuilds a fresh
+agent from such a checkpoint (:meth:`AgentRunner.restore`: the parser replayed run by run, the timeline
+rebuilt, the prefix's forks dispatched again) and decodes on from there. The runner still does no I/O:
+storing checkpoints is the caller's (the organizer service's store).
+
 Limits: a worker that times out returns an error text and is charged its whole token budget on the
-clock (its real length is unknown); workers still running when their parent finishes are cancelled; text
+clock (its real length is unknown); workers still running when their parent finishes are cancelled. A
+resumed organizer's timeline places each fork at the token that closes its tag; where a generate call
+ran past ``</FORK-i>``, the live run placed the fork at the end of that call, so the prefix's ``T``
+could differ by the tokens in between (a backend that stops at the tag, as the stop regex asks, gives
+the same timeline). A joined worker whose outcome comes back different on resume (a
+done-marker expired) keeps the joined text, marked ``replaced`` (or ``timeout``) on its segment. Text
 a streaming backend already sent as text events before an abort is not taken back.
 """
 
@@ -83,6 +94,14 @@ class WorkerEndpoint(Protocol):
 
 class EventSink(Protocol):
     async def emit(self, event: EpisodeEvent) -> None: ...
+
+
+class Checkpointer(Protocol):
+    """Keeps an organizer's sequence so far (a partial segment, ``wall_end`` 0) so that an interrupted
+    episode can resume from it (``resume_from``). Called after each fork is dispatched, when a join
+    starts waiting and after its result is injected; only the latest call matters."""
+
+    async def checkpoint(self, episode_id: str, segment: SegmentRecord) -> None: ...
 
 
 class NullSink:
@@ -223,6 +242,8 @@ class _AgentState:
     child_agents: dict[int, str] = field(default_factory=dict)
     outcomes: dict[int, WorkerOutcome] = field(default_factory=dict)
     error: str | None = None  # a backend failure (not a format error)
+    rejoin: dict[int, str] = field(default_factory=dict)  # resumed: fork id -> the result joined before
+    tasks: dict[int, WorkerTask] = field(default_factory=dict)  # resumed: the forks dispatched again
 
     @property
     def clock(self) -> int:
@@ -270,6 +291,7 @@ class AgentRunner:
         endpoints: Mapping[str | None, WorkerEndpoint] | None = None,
         sink: EventSink | None = None,
         abort_retries: int = ABORT_RETRIES,
+        checkpointer: Checkpointer | None = None,
     ) -> None:
         if abort_retries < 0:
             raise ValueError(f"abort_retries must be >= 0, got {abort_retries}")
@@ -279,6 +301,7 @@ class AgentRunner:
         self.endpoints: dict[str | None, WorkerEndpoint] = dict(endpoints or {})
         self.endpoints.setdefault(None, ModelWorker(self))
         self.sink: EventSink = sink or NullSink()
+        self.checkpointer = checkpointer
         self._emitters: dict[str, Emitter] = {}
 
     def emitter(self, episode_id: str) -> Emitter:
@@ -300,30 +323,165 @@ class AgentRunner:
                 self._emitters.pop(episode_id, None)
 
     # ------------------------------------------------------------------------------- the loop
-    async def run_agent(self, spec: AgentSpec, emit: Emitter) -> AgentRun:
+    async def run_agent(self, spec: AgentSpec, emit: Emitter, *, resume: SegmentRecord | None = None) -> AgentRun:
+        """Run one agent to its end; with ``resume`` (a checkpoint of this agent, see :meth:`restore`),
+        continue from that sequence instead of from the prompt."""
         state = _AgentState(
             parser=ProtocolParser(spec.role, capacity=spec.capacity, allow_fork=spec.allow_fork),
             prompt_ids=self.backend.encode(spec.prompt),
             version=self.backend.weight_version,
         )
         try:
-            while not state.parser.done:
+            pending: deque[Event] = deque()
+            if resume is not None:
+                pending.extend(self.restore(spec, state, resume, emit))
+            while pending and not state.parser.errors:  # a join the checkpoint was waiting on
+                pending.extend(await self._handle(pending.popleft(), spec, state, emit))
+            while not state.parser.done and not state.parser.errors:
                 result = await self._decode(spec, state, emit)
                 if result is None:
                     break
                 if result.finish is FinishReason.ABORT:  # retries exhausted: nothing to parse
                     self._goes_on(result, state)
                     break
-                pending: deque[Event] = deque(state.parser.feed(result.text))
+                pending.extend(state.parser.feed(result.text))
                 while pending:
                     pending.extend(await self._handle(pending.popleft(), spec, state, emit))
                 if state.parser.errors or not self._goes_on(result, state):
                     break
             if not state.parser.done and not state.parser.errors and state.error is None:
                 state.parser.close()
+            await self._rejoin(spec, state)
         finally:
             state.settle_children()
         return self._collect(spec, state)
+
+    # ------------------------------------------------------------------------------- resuming
+    def restore(self, spec: AgentSpec, state: _AgentState, seg: SegmentRecord, emit: Emitter) -> list[Event]:
+        """Rebuild a fresh agent's state from a checkpoint of it (its ids and mask after the prompt).
+
+        The sequence is replayed through the parser exactly as it was built live: each run of generated
+        ids (mask 1) is fed, each run of injected ids (mask 0) is injected, so the parser's state (forks,
+        joins, capacity, an open tag, text held after a ``<JOIN-i>``) is the one the live agent had. The
+        timeline is rebuilt on the way: a fork's step at the token that closes its ``</FORK-i>``, a
+        join's after the generated run that ends with its ``<JOIN-i>`` (a backend that stops at the tags
+        makes these the live positions). Every fork in the prefix is dispatched again through its
+        endpoint (idempotent endpoints hand back a stored outcome); those already joined are only
+        awaited at the end, for their segments and timelines. Returns the events still to handle: a
+        trailing ``<JOIN-i>`` whose result was not injected yet."""
+        ids, mask = list(seg.completion_ids), list(seg.completion_mask)
+        if len(ids) != len(mask) or any(m not in (0, 1) for m in mask):
+            raise ValueError("a checkpoint needs one mask value (0 or 1) per completion id")
+        if seg.prompt_ids and list(seg.prompt_ids) != state.prompt_ids:
+            raise ValueError("the checkpoint's prompt is not this agent's prompt")
+        state.wall_start = seg.wall_start or state.wall_start
+        state.version = seg.model_version or state.version
+        leftover: list[Event] = []
+        counted = 0  # generated tokens already in Decode steps
+        awaiting: Join | None = None  # a join whose result comes next
+        i = 0
+        while i < len(ids):
+            j = i
+            while j < len(ids) and mask[j] == mask[i]:
+                j += 1
+            run = ids[i:j]
+            if mask[i] == 1:
+                start = state.parser.offset
+                text = self.backend.decode(run)
+                run_start = state.generated
+                state.ids += run
+                state.mask += [1] * len(run)
+                state.generated += len(run)
+                for ev in state.parser.feed(text):
+                    if isinstance(ev, Fork):
+                        close = f"</FORK-{ev.fork_id}>"
+                        at = text.find(close, max(ev.offset - start, 0))
+                        end = run_start + _tokens_for(self.backend, run, at + len(close) if at >= 0 else len(text))
+                        counted = _decode_step(state, counted, end)
+                        self._redispatch(ev, spec, state, emit)
+                    elif isinstance(ev, Join):
+                        counted = _decode_step(state, counted, state.generated)
+                        awaiting = ev
+                    else:
+                        leftover.append(ev)
+                counted = _decode_step(state, counted, state.generated) if awaiting is None else counted
+            else:
+                k = 0
+                while k < len(run):  # one injected result per join (a run may hold two back to back)
+                    if awaiting is None:
+                        raise ValueError("the checkpoint has injected text where no join waits for it")
+                    piece_text = self.backend.decode(run[k:])
+                    close = f"</JOIN-{awaiting.fork_id}>"
+                    at = piece_text.find(close)
+                    n = _tokens_for(self.backend, run[k:], at + len(close)) if at >= 0 else len(run) - k
+                    piece = run[k : k + n]
+                    injected = self.backend.decode(piece)
+                    state.steps.append(JoinStep(awaiting.fork_id))
+                    state.rejoin[awaiting.fork_id] = injected[: -len(close)] if injected.endswith(close) else injected
+                    state.add_injected(piece)
+                    awaiting = None
+                    for ev in state.parser.inject(injected):
+                        if isinstance(ev, Fork):
+                            self._redispatch(ev, spec, state, emit)
+                        elif isinstance(ev, Join):
+                            awaiting = ev
+                        else:
+                            leftover.append(ev)
+                    k += n
+            i = j
+        if awaiting is not None:
+            leftover.append(awaiting)  # the checkpoint was waiting on this join: do it now
+        return leftover
+
+    def _redispatch(self, ev: Fork, spec: AgentSpec, state: _AgentState, emit: Emitter) -> None:
+        """Dispatch a fork found in a checkpoint again (no fork event: it was published the first time)."""
+        task = spec.worker_task(ev, self.task.name)
+        state.tasks[ev.fork_id] = task
+        state.child_agents[ev.fork_id] = task.agent
+        state.children[ev.fork_id] = asyncio.create_task(
+            self._run_worker(task, spec.worker_timeout_s, emit, state.clock)
+        )
+        state.steps.append(_PendingFork(ev.fork_id))
+
+    async def _rejoin(self, spec: AgentSpec, state: _AgentState) -> None:
+        """The outcomes of workers joined before a resume: awaited for their segments and timelines. An
+        outcome that is not what was joined (its done-marker expired, a worker that had timed out) is
+        replaced by the joined text, charged its whole budget like a timed-out worker."""
+        for fid, joined in state.rejoin.items():
+            outcome = await state.children[fid]
+            if outcome.returned != joined:
+                agent = state.child_agents[fid]
+                log.warning(
+                    "resumed agent %s: worker %s returned %r now but %r was joined before; keeping the joined text",
+                    spec.agent, agent, outcome.returned[:80], joined[:80],
+                )
+                outcome = failed_outcome(
+                    state.tasks[fid], "timeout" if "timed out" in joined else "replaced", returned=joined
+                )
+                outcome.timeline = Timeline.of(Decode(spec.worker_budget)).to_json()
+            state.outcomes[fid] = outcome
+
+    async def _checkpoint(self, spec: AgentSpec, state: _AgentState) -> None:
+        """Hand the organizer's sequence so far to the checkpointer (the organizer of an episode only)."""
+        if self.checkpointer is None or spec.role is not Role.ORGANIZER or spec.depth != 0:
+            return
+        segment = SegmentRecord(
+            agent=spec.agent,
+            role=spec.role.value,
+            prompt=spec.prompt,
+            prompt_ids=state.prompt_ids,
+            completion_ids=list(state.ids),
+            completion_mask=list(state.mask),
+            text=self.backend.decode(state.ids),
+            generated_tokens=state.generated,
+            wall_start=state.wall_start,
+            wall_end=0.0,  # partial: the final segment has its end
+            model_version=state.version,
+        )
+        try:
+            await self.checkpointer.checkpoint(spec.episode_id, segment)
+        except Exception:
+            log.exception("checkpoint of %s in episode %s failed", spec.agent, spec.episode_id)
 
     async def _decode(self, spec: AgentSpec, state: _AgentState, emit: Emitter) -> GenerateResult | None:
         """One generate call from the current prefix; None (and the budget error) when no budget is left.
@@ -410,9 +568,11 @@ class AgentRunner:
         )
         state.steps.append(_PendingFork(ev.fork_id))
         await emit(EventKind.FORK, spec.agent, state.clock, fork_id=ev.fork_id, query=ev.query, endpoint=ev.endpoint)
+        await self._checkpoint(spec, state)
 
     async def _on_join(self, ev: Join, spec: AgentSpec, state: _AgentState, emit: Emitter) -> list[Event]:
         await emit(EventKind.JOIN, spec.agent, state.clock, fork_id=ev.fork_id)
+        await self._checkpoint(spec, state)
         outcome = await state.children[ev.fork_id]
         state.outcomes[ev.fork_id] = outcome
         state.steps.append(JoinStep(ev.fork_id))
@@ -422,6 +582,7 @@ class AgentRunner:
         await emit(EventKind.WORKER_RESULT, spec.agent, state.clock, fork_id=ev.fork_id, returned=outcome.returned)
         if spec.stream_text:
             await emit(EventKind.TEXT, spec.agent, state.clock, text=injected, injected=True)
+        await self._checkpoint(spec, state)
         return overflow
 
     def _collect(self, spec: AgentSpec, state: _AgentState) -> AgentRun:
@@ -491,6 +652,25 @@ class AgentRunner:
                 segment=seg.model_dump(exclude={"prompt_ids", "completion_ids", "completion_mask"}),
             )
         return outcome
+
+
+def _tokens_for(backend: ModelBackend, run: list[int], chars: int) -> int:
+    """The fewest leading ids of ``run`` whose text is at least ``chars`` characters long."""
+    lo, hi = 0, len(run)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(backend.decode(run[:mid])) >= chars:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def _decode_step(state: _AgentState, counted: int, upto: int) -> int:
+    """Append the Decode step of the generated tokens ``counted..upto``; returns the new count."""
+    if upto > counted:
+        state.steps.append(Decode(upto - counted))
+    return max(counted, upto)
 
 
 def _error_dict(err: FormatError, agent: str) -> dict[str, object]:

@@ -88,6 +88,13 @@ class Settings(BaseSettings):
                 "(generate one with `openssl rand -hex 32`)"
             )
         return value
+    # The longest a forked worker may run: the organizer caps each episode's worker timeout at it, and the
+    # Celery workers derive their task time limits from it (services/workers/app.py).
+    worker_timeout_s: float = Field(default=300.0, gt=0)
+    # How long a Celery worker's task stays invisible to other workers without its heartbeat: a killed
+    # worker's task is delivered again about this long after its last heartbeat. None: derived from
+    # worker_timeout_s (a tenth of it, between 5 and 30 s).
+    task_lease_s: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _keys_outside_development(self) -> Settings:

@@ -12,6 +12,12 @@ score and the reward (:mod:`shared.rewards`). It does no I/O of its own, so the 
 
 Its settings are :class:`EngineConfig`: the episode settings declared once in
 :class:`~shared.episode.EpisodeSettings`, plus the reward settings.
+
+An interrupted episode can continue: ``run(..., resume_from=checkpoint)`` starts the organizer from its
+checkpoint (a partial organizer segment handed to the engine's :class:`~shared.agents.Checkpointer`
+by an earlier run) instead of from its prompt, and yields the result an uninterrupted run would have.
+The ``started`` event then says how many organizer tokens came back (``resumed_tokens``). Parallel
+thinking always runs from the start.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from shared.agents import (
     AgentRun,
     AgentRunner,
     AgentSpec,
+    Checkpointer,
     Emitter,
     EventSink,
     ListSink,
@@ -45,6 +52,7 @@ from shared.tasks.base import Mode, Problem, Score, Task
 from shared.tasks.prompts import for_model
 
 __all__ = [
+    "Checkpointer",
     "Engine",
     "EngineConfig",
     "EpisodeResult",
@@ -116,34 +124,67 @@ class Engine:
         *,
         endpoints: Mapping[str | None, WorkerEndpoint] | None = None,
         sink: EventSink | None = None,
+        checkpointer: Checkpointer | None = None,
     ) -> None:
         self.backend = backend
         self.config = config or EngineConfig()
         # prompted as the model needs: the task's trained prompts, or a system message teaching the protocol
         self.task = for_model(task, backend, self.config.resolved_capacity(task.default_capacity))
-        self.runner = AgentRunner(backend, self.task, endpoints=endpoints, sink=sink)
+        self.runner = AgentRunner(backend, self.task, endpoints=endpoints, sink=sink, checkpointer=checkpointer)
 
     @property
     def capacity(self) -> int:
         """c: the organizer plus its workers; for parallel thinking, the k traces that decode at once."""
         return self.config.resolved_capacity(self.task.default_capacity)
 
-    async def run(self, problem: Problem, *, episode_id: str | None = None) -> EpisodeResult:
+    async def run(
+        self, problem: Problem, *, episode_id: str | None = None, resume_from: SegmentRecord | None = None
+    ) -> EpisodeResult:
+        """Run one episode. ``resume_from``: the organizer's checkpoint of an interrupted run of this
+        episode (a partial organizer segment, see :class:`~shared.agents.Checkpointer`); the organizer
+        continues from it instead of from its prompt (organizer modes only; a checkpoint that does not
+        fit this episode's prompt is ignored with a warning and the episode runs from the start)."""
         episode_id = episode_id or uuid.uuid4().hex
         with self.runner.episode_scope(episode_id) as emit:
-            return await self._run(problem, episode_id, emit)
+            return await self._run(problem, episode_id, emit, self._usable(problem, resume_from, episode_id))
 
-    async def _run(self, problem: Problem, episode_id: str, emit: Emitter) -> EpisodeResult:
+    def _usable(self, problem: Problem, resume: SegmentRecord | None, episode_id: str) -> SegmentRecord | None:
+        if resume is None or not resume.completion_ids:
+            return None
+        why = ""
+        if self.config.mode is Mode.PARALLEL:
+            why = "parallel thinking runs again from the start"
+        elif resume.prompt_ids and resume.prompt_ids != self.backend.encode(
+            self.task.organizer_prompt(problem, self.config.mode)
+        ):
+            why = "its prompt is not this episode's"
+        elif len(resume.completion_ids) != len(resume.completion_mask):
+            why = "its ids and mask differ in length"
+        if why:
+            log.warning("episode %s: not resuming from the checkpoint (%s)", episode_id, why)
+            return None
+        return resume
+
+    async def _run(
+        self, problem: Problem, episode_id: str, emit: Emitter, resume: SegmentRecord | None = None
+    ) -> EpisodeResult:
         cfg = self.config
-        await emit(
-            EventKind.STARTED, task=self.task.name, problem_id=problem.id, mode=cfg.mode.value, capacity=self.capacity
-        )
+        if resume is None:
+            await emit(
+                EventKind.STARTED, task=self.task.name, problem_id=problem.id, mode=cfg.mode.value,
+                capacity=self.capacity,
+            )
+        else:  # the organizer's generated tokens so far come back without being decoded again
+            await emit(
+                EventKind.STARTED, task=self.task.name, problem_id=problem.id, mode=cfg.mode.value,
+                capacity=self.capacity, resumed_tokens=sum(resume.completion_mask),
+            )
         t0 = time.monotonic()
         try:
             if cfg.mode is Mode.PARALLEL:
                 result = await self._run_parallel(problem, episode_id, emit)
             else:
-                result = await self._run_organizer(problem, episode_id, emit)
+                result = await self._run_organizer(problem, episode_id, emit, resume)
         except Exception as exc:
             log.exception("episode %s failed", episode_id)
             await emit(EventKind.FAILED, error=str(exc))
@@ -180,9 +221,11 @@ class Engine:
             stream_text=cfg.stream_text,
         )
 
-    async def _run_organizer(self, problem: Problem, episode_id: str, emit: Emitter) -> EpisodeResult:
+    async def _run_organizer(
+        self, problem: Problem, episode_id: str, emit: Emitter, resume: SegmentRecord | None = None
+    ) -> EpisodeResult:
         prompt = self.task.organizer_prompt(problem, self.config.mode)
-        run = await self.runner.run_agent(self._spec(episode_id, "organizer", prompt), emit)
+        run = await self.runner.run_agent(self._spec(episode_id, "organizer", prompt), emit, resume=resume)
         sched = schedule(run.timeline)
         spans = _agent_spans(sched)
         segments = [run.segment, *run.children]

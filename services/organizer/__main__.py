@@ -22,9 +22,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m services.organizer", description=__doc__.splitlines()[0])
     p.add_argument("--consumer", default=None, help="consumer name in the group (default: organizer-<host>-<pid>)")
     p.add_argument("--max-episodes", type=int, default=64, help="episodes run at once (default 64)")
-    p.add_argument("--claim-idle-ms", type=int, default=30_000, help="claim submissions idle this long (default 30000)")
+    p.add_argument("--claim-idle-ms", type=int, default=10_000,
+                   help="the lease: a submission its organizer has not renewed for this long is claimed by "
+                   "another organizer (default 10000)")
+    p.add_argument("--renew-every-ms", type=int, default=None,
+                   help="how often this organizer renews the leases of its running submissions "
+                   "(default: a quarter of --claim-idle-ms)")
     p.add_argument("--worker-timeout-s", type=float, default=None,
-                   help="cap on every episode's worker timeout, in seconds (default: what each episode asks)")
+                   help="cap on every episode's worker timeout, in seconds (default: the settings' "
+                   "worker_timeout_s, ASYNCTHINK_WORKER_TIMEOUT_S, which the Celery workers' time limits use too)")
+    p.add_argument("--no-resume", action="store_true",
+                   help="run an interrupted episode again from the start instead of resuming it")
     p.add_argument("--local-workers", action="store_true", help="run workers in this process instead of Celery")
     p.add_argument("--migrate", action="store_true", help="upgrade the database schema before starting")
     p.add_argument("--heartbeat-file", default=None,
@@ -56,10 +64,12 @@ async def amain(args: argparse.Namespace) -> None:
     endpoints: dict[str | None, WorkerEndpoint] = local_endpoints()
     celery_endpoint = None
     if not args.local_workers:
-        from services.workers.app import app
+        from services.workers.app import app, task_limits
         from services.workers.endpoint import CeleryWorkerEndpoint
 
-        celery_endpoint = CeleryWorkerEndpoint(bus, app)
+        # a task no worker started within two task leases is sent again (see CeleryWorkerEndpoint)
+        resend_after_s = max(5.0, 2 * task_limits(settings).lease_s)
+        celery_endpoint = CeleryWorkerEndpoint(bus, app, resend_after_s=resend_after_s)
         endpoints = dict(celery_endpoint.endpoints())
     service = OrganizerService(
         bus,
@@ -69,7 +79,9 @@ async def amain(args: argparse.Namespace) -> None:
         consumer_name=args.consumer,
         max_concurrent_episodes=args.max_episodes,
         claim_idle_ms=args.claim_idle_ms,
-        worker_timeout_cap_s=args.worker_timeout_s,
+        renew_every_ms=args.renew_every_ms,
+        worker_timeout_cap_s=args.worker_timeout_s if args.worker_timeout_s is not None else settings.worker_timeout_s,
+        resume=not args.no_resume,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

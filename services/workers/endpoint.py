@@ -6,8 +6,14 @@
 2. sends ``asyncthink.run_worker`` with the task as JSON to the queue of ``task.endpoint``
    (``queue_for_endpoint``: ``None`` -> ``model``, ``"python"`` -> ``tool``); the organizer marks the
    episode running (a committed write) before the engine starts, so everything a worker depends on is
-   committed before the dispatch;
-3. awaits the future. One reader per episode tails ``results_stream(episode_id)`` with a blocking
+   committed before the dispatch. The send runs in a small thread pool, not on the event loop (a broker
+   that does not answer would stall every episode of the process), and a send that cannot reach the
+   broker is retried with jittered backoff until it can, within the engine's worker timeout;
+3. awaits the future; if no worker has started the task (its ``started`` notice on the result stream)
+   ``resend_after_s`` after the send, sends it again (then after twice as long, and so on, up to 8x):
+   kombu's Redis transport pops a message before the worker records it as unacked, so a worker killed in
+   that instant loses it for good, and nothing else would ever send it. Once a worker started it, its
+   task lease covers that worker's death. One reader per episode tails ``results_stream(episode_id)`` with a blocking
    XREAD and resolves the waiting futures by the entry's ``agent`` field; nothing polls per worker. The
    reader starts with the episode's first waiter and stops with its last (its position is remembered,
    so a later fork of the same episode does not re-read old entries).
@@ -15,31 +21,39 @@
 Duplicates (a redelivered task republishes the same outcome) resolve nobody and are dropped. On
 cancellation (the engine's worker timeout, or the organizer answering before a join) the waiter is
 removed and the Celery task is revoked (best effort: a task already running still finishes and
-publishes, and the outcome is ignored). ``send_task`` is a short synchronous Redis write done on the
-event loop (a thread hop would cost more than the write).
+publishes, and the outcome is ignored).
 
-Limits: the reader reads from the start of the stream the first time, so an organizer that re-runs an
-episode after a crash sees the outcomes already published and the workers' done-markers make the
-re-dispatched tasks republish them; outcomes of agents nobody waits for are not kept.
+Limits: the reader reads from the start of the stream the first time, so an organizer that resumes (or
+re-runs) an episode after a crash sees the outcomes already published and the workers' done-markers
+make the re-dispatched tasks republish them; outcomes of agents nobody waits for are not kept. A task
+that waits in a long queue for more than ``resend_after_s`` is sent again (a cheap second copy: it
+republishes the stored outcome or waits for the first copy's).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import uuid
 from collections import OrderedDict
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+
+from kombu.exceptions import OperationalError
 
 from shared.bus.base import Bus
 from shared.messages import SegmentRecord, WorkerOutcome, WorkerTask, results_stream
+from shared.retry import REDIS_ERRORS, backoff_delay
 
 log = logging.getLogger(__name__)
 
 DEFAULT_QUEUES: Mapping[str | None, str] = {None: "model", "python": "tool"}
 RUN_WORKER_TASK = "asyncthink.run_worker"
+# what a broker that cannot be reached looks like to send_task (kombu wraps most of it)
+SEND_ERRORS: tuple[type[BaseException], ...] = (OperationalError, ConnectionError, TimeoutError, OSError, *REDIS_ERRORS)
 
 
 class _EpisodeReader:
@@ -60,6 +74,7 @@ class _EpisodeReader:
         self.block_ms = block_ms
         self.on_exit = on_exit
         self.waiters: dict[str, asyncio.Future[WorkerOutcome]] = {}
+        self.started: set[str] = set()  # agents a worker has started computing (their "started" notice)
         self.task: asyncio.Task[None] | None = None
         self._wakes: set[asyncio.Task[str]] = set()
 
@@ -81,7 +96,12 @@ class _EpisodeReader:
             if not self.waiters and self.running:
                 wake = asyncio.create_task(self.bus.publish(self.stream, {"agent": "", "wake": "1"}))
                 self._wakes.add(wake)
-                wake.add_done_callback(self._wakes.discard)
+                wake.add_done_callback(self._woken)
+
+    def _woken(self, wake: asyncio.Task[str]) -> None:
+        self._wakes.discard(wake)
+        if not wake.cancelled() and wake.exception() is not None:  # Redis down: the read times out by itself
+            log.debug("episode %s: waking the result reader failed: %s", self.episode_id, wake.exception())
 
     async def _loop(self) -> None:
         delay = 0.05
@@ -99,6 +119,9 @@ class _EpisodeReader:
                     continue
                 for entry in entries:
                     self.after = entry.id
+                    if "started" in entry.fields:  # a worker began computing it: no need to send it again
+                        self.started.add(entry.fields.get("agent", ""))
+                        continue
                     fut = self.waiters.pop(entry.fields.get("agent", ""), None)
                     if fut is None or fut.done():
                         continue  # a duplicate, a wake-up, or a worker nobody waits for any more
@@ -121,14 +144,20 @@ class CeleryWorkerEndpoint:
         queue_for_endpoint: Mapping[str | None, str] | None = None,
         read_block_ms: int = 5000,
         remember_episodes: int = 4096,
+        send_threads: int = 8,
+        resend_after_s: float = 10.0,
     ) -> None:
         self.bus = bus
         self.app = celery_app
         self.queue_for_endpoint = dict(DEFAULT_QUEUES if queue_for_endpoint is None else queue_for_endpoint)
         self.read_block_ms = read_block_ms
+        self.resend_after_s = resend_after_s
+        self.resent = 0  # tasks sent again because no worker started them in time
         self._readers: dict[str, _EpisodeReader] = {}
         self._positions: OrderedDict[str, str] = OrderedDict()  # last read id of finished readers
         self._remember = remember_episodes
+        # Sends run here, off the event loop: a broker that does not answer must not stall every episode.
+        self._send_pool = ThreadPoolExecutor(max_workers=send_threads, thread_name_prefix="celery-send")
 
     def endpoints(self) -> dict[str | None, CeleryWorkerEndpoint]:
         """The engine's endpoint map: this endpoint for every worker kind it has a queue for."""
@@ -167,18 +196,61 @@ class CeleryWorkerEndpoint:
                 error=error,
             )
         reader = self._reader(task.episode_id)
+        reader.started.discard(task.agent)
         fut = reader.register(task.agent)
-        task_id = uuid.uuid4().hex
+        task_ids = [uuid.uuid4().hex]
         try:
-            self.app.send_task(
-                RUN_WORKER_TASK, args=[task.model_dump_json()], queue=queue, task_id=task_id, ignore_result=True
-            )
-            return await fut
+            await self._send(task, queue, task_ids[-1])
+            wait_s = self.resend_after_s
+            while True:
+                done, _ = await asyncio.wait([fut], timeout=wait_s)
+                if done:
+                    return fut.result()
+                if task.agent in reader.started:
+                    wait_s = self.resend_after_s  # a worker has it: its lease covers its death from now on
+                    continue
+                # Sent, but no worker started it: still queued behind others, or lost on its way (the
+                # Redis transport pops a message before the worker records it; a worker killed in between
+                # never had it). Send it again; a copy that finds the outcome stored republishes it.
+                log.warning(
+                    "episode %s worker %s: no worker started it %.0fs after it was sent; sending it again",
+                    task.episode_id, task.agent, wait_s,
+                )
+                task_ids.append(uuid.uuid4().hex)
+                await self._send(task, queue, task_ids[-1])
+                self.resent += 1
+                wait_s = min(wait_s * 2, 8 * self.resend_after_s)
         except asyncio.CancelledError:
-            self._revoke(task_id)
+            for task_id in task_ids:
+                self._revoke(task_id)
             raise
         finally:
             reader.discard(task.agent, fut)
+
+    async def _send(self, task: WorkerTask, queue: str, task_id: str) -> None:
+        """Send the task from the send threads; a broker that cannot be reached is retried with jittered
+        backoff until it can (the engine's worker timeout bounds the wait). A retried send may reach the
+        broker twice; the task is idempotent."""
+        loop = asyncio.get_running_loop()
+        send = functools.partial(
+            self.app.send_task, RUN_WORKER_TASK, args=[task.model_dump_json()], queue=queue, task_id=task_id,
+            ignore_result=True, retry=False,
+        )
+        attempt = 0
+        while True:
+            try:
+                await loop.run_in_executor(self._send_pool, send)
+                if attempt:
+                    log.info("episode %s worker %s: sent after %d retries", task.episode_id, task.agent, attempt)
+                return
+            except SEND_ERRORS as exc:
+                attempt += 1
+                delay = backoff_delay(attempt, base_s=0.1, cap_s=2.0)
+                log.warning(
+                    "episode %s worker %s: sending the task failed (%s); retry %d in %.2fs",
+                    task.episode_id, task.agent, exc, attempt, delay,
+                )
+                await asyncio.sleep(delay)
 
     def _revoke(self, task_id: str) -> None:
         def revoke() -> None:
@@ -196,3 +268,4 @@ class CeleryWorkerEndpoint:
         tasks = [r.task for r in self._readers.values() if r.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=2.0)
+        self._send_pool.shutdown(wait=False, cancel_futures=True)

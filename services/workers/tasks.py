@@ -12,19 +12,33 @@ then publishes the :class:`~shared.messages.WorkerOutcome` JSON to ``results_str
 fields ``agent`` and ``data``. The worker's own events (its Return, its format errors) go to the
 episode's event stream, as they do in the embedded setup.
 
-Idempotency (Celery is at-least-once with ``acks_late``): the outcome is stored under a done-marker
-``asyncthink:worker-done:<episode_id>:<agent>`` with ``SET NX`` (first writer wins, 1-day TTL) before
-it is published. A redelivered or duplicated task finds the marker and republishes the stored outcome
-instead of recomputing, so every copy on the result stream is identical and the organizer keeps the
-first. Backend connection errors (``ConnectionError``, ``TimeoutError``, ``OSError``) are retried with
-exponential backoff; once retries run out, or on any other error, an error outcome is published so
-the organizer's Join resumes instead of waiting for its timeout.
+Idempotency (Celery is at-least-once with ``acks_late``, and the organizer sends a task again when no
+worker started it): the outcome is stored under a done-marker ``asyncthink:worker-done:<episode_id>:<agent>``
+with ``SET NX`` (first writer wins, 1-day TTL) before it is published. A redelivered or duplicated task
+finds the marker and republishes the stored outcome instead of recomputing, so every copy on the result
+stream is identical and the organizer keeps the first. A copy that arrives while another is computing
+finds that copy's claim (``asyncthink:worker-claim:...``, a short TTL its process renews) and waits for
+the outcome instead of computing it twice; a claim whose holder died lapses within a lease. The copy that
+computes first publishes a ``started`` notice on the result stream. Every Redis call of a task (the done-marker check, the marker write and the outcome's publish in
+:func:`finish`) is retried in process through a short outage: the Redis client's own
+``ConnectionError``/``TimeoutError`` and the bus's ``BusConnectionError``, with jittered exponential
+backoff for up to ``REDIS_RETRY_S`` (:func:`shared.retry.retry_async`), so a computed outcome is not
+lost to a 5-10 s cut. Backend connection errors (Python's ``ConnectionError``, ``TimeoutError``,
+``OSError``) and Redis errors that outlast that budget are retried by Celery with exponential backoff;
+once retries run out, or on any other error, an error outcome is published so the organizer's Join
+resumes instead of waiting for its timeout.
+
+Bounds: the computation is cut off at the worker timeout (``Settings.worker_timeout_s``, see
+:func:`services.workers.app.task_limits`) and a "timeout" outcome is stored and published instead, so a
+task never runs unbounded whatever the pool; the task's message is leased (:mod:`.leases`): renewed while
+this process holds it, delivered again soon after this process dies.
 
 Backend: :func:`services.runtime.open_service_backend` (the configured model; tests and benchmarks
 inject the scripted backend through ``ASYNCTHINK_BACKEND_FACTORY``), opened once per process.
 
-Limits: two copies of one task running at the same moment both compute (the marker decides which
-outcome is kept and published by both); a worker that forks (recursive organization) runs its own
+Limits: two copies of one task compute twice only when the first one's claim lapsed (its process
+stalled, or Redis was unreachable, for longer than a lease); the done-marker still decides which outcome
+is kept and published by both. A worker that forks (recursive organization) runs its own
 children in this process rather than through the queue; ``echo`` exists only as the benchmark's
 yardstick.
 """
@@ -32,19 +46,23 @@ yardstick.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
+import time
+import uuid
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from services.runtime import BusSink, open_service_backend
-from services.workers.app import app
+from services.workers.app import REDIS_RETRY_S, app, task_limits
 from services.workers.tools import TOOL_NAMES, run_tool
 from shared.agents import AgentRunner, failed_outcome
 from shared.backends.base import ModelBackend
 from shared.config import Settings, get_settings
 from shared.messages import WorkerOutcome, WorkerTask, results_stream
+from shared.retry import REDIS_ERRORS, retry_async
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +71,18 @@ T = TypeVar("T")
 DONE_TTL_S = 24 * 3600  # how long a done-marker (and so idempotency) lasts
 RESULTS_MAXLEN = 10_000  # approximate cap on one episode's result stream
 MAX_RETRIES = 5  # backend connection errors retried with backoff 1, 2, 4, 8, 16 s (jittered)
-RETRYABLE: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError, OSError)
+# Python's connection errors (a backend's HTTP client) and the Redis client's own, which are not
+# subclasses of them (a Celery-level retry after the in-process Redis retries below ran out).
+RETRYABLE: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError, OSError, *REDIS_ERRORS)
 
 
 def done_key(episode_id: str, agent: str) -> str:
     return f"asyncthink:worker-done:{episode_id}:{agent}"
+
+
+def claim_key(episode_id: str, agent: str) -> str:
+    """Held (with a short TTL the holder renews) by the one copy of a task that is computing it."""
+    return f"asyncthink:worker-claim:{episode_id}:{agent}"
 
 
 class WorkerRuntime:
@@ -75,7 +100,11 @@ class WorkerRuntime:
         self._thread.start()
         self._backend: ModelBackend | None = None
         self._backend_lock = threading.Lock()
+        self.claim_ttl_s = task_limits(settings).lease_s
+        self.claims: dict[str, str] = {}  # claim key -> the token this process holds it with
         self.bus, self.redis = self.call(self._connect())
+        self.claim_script = self.redis.register_script(_CLAIM_LUA)
+        self._renewer = asyncio.run_coroutine_threadsafe(self._renew_claims_forever(), self.loop)
 
     async def _connect(self) -> tuple[Any, Any]:
         import redis.asyncio as aioredis
@@ -85,6 +114,29 @@ class WorkerRuntime:
         url = self.settings.redis_url
         client = aioredis.Redis.from_url(url, decode_responses=True, socket_timeout=10, socket_connect_timeout=5)
         return RedisStreamsBus(url), client
+
+    async def _renew_claims_forever(self) -> None:
+        """Every third of the claim TTL, extend the claims this process holds (a heartbeat)."""
+        while True:
+            await asyncio.sleep(self.claim_ttl_s / 3)
+            for key in list(self.claims):
+                try:
+                    await self.redis.expire(key, max(1, round(self.claim_ttl_s)))
+                except Exception as exc:  # Redis down: the claim may lapse; a second copy then computes too
+                    log.warning("renewing claim %s failed: %s", key, exc)
+                    break
+
+    def close(self) -> None:
+        """Stop the heartbeat, close the clients and stop the loop (tests; a worker process just exits)."""
+        self._renewer.cancel()
+
+        async def close_clients() -> None:
+            await self.bus.close()
+            await self.redis.aclose()
+
+        with contextlib.suppress(Exception):
+            self.call(close_clients(), timeout=5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -131,38 +183,115 @@ async def compute(rt: WorkerRuntime, task: WorkerTask, sink: BusSink | None = No
     return failed_outcome(task, f"unknown endpoint {task.endpoint!r}")
 
 
+def _redis(rt: WorkerRuntime, task: WorkerTask, what: str, fn: Any) -> Any:
+    """``fn()`` retried on Redis errors for ``REDIS_RETRY_S`` (jittered backoff), logged per episode."""
+    return retry_async(f"episode {task.episode_id} worker {task.agent}: {what}", fn, budget_s=REDIS_RETRY_S, logger=log)
+
+
 async def finish(rt: WorkerRuntime, task: WorkerTask, outcome: WorkerOutcome | None) -> str:
-    """Store ``outcome`` under the done-marker unless one is there; publish the stored one. Returns it."""
+    """Store ``outcome`` under the done-marker unless one is there; publish the stored one. Returns it.
+
+    Both writes are retried through a short Redis outage (both are idempotent: ``SET NX GET`` returns
+    the outcome stored first, and the organizer drops a repeated outcome on the result stream)."""
     key = done_key(task.episode_id, task.agent)
     stored: str | None = None
     if outcome is not None:
         data = outcome.model_dump_json()
-        previous = await rt.redis.set(key, data, nx=True, ex=DONE_TTL_S, get=True)
+        previous = await _redis(
+            rt, task, "storing the outcome", lambda: rt.redis.set(key, data, nx=True, ex=DONE_TTL_S, get=True)
+        )
         stored = previous or data
     else:
-        stored = await rt.redis.get(key)
+        stored = await _redis(rt, task, "reading the stored outcome", lambda: rt.redis.get(key))
         if stored is None:
             raise LookupError(f"no done-marker for {key}")
-    await rt.bus.publish(
-        results_stream(task.episode_id), {"agent": task.agent, "data": stored}, maxlen=RESULTS_MAXLEN
+    await _redis(
+        rt,
+        task,
+        "publishing the outcome",
+        lambda: rt.bus.publish(
+            results_stream(task.episode_id), {"agent": task.agent, "data": stored}, maxlen=RESULTS_MAXLEN
+        ),
     )
     return stored
 
 
-async def run_once(rt: WorkerRuntime, task: WorkerTask, *, final_attempt: bool) -> None:
-    """The idempotent body: republish a stored outcome, or compute, store and publish a new one."""
-    if await rt.redis.exists(done_key(task.episode_id, task.agent)):
+# KEYS: done-marker, claim, result stream; ARGV: token, claim TTL (s), agent, stream maxlen.
+# "done" if the outcome is stored; "claimed" (and the started notice published) if the claim was free;
+# else "busy": another copy holds it. One round trip for what a task checks before computing.
+_CLAIM_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 'done' end
+if redis.call('GET', KEYS[2]) == ARGV[1] then return 'claimed' end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'EX', tonumber(ARGV[2])) then
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'agent', ARGV[3], 'started', ARGV[1])
+  return 'claimed'
+end
+return 'busy'
+"""
+
+
+async def _claim(rt: WorkerRuntime, task: WorkerTask, token: str) -> bool:
+    """Become the one copy of this task that computes it: True once claimed (its ``started`` notice is
+    then on the result stream); False when the outcome is stored (waiting while a live copy holds the
+    claim, bounded by the cutoff)."""
+    done, claim = done_key(task.episode_id, task.agent), claim_key(task.episode_id, task.agent)
+    keys = [done, claim, results_stream(task.episode_id)]
+    args = [token, max(1, round(rt.claim_ttl_s)), task.agent, RESULTS_MAXLEN]
+    deadline = time.monotonic() + task_limits(rt.settings).worker_timeout_s
+    waited = False
+    while True:
+        state = await _redis(rt, task, "claiming the task", lambda: rt.claim_script(keys=keys, args=args))
+        if state == "done":
+            return False
+        if state == "claimed":
+            rt.claims[claim] = token
+            return True
+        if time.monotonic() > deadline:  # the holder renews but never finishes: compute anyway
+            log.error("episode %s worker %s: its claim was held past the worker timeout", task.episode_id, task.agent)
+            rt.claims[claim] = token
+            return True
+        if not waited:
+            log.info("episode %s worker %s: another copy is computing it; waiting for its outcome", task.episode_id, task.agent)
+            waited = True
+        await asyncio.sleep(0.25)
+
+
+async def run_once(rt: WorkerRuntime, task: WorkerTask, *, final_attempt: bool, token: str | None = None) -> None:
+    """The idempotent body: republish a stored outcome, or compute, store and publish a new one.
+
+    At most one copy computes at a time (the claim); a copy that finds another computing waits for its
+    outcome and republishes it. Before computing, a ``started`` notice goes to the result stream, so the
+    organizer knows the task reached a worker (it sends a task again only when none started it)."""
+    token = token or uuid.uuid4().hex
+    if not await _claim(rt, task, token):
         log.info("episode %s worker %s: already done, republishing", task.episode_id, task.agent)
         await finish(rt, task, None)
         return
-    sink = BusSink(rt.bus, background=True)
     try:
-        outcome = await compute(rt, task, sink)
+        await _compute_and_finish(rt, task, final_attempt=final_attempt)
+    finally:
+        claim = claim_key(task.episode_id, task.agent)
+        if rt.claims.pop(claim, None) is not None:
+            with contextlib.suppress(Exception):  # it expires by itself
+                await rt.redis.delete(claim)
+
+
+async def _compute_and_finish(rt: WorkerRuntime, task: WorkerTask, *, final_attempt: bool) -> None:
+    sink = BusSink(rt.bus, background=True)
+    cutoff = task_limits(rt.settings).worker_timeout_s
+    deadline = asyncio.timeout(cutoff)
+    try:
+        async with deadline:
+            outcome = await compute(rt, task, sink)
     except RETRYABLE as exc:
-        if not final_attempt:
+        if isinstance(exc, TimeoutError) and deadline.expired():
+            log.error("episode %s worker %s: cut off at the worker timeout (%gs)", task.episode_id, task.agent, cutoff)
+            outcome = failed_outcome(task, "timeout", returned=f"[worker {task.fork_id} timed out after {cutoff:g}s]")
+        elif not final_attempt:
             raise
-        log.error("episode %s worker %s: backend unreachable after retries: %s", task.episode_id, task.agent, exc)
-        outcome = failed_outcome(task, f"backend unreachable: {exc}")
+        else:
+            log.error("episode %s worker %s: backend unreachable after retries: %s", task.episode_id, task.agent, exc)
+            outcome = failed_outcome(task, f"backend unreachable: {exc}")
     except Exception as exc:
         log.exception("episode %s worker %s failed", task.episode_id, task.agent)
         outcome = failed_outcome(task, f"{type(exc).__name__}: {exc}")
@@ -170,7 +299,15 @@ async def run_once(rt: WorkerRuntime, task: WorkerTask, *, final_attempt: bool) 
     await sink.drain()
 
 
-@app.task(name="asyncthink.run_worker", bind=True, acks_late=True, ignore_result=True, max_retries=MAX_RETRIES)
+@app.task(
+    name="asyncthink.run_worker",
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    ignore_result=True,
+    max_retries=MAX_RETRIES,
+    Request="services.workers.leases:LeasedRequest",
+)
 def run_worker(self: Any, task_json: str) -> None:
     """Run one forked sub-query (model or tool) and publish its outcome to the episode's result stream."""
     task = WorkerTask.model_validate_json(task_json)
@@ -179,7 +316,7 @@ def run_worker(self: Any, task_json: str) -> None:
     try:
         if task.endpoint is None:
             _ = rt.backend  # open it here, not on the shared loop (loading a model blocks)
-        rt.call(run_once(rt, task, final_attempt=retries >= MAX_RETRIES))
+        rt.call(run_once(rt, task, final_attempt=retries >= MAX_RETRIES, token=self.request.id))
     except RETRYABLE as exc:
         countdown = min(2**retries, 60)
         log.warning("episode %s worker %s: %s; retry %d in %ds", task.episode_id, task.agent, exc, retries + 1, countdown)

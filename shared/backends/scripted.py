@@ -11,6 +11,18 @@ continues the agent's script from where its last call stopped and stops where th
 stop regex first matches, or at the script's end (reported as EOS), or at ``max_new_tokens``.
 Token ids are Unicode code points, so ``encode``/``decode`` are exact. As every backend does, it refuses
 an empty ``input_ids`` (ValueError) and, after ``aclose``, any request (RuntimeError).
+
+Where an agent is in its script: by default a cursor per ``(session, agent)`` that each call advances, so
+a second run of the same agent in the same process continues where the first stopped. With
+``resumable=True`` (a mapping script only) there is no cursor: the position is read from the request's
+input, as a model continues whatever prefix it is given. The input is the prompt followed by the
+agent's text so far, in which each ``<JOIN-i>`` is followed by the injected result up to
+``</JOIN-i>``; with the injected results left out, the position is the longest beginning of the script
+that the input ends with. So an organizer resumed in another process from a stored prefix, or a worker
+task computed twice (concurrently, or again in the same process), decodes exactly what an uninterrupted
+run would. Limits of that mode: the prompt must not end with the beginning of the script (a prompt
+"...\nA" before a script "A..." would read as one token already generated), and each call costs a scan
+of the input.
 """
 
 from __future__ import annotations
@@ -24,6 +36,17 @@ from shared.backends.base import FinishReason, FixedWeights, GenerateRequest, Ge
 from shared.tasks.prompts import PromptStyle, plain_chat
 
 Script = Mapping[str, str] | Callable[[str, str], str]
+
+_INJECTED = re.compile(r"(<JOIN-(\d+)>).*?</JOIN-\2>", re.DOTALL)  # a join tag and the result injected after it
+
+
+def script_position(script: str, text: str) -> int:
+    """How much of ``script`` an agent whose input is ``text`` has generated (see the module doc)."""
+    generated = _INJECTED.sub(r"\1", text)
+    for k in range(min(len(script), len(generated)), 0, -1):
+        if generated[-1] == script[k - 1] and generated.endswith(script[:k]):
+            return k
+    return 0
 
 
 class CodePoints(FixedWeights):
@@ -48,8 +71,18 @@ class CodePoints(FixedWeights):
 class ScriptedBackend(CodePoints):
     """``script``: agent name -> text, or a function (agent, prompt) -> text for per-prompt scripts."""
 
-    def __init__(self, script: Script, *, tokens_per_s: float | None = None, model_id: str = "scripted") -> None:
+    def __init__(
+        self,
+        script: Script,
+        *,
+        tokens_per_s: float | None = None,
+        model_id: str = "scripted",
+        resumable: bool = False,
+    ) -> None:
+        if resumable and callable(script):
+            raise ValueError("resumable=True needs a mapping script (agent -> text): a callable one depends on a prompt")
         self.script = script
+        self.resumable = resumable
         self.tokens_per_s = tokens_per_s
         self.model_id = model_id
         self._cursor: dict[tuple[str | None, str], int] = {}
@@ -72,9 +105,13 @@ class ScriptedBackend(CodePoints):
         self.calls += 1
         agent = request.tag
         key = (request.session, agent)
-        start = self._cursor.get(key, 0)
-        prompt = self._prompts.setdefault(key, self.decode(request.input_ids))
-        full = self._text_for(agent, prompt)
+        if self.resumable:
+            full = self._text_for(agent, "")
+            start = script_position(full, self.decode(request.input_ids))
+        else:
+            start = self._cursor.get(key, 0)
+            prompt = self._prompts.setdefault(key, self.decode(request.input_ids))
+            full = self._text_for(agent, prompt)
         rest = full[start:]
         end, finish, matched = len(rest), FinishReason.EOS, None
         if request.stop_regex:
@@ -84,7 +121,8 @@ class ScriptedBackend(CodePoints):
         if end > request.max_new_tokens:
             end, finish, matched = request.max_new_tokens, FinishReason.LENGTH, None
         piece = rest[:end]
-        self._cursor[key] = start + end
+        if not self.resumable:
+            self._cursor[key] = start + end
         if self.tokens_per_s:
             await asyncio.sleep(len(piece) / self.tokens_per_s)
         else:

@@ -5,6 +5,14 @@ them; entries left unacked by a dead consumer are claimed by another after ``min
 (XAUTOCLAIM); an entry delivered ``max_deliveries`` times goes to the dead-letter stream
 ``<stream>:dead`` instead of being handed out again. Every consumer must therefore be idempotent.
 
+Leases: an entry's idle time is its owner's lease. A live owner that works on an entry longer than
+``min_idle_ms`` keeps it by calling :meth:`Bus.renew` every fraction of that time: a renewal resets the
+idle time without counting a delivery (XCLAIM ... JUSTID), and only the entry's current owner can renew
+it, so an owner that comes back after losing an entry (another consumer claimed it) learns so instead of
+taking it back. ``claim_stale`` therefore only ever takes entries whose owner stopped renewing: a dead
+or stalled consumer, never a live one (the live one's deliveries never grow, so it is never
+dead-lettered for being slow).
+
 Plain ``read`` (no group) tails a stream from an id, for observers such as the SSE endpoint.
 Field values are strings; structs travel as JSON in a ``data`` field.
 """
@@ -51,6 +59,12 @@ class Bus(Protocol):
         self, stream: str, group: str, consumer: str, *, min_idle_ms: int, count: int = 10
     ) -> list[Entry]:
         """Take over entries idle longer than ``min_idle_ms`` (XAUTOCLAIM); dead-letter the over-delivered."""
+        ...
+
+    async def renew(self, stream: str, group: str, consumer: str, *ids: str) -> list[str]:
+        """Renew ``consumer``'s lease on pending entries it owns: reset their idle time without counting
+        a delivery. Returns the ids it still owns, in the order given; an id acked, unknown, or owned by
+        another consumer (claimed since) is neither renewed nor returned."""
         ...
 
     async def read(self, stream: str, *, after: str = "0", count: int = 100, block_ms: int = 0) -> list[Entry]:

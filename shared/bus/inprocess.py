@@ -4,7 +4,8 @@ What it models faithfully (the conformance suite in ``tests/conformance`` holds 
 the Redis implementation): ids ``<ms>-<seq>`` that only grow; consumer groups with a last-delivered id;
 a pending entries list (PEL) per group with, per entry, its owner, its delivery count and the time of
 its last delivery (so an idle time); acks; claiming of entries idle at least ``min_idle_ms`` (XAUTOCLAIM),
-which increments the delivery count; dead-lettering to ``<stream>:dead`` of an entry that has already
+which increments the delivery count; lease renewal by the owner only, which resets the idle time and
+leaves the count (XCLAIM ... JUSTID); dead-lettering to ``<stream>:dead`` of an entry that has already
 been delivered ``max_deliveries`` times instead of handing it out again; blocking reads woken by a
 publish; plain tail reads after an id (``"$"`` means "only what comes next").
 
@@ -157,6 +158,17 @@ class InProcessBus:
             p.consumer, p.deliveries, p.delivered_at = consumer, p.deliveries + 1, now
             out.append(Entry(format_id(i), dict(fields), p.deliveries))
         return out
+
+    async def renew(self, stream: str, group: str, consumer: str, *ids: str) -> list[str]:
+        _, g = self._group(stream, group)
+        now = time.monotonic()
+        owned: list[str] = []
+        for entry_id in ids:
+            p = g.pending.get(parse_id(entry_id))
+            if p is not None and p.consumer == consumer:
+                p.delivered_at = now  # the idle time restarts; the delivery count does not move
+                owned.append(entry_id)
+        return owned
 
     async def _dead_letter(self, stream: str, group: str, i: IdTuple, fields: dict[str, str], n: int) -> None:
         await self.publish(

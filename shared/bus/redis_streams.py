@@ -3,7 +3,10 @@
 Command mapping: ``publish`` = XADD (``MAXLEN ~ n`` when ``maxlen`` is given: approximate trimming,
 at least ``n`` entries stay); ``ensure_group`` = XGROUP CREATE ... MKSTREAM, a BUSYGROUP answer meaning
 "already there"; ``read_group`` = XREADGROUP ... ``>``; ``ack`` = XACK; ``claim_stale`` = XAUTOCLAIM
-(which bumps each claimed entry's delivery count) followed by XPENDING for the counts: an entry whose
+(which bumps each claimed entry's delivery count) followed by XPENDING for the counts; ``renew`` = one
+Lua script (atomic) that, for each id whose XPENDING owner is the caller, runs
+``XCLAIM <stream> <group> <consumer> 0 <id> JUSTID`` (idle time reset, delivery count untouched), so a
+consumer never takes back an entry another one claimed; an entry whose
 count now exceeds ``max_deliveries`` has already been delivered that many times, so it is copied to
 ``<stream>:dead`` (original fields plus ``dead_stream``, ``dead_group``, ``dead_id``,
 ``dead_deliveries``) and acked instead of being returned; ``read`` = XREAD.
@@ -32,6 +35,20 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from shared.bus.base import Entry, dead_letter_stream
 
 T = TypeVar("T")
+
+
+# KEYS[1] = stream; ARGV = group, consumer, id...: renew the ids the consumer owns, return them.
+_RENEW_LUA = """
+local owned = {}
+for i = 3, #ARGV do
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
+  if #p > 0 and p[1][2] == ARGV[2] then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    owned[#owned + 1] = ARGV[i]
+  end
+end
+return owned
+"""
 
 
 class BusConnectionError(ConnectionError):
@@ -76,6 +93,7 @@ class RedisStreamsBus:
             socket_timeout=socket_timeout_s,
             socket_connect_timeout=connect_timeout_s,
         )
+        self._renew_script = self._client.register_script(_RENEW_LUA)
 
     @property
     def client(self) -> aioredis.Redis:
@@ -181,6 +199,17 @@ class RedisStreamsBus:
             if cursor == "0-0" or len(out) >= count:
                 return out
         return out
+
+    async def renew(self, stream: str, group: str, consumer: str, *ids: str) -> list[str]:
+        if not ids:
+            return []
+        reply = await self._group_call(
+            "renew (XCLAIM JUSTID)",
+            stream,
+            group,
+            lambda: self._renew_script(keys=[stream], args=[group, consumer, *ids]),  # type: ignore[misc]
+        )
+        return [str(i) for i in reply or []]
 
     async def _delivery_counts(self, stream: str, group: str, ids: list[str]) -> dict[str, int]:
         async def run() -> list[Any]:

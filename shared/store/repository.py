@@ -9,6 +9,11 @@ Celery are at-least-once) updates the stored row instead of adding a duplicate o
 * problems are **immutable**: an id is bound to the payload first stored under it; storing the same
   payload again reuses the row, another payload raises :class:`ProblemConflict` (nothing is written);
 * :func:`save_episode` writes the problem, the episode and all its segments in one transaction.
+* :func:`save_episode` writes the problem, the episode and all its segments in one transaction, and
+  removes the segments of agents the result does not have, so an episode run twice (a redelivery)
+  keeps exactly one set of segments: the stored run's;
+* :func:`mark_failed` ends an unfinished episode (a dead-lettered submission) without touching a
+  finished one.
 
 Writers commit by default; pass ``commit=False`` to only flush and make the write part of a larger
 transaction that the caller commits. On an error inside a committing writer the session is rolled back.
@@ -25,7 +30,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from pydantic_core import to_jsonable_python
-from sqlalchemy import Table, func, literal, select, update
+from sqlalchemy import Table, delete, func, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -235,6 +240,20 @@ def mark_running(
     return _fresh_episode(session, episode_id)
 
 
+def mark_failed(session: Session, *, episode_id: str, error: str, commit: bool = True) -> bool:
+    """End an unfinished (``pending`` or ``running``) episode as ``failed`` with ``error``; a finished
+    one is left as it is. Returns whether the episode was changed (e.g. a dead-lettered submission)."""
+    t = _table(Episode)
+    unfinished = (EpisodeStatus.PENDING.value, EpisodeStatus.RUNNING.value)
+    with _writing(session, commit):
+        result = session.execute(
+            update(t)
+            .where(t.c.id == episode_id, t.c.status.in_(unfinished))
+            .values(status=EpisodeStatus.FAILED.value, error=error, finished_at=utcnow())
+        )
+    return bool(getattr(result, "rowcount", 0))
+
+
 def save_segment(
     session: Session, *, episode_id: str, segment: SegmentRecord, commit: bool = True
 ) -> Segment:
@@ -320,6 +339,11 @@ def save_episode(
         if config is not None:
             set_["config"] = stmt.excluded.config
         session.execute(stmt.on_conflict_do_update(index_elements=["id"], set_=set_))
+        # One set of segments per episode: rows of agents this result does not have (stored live by an
+        # earlier run of a redelivered episode, which forked differently) go.
+        agents = [s.agent for s in result.segments]
+        seg = _table(Segment)
+        session.execute(delete(seg).where(seg.c.episode_id == result.episode_id, seg.c.agent.not_in(agents)))
         _upsert_segments(session, result.episode_id, result.segments)
     return _fresh_episode(session, result.episode_id)
 

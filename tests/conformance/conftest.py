@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -217,6 +217,39 @@ def _scripted_case(request: pytest.FixtureRequest) -> BackendUnderTest:
     return BackendUnderTest(b, eos_ids=frozenset(), set_script=set_script)
 
 
+class _EveryAgent(Mapping[str, str]):
+    """A mapping script that gives every agent the same (settable) text."""
+
+    def __init__(self, script: list[str]) -> None:
+        self.script = script
+
+    def __getitem__(self, agent: str) -> str:
+        return self.script[0]
+
+    def __contains__(self, agent: object) -> bool:
+        return True
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+def _scripted_resumable_case(request: pytest.FixtureRequest) -> BackendUnderTest:
+    from shared.backends.scripted import ScriptedBackend
+
+    script = [SCRIPT]
+    b = ScriptedBackend(_EveryAgent(script), resumable=True)
+
+    def set_script(text: str) -> None:
+        script[0] = text
+
+    # the position in the script is read from the input: a continuation is any request whose input ends
+    # with what was generated, in whatever session or process
+    return BackendUnderTest(b, eos_ids=frozenset(), set_script=set_script)
+
+
 BACKEND_CASES: dict[str, Callable[[pytest.FixtureRequest], BackendUnderTest]] = {
     "transformers": _transformers_case,
     "slot-engine": _slot_engine_case,
@@ -224,6 +257,7 @@ BACKEND_CASES: dict[str, Callable[[pytest.FixtureRequest], BackendUnderTest]] = 
     "openai-vllm": lambda request: _openai_case(request, hosted=False),
     "openai-hosted": lambda request: _openai_case(request, hosted=True),
     "scripted": _scripted_case,
+    "scripted-resumable": _scripted_resumable_case,
 }
 
 

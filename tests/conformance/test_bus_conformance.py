@@ -156,6 +156,57 @@ async def test_dead_consumer_entries_are_claimed_after_min_idle(bus_case: BusUnd
     assert await bus.ack(s, "g", *ids) == 2
 
 
+async def test_renew_keeps_a_live_owners_entries_and_counts_no_delivery(bus_case: BusUnderTest) -> None:
+    bus, s = bus_case.bus, bus_case.stream()
+    await bus.ensure_group(s, "g")
+    ids = [await bus.publish(s, {"n": str(n)}) for n in range(2)]
+    await bus.read_group(s, "g", "owner", block_ms=0)
+    for _ in range(4):  # four renewals spanning well over min_idle_ms in all
+        await asyncio.sleep(0.06)
+        assert await bus.renew(s, "g", "owner", *ids) == ids
+        assert await bus.claim_stale(s, "g", "other", min_idle_ms=100) == []  # never idle 100 ms
+    await asyncio.sleep(0.15)  # the owner stops renewing (it died): the entries become claimable
+    claimed = await bus.claim_stale(s, "g", "other", min_idle_ms=100)
+    assert [e.id for e in claimed] == ids
+    assert [e.deliveries for e in claimed] == [2, 2]  # the renewals counted no delivery
+    assert await bus.ack(s, "g", *ids) == 2
+
+
+async def test_renew_only_by_the_current_owner(bus_case: BusUnderTest) -> None:
+    bus, s = bus_case.bus, bus_case.stream()
+    await bus.ensure_group(s, "g")
+    first, second = [await bus.publish(s, {"n": str(n)}) for n in range(2)]
+    await bus.read_group(s, "g", "slow", block_ms=0)
+    await asyncio.sleep(0.15)
+    assert [e.id for e in await bus.claim_stale(s, "g", "rescuer", min_idle_ms=100, count=1)] == [first]
+    # The stalled owner comes back: it still owns the second entry, not the first, and takes nothing back.
+    assert await bus.renew(s, "g", "slow", first, second) == [second]
+    assert await bus.renew(s, "g", "rescuer", first, second) == [first]
+    assert await bus.renew(s, "g", "slow") == []
+    await bus.ack(s, "g", first)
+    assert await bus.renew(s, "g", "rescuer", first) == []  # acked: nothing to renew
+    assert await bus.renew(s, "g", "slow", "1-1") == []  # never delivered
+    await asyncio.sleep(0.15)
+    claimed = await bus.claim_stale(s, "g", "third", min_idle_ms=100)
+    assert [(e.id, e.deliveries) for e in claimed] == [(second, 2)]
+
+
+async def test_an_owner_that_renews_is_never_dead_lettered(bus_case: BusUnderTest) -> None:
+    """The organizer's old failure: sweeping for stale entries every half lease took its own in-flight
+    entries, counted a delivery each time and dead-lettered them while they ran. Renewing owners sweep
+    too, and nothing is claimed, counted or dead-lettered."""
+    bus, s = bus_case.bus, bus_case.stream()
+    await bus.ensure_group(s, "g")
+    entry_id = await bus.publish(s, {"data": "a long episode"})
+    await bus.read_group(s, "g", "organizer", block_ms=0)
+    for _ in range(3 * MAX_DELIVERIES):
+        await asyncio.sleep(0.04)
+        assert await bus.renew(s, "g", "organizer", entry_id) == [entry_id]
+        assert await bus.claim_stale(s, "g", "organizer", min_idle_ms=100) == []
+    assert await bus.read(dead_letter_stream(s), after="0") == []
+    assert await bus.ack(s, "g", entry_id) == 1
+
+
 async def test_claim_respects_count(bus_case: BusUnderTest) -> None:
     bus, s = bus_case.bus, bus_case.stream()
     await bus.ensure_group(s, "g")

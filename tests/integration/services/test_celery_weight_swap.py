@@ -111,8 +111,9 @@ async def _outcome(bus: Any, app: Any, *, budget: int, episode_id: str) -> Worke
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         entries = await bus.read(results_stream(episode_id), after="0", block_ms=500)
-        if entries:
-            return WorkerOutcome.model_validate_json(entries[0].fields["data"])
+        outcomes = [e for e in entries if "data" in e.fields]  # a worker's "started" notice comes first
+        if outcomes:
+            return WorkerOutcome.model_validate_json(outcomes[0].fields["data"])
     raise AssertionError(f"no outcome for {episode_id}")
 
 

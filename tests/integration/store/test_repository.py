@@ -93,6 +93,38 @@ def test_save_episode_twice_is_idempotent(store: StoreUnderTest) -> None:
         assert texts[1] == "<RETURN>changed</RETURN>"
 
 
+def test_save_episode_keeps_one_set_of_segments_across_runs(store: StoreUnderTest) -> None:
+    """A redelivered episode whose second run forked fewer workers than the first (which stored
+    segments live before it died) ends with the second run's segments only, never a mix of both."""
+    res = factories.result("ep-rerun")
+    with store.sessions() as s:
+        repo.create_episode(
+            s, episode_id="ep-rerun", problem=res.problem, mode=Mode.ASYNCTHINK, capacity=2, model_id="m"
+        )
+        first_run = SegmentRecord(agent="7", role="worker", fork_id=7, parent="organizer", text="stale")
+        repo.save_segment(s, episode_id="ep-rerun", segment=first_run)  # a live write of the first run
+        repo.save_episode(s, result=res)
+        assert count(s, Segment) == 2
+    with store.sessions() as s:
+        assert sorted(r.agent for r in repo.episode_segments(s, "ep-rerun")) == ["1", "organizer"]
+
+
+def test_mark_failed_ends_only_unfinished_episodes(store: StoreUnderTest) -> None:
+    res = factories.result("ep-done")
+    with store.sessions() as s:
+        repo.create_episode(s, episode_id="ep-run", problem=res.problem, mode=Mode.ASYNCTHINK, capacity=2, model_id="m")
+        repo.mark_running(s, episode_id="ep-run")
+        repo.save_episode(s, result=res)
+        assert repo.mark_failed(s, episode_id="ep-run", error="dead-lettered") is True
+        assert repo.mark_failed(s, episode_id="ep-done", error="dead-lettered") is False
+        assert repo.mark_failed(s, episode_id="missing", error="x") is False
+    with store.sessions() as s:
+        run, done = repo.get_episode(s, "ep-run"), repo.get_episode(s, "ep-done")
+        assert run is not None and (run.status, run.error) == ("failed", "dead-lettered")
+        assert run.finished_at is not None
+        assert done is not None and (done.status, done.error) == ("completed", None)
+
+
 def test_pending_then_running_then_completed(store: StoreUnderTest) -> None:
     res = factories.result("ep-life")
     config = {"organizer_budget": 256, "worker_budget": 128, "temperature": 0.7}
