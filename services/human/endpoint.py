@@ -80,7 +80,8 @@ class HumanQueueConfig:
         """Seconds from the fork to the deadline: the configured one, leaving the fallback time to run
         before the engine's worker timeout."""
         share = 0.8 if self.fallback == "model" else 0.98
-        return max(0.5, min(self.deadline_s, worker_timeout_s * share))
+        settle = 2 * self.poll_s + 1.0  # a watcher notices the deadline within a poll
+        return max(0.5, min(self.deadline_s, worker_timeout_s * share, worker_timeout_s - settle))
 
 
 def fallback_query(query: str, partial: str | None) -> str:
@@ -212,11 +213,12 @@ class HumanWorkerEndpoint:
         with self.session_factory() as session:
             return people.cancel(session, task_id=task_id, reason=reason)
 
-    async def _cancel_async(self, task_id: str, reason: str) -> None:
+    async def _cancel_async(self, creation: asyncio.Future[tuple[Any, bool]], reason: str) -> None:
         try:
-            row = await asyncio.to_thread(self._cancel, task_id, reason)
+            created, _ = await creation
+            row = await asyncio.to_thread(self._cancel, created.id, reason)
         except Exception:
-            log.exception("cancelling human task %s failed", task_id)
+            log.exception("cancelling a human task failed")
             return
         if row is not None:
             await publish_notice(self.bus, notice("cancelled", row))
@@ -229,21 +231,26 @@ class HumanWorkerEndpoint:
 
     # ------------------------------------------------------------------ the endpoint
     async def run(self, task: WorkerTask) -> WorkerOutcome:
-        row, created = await asyncio.to_thread(self._create, task)
-        if created:
-            await publish_notice(self.bus, notice("created", row))
-            log.info("episode %s: fork %s waits for a person (pool %s, task %s)", task.episode_id, task.agent, row.pool, row.id)
-        if row.status not in ("done", "fallback", "cancelled"):
-            fut = self._watcher.wait(row.id)
-            try:
+        creation = asyncio.ensure_future(asyncio.to_thread(self._create, task))
+        fut: asyncio.Future[Any] | None = None
+        try:
+            row, created = await asyncio.shield(creation)
+            if created:
+                await publish_notice(self.bus, notice("created", row))
+                log.info(
+                    "episode %s: fork %s waits for a person (pool %s, task %s)", task.episode_id, task.agent, row.pool, row.id
+                )
+            if row.status not in ("done", "fallback", "cancelled"):
+                fut = self._watcher.wait(row.id)
                 final = await fut
-            except asyncio.CancelledError:
-                self._watcher.discard(row.id, fut)
-                cleanup = asyncio.get_running_loop().create_task(self._cancel_async(row.id, "the join no longer waits"))
-                self._cleanups.add(cleanup)
-                cleanup.add_done_callback(self._cleanups.discard)
-                raise
-            row = final if final is not None else row
+                row = final if final is not None else row
+        except asyncio.CancelledError:  # the join no longer waits: take the task out of the queue
+            if fut is not None:
+                self._watcher.discard(creation.result()[0].id, fut)
+            cleanup = asyncio.get_running_loop().create_task(self._cancel_async(creation, "the join no longer waits"))
+            self._cleanups.add(cleanup)
+            cleanup.add_done_callback(self._cleanups.discard)
+            raise
         if row.status == "done":
             return self._human_outcome(task, row)
         if row.status == "fallback":
