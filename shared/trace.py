@@ -243,7 +243,7 @@ class LiveTrace:
             return
         if kind is EventKind.TEXT and not data.get("injected") and data.get("text"):
             state.clock = max(state.clock + 1, event.clock)
-        else:
+        elif kind is not EventKind.SEGMENT:  # a segment event carries its parent's clock at the fork
             state.clock = max(state.clock, event.clock)
         if agent not in self.lanes:
             self.lanes[agent] = Lane(agent, running=True, wall_start=event.ts)
