@@ -123,6 +123,7 @@ class DiffLine:
     op: Literal["same", "changed", "added", "removed", "moved"]
     text: str  # the step as it is now (as it was, for a removed one)
     before: str | None = None  # a changed step as it was
+    moved: bool = False  # a changed step whose place among the others changed too
 
 
 def _key(step: PlanStep) -> tuple[str, int]:
@@ -147,7 +148,7 @@ def plan_diff(before: Plan, after: Plan) -> list[DiffLine]:
         if was is None:
             lines.append(DiffLine("added", step.label()))
         elif was != step:
-            lines.append(DiffLine("changed", step.label(), was.label()))
+            lines.append(DiffLine("changed", step.label(), was.label(), moved=key not in kept))
         elif key not in kept:
             lines.append(DiffLine("moved", step.label()))
         else:

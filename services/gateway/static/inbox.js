@@ -36,14 +36,16 @@ document.addEventListener("DOMContentLoaded", () => {
   }, 120);
 
   function stopRenew() { clearInterval(renewTimer); renewTimer = null; }
+  async function renew() {
+    if (!held || !renewTimer) return;
+    const box = document.getElementById("answer");
+    const r = await AT.post(`/ui/tasks/${held}/renew`, box ? {draft: box.value} : {});
+    if (!r.ok) { stopRenew(); flash(r.json ? r.json.detail : "your claim lapsed"); held = null; refresh(); }
+  }
+  const saveDraft = AT.debounce(renew, 400);  // the partial answer is kept as it is typed
   function startRenew() {
     stopRenew();
-    renewTimer = setInterval(async () => {
-      if (!held) return;
-      const box = document.getElementById("answer");
-      const r = await AT.post(`/ui/tasks/${held}/renew`, box ? {draft: box.value} : {});
-      if (!r.ok) { stopRenew(); flash(r.json ? r.json.detail : "your claim lapsed"); held = null; refresh(); }
-    }, Math.max(1000, lease / 3));
+    renewTimer = setInterval(renew, Math.max(1000, lease / 3));
   }
   async function openBench(id) {
     bench.innerHTML = await AT.html(`/ui/tasks/${id}/work`);
@@ -52,6 +54,7 @@ document.addEventListener("DOMContentLoaded", () => {
     if (b.dataset.state === "yours") {
       held = id; startRenew();
       const box = document.getElementById("answer");
+      box.addEventListener("input", saveDraft);
       box.focus();
       document.getElementById("submit").addEventListener("click", submit);
       document.getElementById("skip").addEventListener("click", skip);
