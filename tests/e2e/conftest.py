@@ -70,8 +70,8 @@ def stack(postgres_url: str) -> Iterator[Stack]:
 
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
-    from tests.integration.conftest import POSTGRES_ADMIN_URL
     from shared.store.db import StoreUnavailable, check_connection, normalize_url
+    from tests.integration.conftest import POSTGRES_ADMIN_URL
 
     try:
         check_connection(POSTGRES_ADMIN_URL, connect_timeout=3)
