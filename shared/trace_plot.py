@@ -38,9 +38,9 @@ def plot_trace(layout: TraceLayout, path: str | Path, *, title: str = "") -> Pat
         ax.set_ylim(len(lanes) - 0.5, -0.5)
         ax.grid(axis="x", alpha=0.3)
     for bar in layout.bars:
-        lane = layout.lane(bar.agent)
+        owner = layout.lane(bar.agent)
         tokens.barh(rows[bar.agent], bar.end - bar.start, left=bar.start, height=0.5,
-                    color=COLOURS.get(lane.kind if lane else "model", "#888"))
+                    color=COLOURS.get(owner.kind if owner else "model", "#888"))
     for iv in layout.critical:
         tokens.barh(rows[iv.agent] + 0.3, iv.end - iv.start, left=iv.start, height=0.1, color=CRITICAL)
     for arrow in layout.arrows:
