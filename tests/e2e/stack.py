@@ -7,7 +7,8 @@ the human queue's endpoint (model fallback: the scripted model in process) and t
 
 The script (:func:`script`) picks its text by the prompt, so one model serves every test: a chat prompt
 starting ``human:`` forks its question to a person and joins it; ``plan me`` proposes two forks, or
-follows an approved plan in its prompt; a worker returns a line naming what it was asked.
+follows an approved plan in its prompt; ``team:`` forks to the model, the python tool and a
+person at once; a worker returns a line naming what it was asked.
 """
 
 from __future__ import annotations
@@ -37,6 +38,14 @@ from tests.integration.gateway.test_gateway_distributed import PrefixedBus
 ADMIN_KEY = "e2e-admin-key-not-a-secret-0123456789abcdef"
 SECRET_KEY = "e2e-session-secret-not-a-secret-0123456789"
 PLAN_PROPOSAL = "<FORK-1>25+50</FORK-1><FORK-2>3*25</FORK-2><JOIN-1><JOIN-2><ANSWER>25+50; 3*25</ANSWER>"
+TEAM = (
+    "The numbers are 3 7 25 50 and the target 75. Split it: "
+    "<FORK-1>Find two expressions over 3 7 25 50 that make 75</FORK-1>"
+    "<FORK-2@python>25+50; 3*25; 7*(25-3)-50-29</FORK-2>"
+    "<FORK-3@human>Which of these would a teacher accept as distinct: 25+50, 50+25, 3*25?</FORK-3>"
+    "While they work: 25+50 = 75 and 3*25 = 75 are candidates.<JOIN-2><JOIN-1><JOIN-3>"
+    "<ANSWER>25+50; 3*25</ANSWER>"
+)
 
 
 def _follow_plan(prompt: str) -> str:
@@ -58,6 +67,8 @@ def script(agent: str, prompt: str) -> str:
             return _follow_plan(prompt)
         if "plan me" in prompt:
             return PLAN_PROPOSAL
+        if "team:" in prompt:
+            return TEAM
         question = re.search(r"human: (.*)", prompt)
         asked = question.group(1).strip() if question else "Is this right?"
         return f"I will ask a person. <FORK-1@human>{asked}</FORK-1>Meanwhile I check it myself: it looks right.<JOIN-1>So.<ANSWER>checked</ANSWER>"

@@ -121,6 +121,7 @@ def test_a_person_organizes_an_episode_with_the_model_and_the_python_tool(browse
     page.fill("#fork-query", "17*20; 17*3")
     page.select_option("#fork-endpoint", "python")
     page.click("#fork")
+    page.wait_for_selector("[data-agent='1']")
     page.fill("#fork-query", "Check that 340 + 51 = 391")
     page.select_option("#fork-endpoint", "")
     page.click("#fork")

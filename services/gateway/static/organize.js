@@ -60,17 +60,21 @@ document.addEventListener("DOMContentLoaded", () => {
   }
 
   document.getElementById("send-thought").addEventListener("click", async () => {
-    const box = document.getElementById("thought");
-    if (await send(box.value)) box.value = "";
+    const box = document.getElementById("thought"), text = box.value;
+    if (await send(text) && box.value === text) box.value = "";
   });
   const fork = async () => {
     const q = document.getElementById("fork-query");
     const ep = document.getElementById("fork-endpoint").value;
     if (!q.value.trim()) { show("write the sub-query first"); return; }
     if (open.size >= capacity - 1) { show(`capacity ${capacity}: join a worker before forking another`); return; }
-    const id = nextFork;
-    if (await send(`<FORK-${id}${ep ? "@" + ep : ""}>${q.value.trim()}</FORK-${id}>`)) {
-      nextFork = id + 1; open.add(id); q.value = ""; joins();
+    const id = nextFork, query = q.value;
+    nextFork = id + 1;
+    if (await send(`<FORK-${id}${ep ? "@" + ep : ""}>${query.trim()}</FORK-${id}>`)) {
+      open.add(id); joins();
+      if (q.value === query) q.value = "";
+    } else {
+      nextFork = id;
     }
   };
   const join = async () => {

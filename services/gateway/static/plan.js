@@ -36,7 +36,7 @@ document.addEventListener("DOMContentLoaded", () => {
       li.dataset.kind = s.kind; li.dataset.fork = s.fork_id;
       if (s.kind === "fork") {
         li.append(el("span", {className: "tag", textContent: `fork ${s.fork_id}`}));
-        const q = el("input", {className: "q", value: s.query || "", size: 34, placeholder: "sub-query"});
+        const q = el("input", {className: "q", value: s.query || "", size: 26, placeholder: "sub-query"});
         q.addEventListener("input", () => { s.query = q.value; diff(); });
         const ep = el("select", {className: "ep"});
         for (const name of ["", ...endpoints]) ep.append(el("option", {value: name, textContent: name || "model", selected: (s.endpoint || "") === name}));
