@@ -59,6 +59,7 @@ REST gateway of **AsyncThink** (asynchronous thinking with Fork/Join, arXiv 2510
 
 Every route but `/healthz` and `/readyz` needs an API key, sent as `Authorization: Bearer atk_…` or
 `X-API-Key: atk_…` (scopes: `submit`, `read`, `admin`), unless the gateway runs without keys on loopback.
+People (keys of scope `human`) use the pages under `/ui`, which are not part of this API.
 """
 
 ORGANIZER_STOP_TIMEOUT_S = 10.0

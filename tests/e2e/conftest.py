@@ -33,8 +33,10 @@ def _missing(what: str) -> None:
     pytest.skip(f"{what} (with CI set this is a failure)")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
+    """Chromium for one module: Playwright's sync API holds an event loop in this thread while it runs, so
+    it must be stopped before the asyncio tests of other modules run."""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
