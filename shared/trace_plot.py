@@ -64,9 +64,9 @@ def plot_trace(layout: TraceLayout, path: str | Path, *, title: str = "") -> Pat
         wall.set_xlabel(f"wall time (s) · {((layout.wall_end or origin) - origin):.2f} s")
     kinds = sorted({lane.kind for lane in lanes})
     tokens.legend(handles=[Patch(color=COLOURS.get(k, "#888"), label=k) for k in kinds] + [Patch(color=CRITICAL, label="critical path")],
-                  fontsize=7, loc="upper right", ncols=min(len(kinds) + 1, 5))
+                  fontsize=7, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncols=min(len(kinds) + 1, 5), frameon=False)
     if title:
-        tokens.set_title(title, fontsize=10)
+        tokens.set_title(title, fontsize=10, loc="left")
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=130, bbox_inches="tight")
