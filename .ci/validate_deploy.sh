@@ -22,6 +22,7 @@ PY=.venv/bin/python
 K8S_VERSION=${K8S_VERSION:-1.32.0}
 # compose.yaml requires these (no defaults, so a deployment never runs with a known secret)
 export ASYNCTHINK_ADMIN_KEY=${ASYNCTHINK_ADMIN_KEY:-validate-only-not-a-secret-0123456789abcdef}
+export ASYNCTHINK_SECRET_KEY=${ASYNCTHINK_SECRET_KEY:-validate-only-not-a-secret-fedcba9876543210}
 export REDIS_PASSWORD=${REDIS_PASSWORD:-validate-only-not-a-secret}
 
 failed=0

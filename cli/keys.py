@@ -29,7 +29,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     c.add_argument("--name", required=True, help="who or what the key is for")
     c.add_argument("--scope", action="append", required=True, choices=SCOPES, dest="scopes",
                    help="submit (problems, chat), read (episodes, events, models), admin (all, every key's "
-                   "episodes, /metrics) or human (reserved for the human-worker queue); repeat for several")
+                   "episodes, /metrics) or human (the pages for people: the human queue, the organizer and planning "
+                   "pages, /ui); repeat for several")
+    c.add_argument("--pool", action="append", dest="pools", metavar="POOL",
+                   help="with --scope human: a pool of the human queue this key works in (default, or a name of "
+                   "ASYNCTHINK_HUMAN_POOLS); repeat for several (default: every pool)")
     c.add_argument("--rate-limit", type=int, metavar="PER_MINUTE",
                    help="requests a minute (0: no limit; default: ASYNCTHINK_RATE_LIMIT_PER_MINUTE, 600)")
     c.add_argument("--db", help=DB_HELP)
@@ -72,14 +76,17 @@ def cmd_create(args: argparse.Namespace) -> int:
 
     if args.rate_limit is not None and args.rate_limit < 0:
         raise CliError(f"--rate-limit must be 0 (no limit) or more, got {args.rate_limit}")
+    if args.pools and "human" not in args.scopes:
+        raise CliError("--pool is for keys of --scope human (the human queue's pools)")
     sessions = _sessions(args)
     with sessions() as session:
         row, key = repository.create_api_key(
-            session, name=args.name, scopes=args.scopes, rate_limit_per_minute=args.rate_limit
+            session, name=args.name, scopes=args.scopes, rate_limit_per_minute=args.rate_limit, pools=args.pools
         )
     limit = "the default rate limit" if row.rate_limit_per_minute is None else _limit(row.rate_limit_per_minute)
+    pools = f"; pools: {', '.join(row.pools)}" if row.pools else ""
     print(
-        f"created key {row.id} {row.name!r} (scopes: {', '.join(row.scopes)}; {limit}). "
+        f"created key {row.id} {row.name!r} (scopes: {', '.join(row.scopes)}{pools}; {limit}). "
         "It is shown only once; the database keeps only its hash:",
         file=sys.stderr,
     )

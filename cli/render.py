@@ -19,7 +19,7 @@ def _organizer_text(text: str) -> Text:
 
     out = Text()
     pos = 0
-    for m in re.finditer(r"</?(?:FORK|JOIN)-\d+(?:@[\w.-]+)?>|</?ANSWER>", text):
+    for m in re.finditer(r"</?(?:FORK|JOIN)-\d+(?:@[\w.:-]+)?>|</?ANSWER>", text):
         out.append(text[pos : m.start()])
         tag = m.group(0)
         style = "bold cyan" if "FORK" in tag else "bold magenta" if "JOIN" in tag else "bold green"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 from typing import TYPE_CHECKING, Any
 
 from cli import CliError
@@ -50,6 +51,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("episode_id", help="the episode id printed by solve/eval or returned by the REST API")
     p.add_argument("--db", help="database URL (default: DATABASE_URL or sqlite:///asyncthink.db)")
     p.add_argument("--json", action="store_true", help="print the stored episode as JSON")
+    p.add_argument("--png", metavar="PNG",
+                   help="also draw its timeline to this PNG: agents as lanes, forks and joins as arrows, in "
+                   "organizer-token time with the critical path highlighted, and in wall time")
     p.set_defaults(func=cmd_trace)
 
     p = sub.add_parser("serve", help="run a service of the distributed setup")
@@ -329,6 +333,13 @@ def cmd_trace(args: argparse.Namespace) -> int:
             print(json.dumps(data, indent=2, default=str))
         else:
             print_stored_episode(episode, segments)
+        if args.png:
+            from shared.trace import stored_layout
+            from shared.trace_plot import plot_trace
+
+            layout = stored_layout(episode.timeline, segments, mode=episode.mode)
+            out = plot_trace(layout, args.png, title=f"episode {episode.id} · {episode.task} · {episode.status}")
+            print(f"wrote {out}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 

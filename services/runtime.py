@@ -31,6 +31,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from services.human.engine import engine_for
 from shared.backends.base import ModelBackend
 from shared.bus.base import Bus
 from shared.config import Settings
@@ -265,7 +266,9 @@ def build_engine(
     """
     task = get_task(submission.task)
     config = engine_config(submission, worker_timeout_cap_s=worker_timeout_cap_s)
-    return Engine(backend, task, config, endpoints=endpoints, sink=sink, checkpointer=checkpointer)
+    return engine_for(  # people: a human organizer, an approved plan
+        submission, backend, task, config, endpoints, sink, checkpointer=checkpointer
+    )
 
 
 async def events_until_finished(

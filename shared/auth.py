@@ -10,8 +10,9 @@ The bootstrap admin key (``ASYNCTHINK_ADMIN_KEY``) may be any string of at least
 held as its hash too and answers as the key id :data:`BOOTSTRAP_ADMIN_ID`.
 
 Scopes: ``submit`` (POST /v1/problems, chat completions), ``read`` (episodes, their events, models),
-``admin`` (everything, every key's episodes, /metrics), ``human`` (reserved for the human-worker web
-queue; it grants nothing else today).
+``admin`` (everything, every key's episodes, /metrics), ``human`` (the gateway's pages for people under
+``/ui``: sign in, work the human queue in the key's pools, organize and plan episodes; it opens none of the
+JSON API's routes).
 """
 
 from __future__ import annotations

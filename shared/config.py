@@ -14,16 +14,27 @@ Authentication (``ASYNCTHINK_AUTH``), see :meth:`Settings.requires_keys`:
 Any environment other than ``development`` (``ASYNCTHINK_ENVIRONMENT=production``) always requires keys.
 ``ASYNCTHINK_ADMIN_KEY`` is a bootstrap admin key (at least 32 characters), so an operator (or CI) can
 get in before any key exists; it is held hashed.
+
+People in the loop (the gateway's pages under ``/ui``, ``ASYNCTHINK_HUMAN_PAGES``): people sign in with a key
+of scope ``human`` and get a session cookie signed with ``ASYNCTHINK_SECRET_KEY`` (at least 32 characters,
+the same on every gateway replica). Outside development the gateway refuses to serve the pages without it
+(:meth:`Settings.check_secret_key`); in development a missing one is replaced by a random key per process
+(sessions then end when the gateway restarts). The ``ASYNCTHINK_HUMAN_*`` settings are the human queue's
+clocks: the claim lease (renewed while a person's page is open), the deadline of a task and what happens
+when it passes (``model``: a model worker gets the sub-query with the person's partial answer; ``default``:
+the join reads ``ASYNCTHINK_HUMAN_FALLBACK_TEXT``; ``error``: the join reads an error text), the undo window
+before a join consumes an answer, and the named pools (``<FORK-i@human:POOL>``).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +42,8 @@ DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "asyncthink-countdown-small"
 MIN_ADMIN_KEY_CHARS = 32
 
 AuthMode = Literal["auto", "keys", "off"]
+HumanFallback = Literal["model", "default", "error"]
+_POOL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 
 
 class InsecureSettings(ValueError):
@@ -69,22 +82,35 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(600, ge=0)  # per key, unless the key sets its own; 0 = no limit
     auth_cache_s: float = Field(2.0, ge=0, le=60)  # a verified key is trusted this long (revocation delay)
 
-    @field_validator("admin_key", mode="before")
+    # people in the loop (see the module docstring)
+    secret_key: SecretStr | None = None  # ASYNCTHINK_SECRET_KEY: signs session cookies, >= 32 characters
+    human_pages: bool = True  # serve the pages for people (/ui) from the gateway
+    human_pools: str = ""  # comma-separated pool names besides the default one: <FORK-i@human:POOL>
+    human_lease_s: float = Field(30.0, ge=2, le=3600)  # a claim lasts this long unless the page renews it
+    human_deadline_s: float = Field(600.0, ge=1, le=7 * 24 * 3600)  # a task's deadline (SLA) after its fork
+    human_fallback: HumanFallback = "model"  # what a task whose deadline passed returns to its join
+    human_fallback_text: str = Field("[no answer from a person in time]", max_length=4096)  # for "default"
+    human_undo_s: float = Field(5.0, ge=0, le=300)  # after a submit, how long the person may take it back
+    human_poll_s: float = Field(0.5, gt=0, le=30)  # how often a waiting join looks at its task when idle
+    human_organizer_idle_s: float = Field(1800.0, ge=1, le=24 * 3600)  # a human organizer silent this long: failed
+
+    @field_validator("admin_key", "secret_key", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         return None if value == "" else value
 
-    @field_validator("admin_key")
+    @field_validator("admin_key", "secret_key")
     @classmethod
-    def _strong_admin_key(cls, value: SecretStr | None) -> SecretStr | None:
+    def _strong_key(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
         if value is None:
             return None
+        name = f"ASYNCTHINK_{str(info.field_name).upper()}"
         key = value.get_secret_value()
         if key.lower().startswith("change-me"):
-            raise ValueError("ASYNCTHINK_ADMIN_KEY is still the placeholder; set it to `openssl rand -hex 32`")
+            raise ValueError(f"{name} is still the placeholder; set it to `openssl rand -hex 32`")
         if len(key) < MIN_ADMIN_KEY_CHARS:
             raise ValueError(
-                f"ASYNCTHINK_ADMIN_KEY must be at least {MIN_ADMIN_KEY_CHARS} characters "
+                f"{name} must be at least {MIN_ADMIN_KEY_CHARS} characters "
                 "(generate one with `openssl rand -hex 32`)"
             )
         return value
@@ -95,6 +121,32 @@ class Settings(BaseSettings):
     # worker's task is delivered again about this long after its last heartbeat. None: derived from
     # worker_timeout_s (a tenth of it, between 5 and 30 s).
     task_lease_s: float | None = Field(default=None, gt=0)
+
+    @field_validator("human_pools")
+    @classmethod
+    def _pool_names(cls, value: str) -> str:
+        for name in (p.strip() for p in value.split(",") if p.strip()):
+            if not _POOL.match(name):
+                raise ValueError(
+                    f"ASYNCTHINK_HUMAN_POOLS: {name[:40]!r} is not a pool name (letters, digits, '_', '.', '-'; "
+                    "at most 32 characters)"
+                )
+        return value
+
+    @property
+    def pools(self) -> list[str]:
+        """The named pools of the human queue, besides ``default`` (``<FORK-i@human>``)."""
+        return list(dict.fromkeys(p.strip() for p in self.human_pools.split(",") if p.strip() and p.strip() != "default"))
+
+    def check_secret_key(self) -> None:
+        """InsecureSettings when the pages for people would be served outside development without
+        ``ASYNCTHINK_SECRET_KEY`` (session cookies must be signed with a key every replica shares)."""
+        if self.human_pages and self.environment != "development" and self.secret_key is None:
+            raise InsecureSettings(
+                f"ASYNCTHINK_SECRET_KEY is required in {self.environment}: the gateway's pages for people (/ui) "
+                "sign their session cookies with it. Set it to at least 32 random characters (`openssl rand -hex 32`), "
+                "the same on every gateway replica, or turn the pages off with ASYNCTHINK_HUMAN_PAGES=false"
+            )
 
     @model_validator(mode="after")
     def _keys_outside_development(self) -> Settings:

@@ -3,7 +3,9 @@
 Only data lives here (SGLang's ``io_struct.py`` habit). Every struct is a pydantic model so it
 serialises to JSON for Redis streams, Celery and the REST API; ``SCHEMA_VERSION`` changes whenever a
 field changes meaning (2: a submission carries its :class:`~shared.episode.EpisodeSettings` in
-``settings``; a worker task carries its ``max_depth`` and ``worker_timeout_s``). The two enums name the
+``settings``; a worker task carries its ``max_depth`` and ``worker_timeout_s``). Fields added later
+with a default that keeps the old meaning (a submission's ``organizer`` and ``plan``, a segment's
+``author``) do not change it. The two enums name the
 values that ``EpisodeEvent.kind`` and an episode's status take; they serialise as their plain strings.
 """
 
@@ -16,6 +18,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from shared.episode import EpisodeSettings
+from shared.plans import Plan
 
 SCHEMA_VERSION = 2
 
@@ -75,6 +78,7 @@ class SegmentRecord(BaseModel):
     wall_end: float = 0.0
     error: str | None = None  # "timeout", "cancelled", a format error kind, or a backend failure
     model_version: str | None = None  # weights that produced it
+    author: str | None = None  # "human": a person wrote this agent's text (mask 1 = theirs); None: model/tool
 
 
 class WorkerTask(BaseModel):
@@ -133,10 +137,17 @@ class SubmitProblem(BaseModel):
     payload: dict[str, Any]  # the task's payload (validated by the gateway)
     settings: EpisodeSettings = Field(default_factory=EpisodeSettings)  # mode, capacity, budgets, sampling
     model: str | None = None  # which served model; None = the default
+    organizer: str = "model"  # "human": a person writes the organizer's text (the gateway's organizer page)
+    plan: Plan | None = None  # the fork/join plan a person approved; the organizer runs with it in context
 
     def stored_config(self) -> dict[str, Any]:
         """The episode's ``config`` as the store keeps it: the settings' fields and the model asked for."""
-        return self.settings.model_dump(mode="json") | {"model": self.model}
+        config = self.settings.model_dump(mode="json") | {"model": self.model}
+        if self.organizer != "model":
+            config["organizer"] = self.organizer
+        if self.plan is not None:
+            config["plan"] = self.plan.model_dump(mode="json")
+        return config
 
 
 # Stream names shared by the gateway, the organizer and the workers.

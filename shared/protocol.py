@@ -9,7 +9,8 @@ Paper format (arXiv 2510.26658), kept byte-compatible:
     <RETURN>...</RETURN>         a worker's takeaway (what the Join injects)
 
 Optional extension (documented in the README): an endpoint on a fork, ``<FORK-i@python>...</FORK-i>``,
-sends the sub-query to a named worker kind instead of the model. Plain paper text never contains ``@``
+sends the sub-query to a named worker kind instead of the model (``@human`` a person, ``@human:POOL``
+a person of a named pool). Plain paper text never contains ``@``
 inside a tag, so plain traces parse exactly as the paper defines them.
 
 The parser is pure and incremental: feed it text in any chunks as it streams and it emits each action
@@ -90,7 +91,7 @@ ORGANIZER_STOP_REGEX = r"</FORK-\d+>|<JOIN-\d+>|</ANSWER>"
 WORKER_STOP_REGEX = r"</RETURN>"
 RECURSIVE_WORKER_STOP_REGEX = r"</FORK-\d+>|<JOIN-\d+>|</RETURN>"
 
-_ENDPOINT = r"[A-Za-z][A-Za-z0-9_.-]{0,63}"
+_ENDPOINT = r"[A-Za-z][A-Za-z0-9_.:-]{0,63}"  # a name, and for people a pool: human:experts
 _ID = r"[1-9][0-9]{0,8}"  # canonical decimal: no 0, no leading zeros
 _TAG = re.compile(
     r"<(?P<close>/?)(?P<name>FORK|JOIN|ANSWER|RETURN)"

@@ -40,6 +40,7 @@ from services.gateway.metrics import GatewayMetrics, MetricsMiddleware
 from services.gateway.ratelimit import MemoryRateLimiter, RateLimiter, RedisRateLimiter
 from services.gateway.routes import admin, episodes, events, health, openai_compat, problems
 from services.gateway.state import GatewayState
+from shared.agents import WorkerEndpoint
 from shared.backends.base import ModelBackend
 from shared.bus.base import Bus
 from shared.config import Settings, get_settings
@@ -58,6 +59,7 @@ REST gateway of **AsyncThink** (asynchronous thinking with Fork/Join, arXiv 2510
 
 Every route but `/healthz` and `/readyz` needs an API key, sent as `Authorization: Bearer atk_…` or
 `X-API-Key: atk_…` (scopes: `submit`, `read`, `admin`), unless the gateway runs without keys on loopback.
+People (keys of scope `human`) use the pages under `/ui`, which are not part of this API.
 """
 
 ORGANIZER_STOP_TIMEOUT_S = 10.0
@@ -98,6 +100,11 @@ def create_app(
         )
     require_keys = settings.requires_keys(bind_host)
     metrics = GatewayMetrics()
+    secret = None
+    if settings.human_pages:
+        from services.gateway import human
+
+        secret = human.install_check(settings)  # InsecureSettings without ASYNCTHINK_SECRET_KEY where required
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -117,6 +124,10 @@ def create_app(
                     cache_s=settings.auth_cache_s,
                 )
             app.state.gateway = state
+            if secret is not None:
+                from services.gateway import human
+
+                human.start(app, settings, secret, state, planning_backend=state.backend)
             log.info(
                 "gateway ready: %s bus, model %s%s, %s",
                 settings.bus,
@@ -149,6 +160,10 @@ def create_app(
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts refusals too
     for module in (problems, episodes, events, openai_compat, health, admin):  # admin: admin keys only
         app.include_router(module.router)
+    if secret is not None:
+        from services.gateway import human
+
+        human.install(app)  # the pages for people under /ui
     _documentation(app)
     app.state.require_keys = require_keys
     return app
@@ -220,7 +235,10 @@ async def _start(
             backend = await asyncio.to_thread(open_service_backend, settings)
             stack.push_async_callback(backend.aclose)
         state.model_id = backend.model_id
+        state.backend = backend
         await _start_organizer(stack, state, backend)
+    else:
+        state.backend = embedded_backend  # distributed: only the pages' plan proposals use one (opened lazily)
     return state
 
 
@@ -230,11 +248,17 @@ async def _start_organizer(
     from services.organizer.service import OrganizerService
     from services.workers.tools import local_endpoints
 
+    endpoints: dict[str | None, WorkerEndpoint] = dict(local_endpoints())
+    if state.settings.human_pages:  # people answer @human forks on the gateway's pages
+        from services.human.endpoint import human_endpoints
+        from services.human.planner import LocalModelWorker
+
+        endpoints |= human_endpoints(state.session_factory, state.bus, state.settings, model=LocalModelWorker(backend))
     service = OrganizerService(
         state.bus,
         state.session_factory,
         backend,
-        endpoints=local_endpoints(),
+        endpoints=endpoints,
         consumer_name="gateway-embedded",
         read_block_ms=500,
         shutdown_grace_s=5.0,

@@ -44,6 +44,7 @@ from shared.messages import (
     SubmitProblem,
     events_stream,
 )
+from shared.plans import Plan
 from shared.store import mask_url, repository
 from shared.store.models import Episode, utcnow
 from shared.tasks import get_task
@@ -118,21 +119,25 @@ async def submit_episode(
     api: str,
     explicit_id: bool = False,
     api_key_id: str | None = None,
+    episode_id: str | None = None,
+    organizer: str = "model",
+    plan: Plan | None = None,
 ) -> str:
     """Store a pending episode, then queue it for an organizer; returns the episode id (see module doc).
 
     ``model``, when given, must name a served model (422 otherwise); the stored ``model_id`` is always the
     served weights. Problems are immutable: a client's ``problem_id`` (``explicit_id``) already bound to
     another payload is a 409; an id the task derived moves to a content-addressed one instead.
-    ``api_key_id`` (the submitting key) owns the episode.
+    ``api_key_id`` (the submitting key) owns the episode. The pages for people also give the episode's id,
+    a human ``organizer`` and an approved ``plan`` (:class:`~shared.messages.SubmitProblem`).
     """
     check_model(state, model)
     task = get_task(problem.task)
     capacity = settings.resolved_capacity(task.default_capacity)
-    episode_id = uuid.uuid4().hex
+    episode_id = episode_id or uuid.uuid4().hex
     config = SubmitProblem(
         episode_id=episode_id, task=problem.task, problem_id=problem.id, payload=problem.payload,
-        settings=settings, model=model,
+        settings=settings, model=model, organizer=organizer, plan=plan,
     ).stored_config()  # fmt: skip
 
     def create(session: Session, problem: Problem) -> None:
@@ -174,6 +179,8 @@ async def submit_episode(
         payload=problem.payload,
         settings=settings,
         model=model,
+        organizer=organizer,
+        plan=plan,
     )
     try:
         await asyncio.wait_for(

@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import logging
 import signal
+from typing import Any
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,6 +72,7 @@ async def amain(args: argparse.Namespace) -> None:
         resend_after_s = max(5.0, 2 * task_limits(settings).lease_s)
         celery_endpoint = CeleryWorkerEndpoint(bus, app, resend_after_s=resend_after_s)
         endpoints = dict(celery_endpoint.endpoints())
+    endpoints |= _human_endpoints(bus, db.session_factory(engine), settings, celery_endpoint, backend)  # @human forks
     service = OrganizerService(
         bus,
         db.session_factory(engine),
@@ -111,6 +113,18 @@ async def amain(args: argparse.Namespace) -> None:
         await bus.close()
         engine.dispose()
         logging.getLogger(__name__).info("organizer stopped after %d episodes", service.episodes_done)
+
+
+def _human_endpoints(bus: Any, sessions: Any, settings: Any, celery_endpoint: Any, backend: Any) -> dict[Any, Any]:
+    """The human queue's endpoints (``@human``, ``@human:POOL``; none with ASYNCTHINK_HUMAN_PAGES=false): people
+    answer on the gateway's pages; a missed deadline's model fallback runs on the model queue (or here)."""
+    if not settings.human_pages:
+        return {}
+    from services.human.endpoint import human_endpoints
+    from services.human.planner import LocalModelWorker
+
+    model = celery_endpoint if celery_endpoint is not None else LocalModelWorker(backend)
+    return human_endpoints(sessions, bus, settings, model=model)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,5 @@
-"""SQLAlchemy 2 tables for traces (problems, episodes, segments, model versions) and the gateway's API keys.
+"""SQLAlchemy 2 tables for traces (problems, episodes, segments, model versions), the gateway's API keys,
+and people in the loop (the human queue's tasks and its audit, fork/join plans).
 
 The same models run on SQLite (the embedded default) and PostgreSQL (the services): JSON columns are
 ``JSON`` everywhere and ``JSONB`` on PostgreSQL, enumerations are strings guarded by CHECK constraints,
@@ -190,6 +191,9 @@ class Segment(Base):
     wall_end: Mapped[float] = mapped_column(Float, default=0.0)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     model_version: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    # "human": a person wrote this agent's text (its mask-1 tokens are theirs, not the model's); None: the
+    # model or a tool. Trainers that need on-policy tokens skip human segments; SFT may use them.
+    author: Mapped[str | None] = mapped_column(String(16), nullable=True)
 
     episode: Mapped[Episode] = relationship(back_populates="segments")
 
@@ -227,5 +231,104 @@ class ApiKey(Base):
     key_hash: Mapped[str] = mapped_column(String(64))  # shared.auth.hash_key(key)
     scopes: Mapped[list[str]] = mapped_column(JsonType)  # shared.auth.Scope values
     rate_limit_per_minute: Mapped[int | None] = mapped_column(Integer, nullable=True)  # None: the default
+    # scope human: the pools of the human queue this key works in; None: every pool
+    pools: Mapped[list[str] | None] = mapped_column(JsonType, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, server_default=func.now())
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+# ----------------------------------------------------------------------------- people in the loop
+HUMAN_TASK_STATUSES = ("open", "claimed", "submitted", "done", "fallback", "cancelled")
+HUMAN_FALLBACKS = ("model", "default", "error")
+PLAN_STATUSES = ("draft", "approved")
+
+
+class HumanTask(Base):
+    """A fork to ``@human`` (or ``@human:POOL``) waiting for a person, and what became of it.
+
+    ``open`` → ``claimed`` (a person holds a lease until ``lease_until``; a lapsed lease counts as open) →
+    ``submitted`` (the answer; the person may take it back until ``undo_until``) → ``done`` (the join has
+    consumed it); or, when ``deadline`` passes first, ``fallback`` (the configured fallback answered); or
+    ``cancelled`` (the episode ended without joining it). Unique per ``(episode_id, agent)``, so a re-run
+    episode finds its task again. ``episode_id`` is not a foreign key: a task may be created before an
+    embedded run stores its episode.
+    """
+
+    __tablename__ = "human_tasks"
+    __table_args__ = (
+        UniqueConstraint("episode_id", "agent", name="uq_human_tasks_episode_id_agent"),
+        CheckConstraint(_in("status", HUMAN_TASK_STATUSES), name="status"),
+        CheckConstraint(_in("fallback", HUMAN_FALLBACKS), name="fallback"),
+        Index("ix_human_tasks_status_pool", "status", "pool"),
+        Index("ix_human_tasks_episode_id", "episode_id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    episode_id: Mapped[str] = mapped_column(String(64))
+    agent: Mapped[str] = mapped_column(String(64))  # the worker's agent name ("2", "1.3")
+    fork_id: Mapped[int] = mapped_column(Integer)
+    parent: Mapped[str] = mapped_column(String(64))
+    pool: Mapped[str] = mapped_column(String(64), default="default")
+    task: Mapped[str] = mapped_column(String(64))  # the episode's task name
+    query: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), default="open")
+    claimed_by: Mapped[str | None] = mapped_column(String(32), nullable=True)  # ApiKey.id of the holder
+    claimed_by_name: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    draft: Mapped[str | None] = mapped_column(Text, nullable=True)  # the partial answer, saved as it is typed
+    answer: Mapped[str | None] = mapped_column(Text, nullable=True)
+    answered_by: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    answered_by_name: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    submitted_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    undo_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    deadline: Mapped[datetime] = mapped_column(UTCDateTime())
+    fallback: Mapped[str] = mapped_column(String(16), default="model")  # model | default | error
+    returned: Mapped[str | None] = mapped_column(Text, nullable=True)  # what the join received
+    resolution: Mapped[str | None] = mapped_column(String(16), nullable=True)  # human|model|default|error|cancelled
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, server_default=func.now())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class HumanAudit(Base):
+    """Every claim, release, lease expiry, submit, undo, consumption, deadline and fallback of a human task."""
+
+    __tablename__ = "human_audit"
+    __table_args__ = (
+        Index("ix_human_audit_task_id", "task_id"),
+        Index("ix_human_audit_episode_id", "episode_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    task_id: Mapped[str] = mapped_column(String(32))
+    episode_id: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(32))  # created, claim, release, lease_expired, submit, undo, ...
+    actor: Mapped[str | None] = mapped_column(String(32), nullable=True)  # ApiKey.id; None: the system
+    actor_name: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    detail: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, server_default=func.now())
+
+
+class PlanRow(Base):
+    """A fork/join plan: proposed by the model for a problem, edited and approved by a person; the approved
+    one runs as ``episode_id`` (whose stored config carries it too)."""
+
+    __tablename__ = "plans"
+    __table_args__ = (
+        CheckConstraint(_in("status", PLAN_STATUSES), name="status"),
+        Index("ix_plans_episode_id", "episode_id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    created_by: Mapped[str | None] = mapped_column(String(32), nullable=True)  # ApiKey.id
+    created_by_name: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    task: Mapped[str] = mapped_column(String(64))
+    problem_id: Mapped[str] = mapped_column(String(255))
+    payload: Mapped[dict[str, Any]] = mapped_column(JsonType)
+    settings: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)  # EpisodeSettings as JSON
+    proposed: Mapped[dict[str, Any]] = mapped_column(JsonType)  # shared.plans.Plan as JSON
+    proposal_text: Mapped[str] = mapped_column(Text, default="")  # the organizer text it was read from
+    approved: Mapped[dict[str, Any] | None] = mapped_column(JsonType, nullable=True)
+    status: Mapped[str] = mapped_column(String(16), default="draft")
+    episode_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, server_default=func.now())
+    approved_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)

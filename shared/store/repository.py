@@ -470,9 +470,11 @@ def create_api_key(
     name: str,
     scopes: Sequence[Scope | str],
     rate_limit_per_minute: int | None = None,
+    pools: Sequence[str] | None = None,
     commit: bool = True,
 ) -> tuple[ApiKey, str]:
-    """A new key: its row (which holds the key's hash, never the key) and the key itself, to show once."""
+    """A new key: its row (which holds the key's hash, never the key) and the key itself, to show once.
+    ``pools``: for a ``human`` key, the pools of the human queue it works in (None: every pool)."""
     if rate_limit_per_minute is not None and rate_limit_per_minute < 0:
         raise ValueError(f"rate_limit_per_minute must be >= 0 (0: no limit), got {rate_limit_per_minute}")
     key_id, key = generate_key()
@@ -482,6 +484,7 @@ def create_api_key(
         key_hash=hash_key(key),
         scopes=[s.value for s in parse_scopes(str(s) for s in scopes)],
         rate_limit_per_minute=rate_limit_per_minute,
+        pools=list(dict.fromkeys(pools)) if pools else None,
         created_at=utcnow(),
     )
     with _writing(session, commit):

@@ -301,13 +301,13 @@ def test_compose_gateway_needs_keys_and_listens_on_loopback(compose: dict[str, A
     env = app_env(s["gateway"])
     assert env["ASYNCTHINK_ENVIRONMENT"] == "production" and env["ASYNCTHINK_AUTH"] == "keys"
     assert env["ASYNCTHINK_ADMIN_KEY"].startswith("${ASYNCTHINK_ADMIN_KEY:?")  # required, from the environment
+    assert env["ASYNCTHINK_SECRET_KEY"].startswith("${ASYNCTHINK_SECRET_KEY:?")  # signs the /ui sessions
     for name, svc in s.items():
         if name != "gateway":
             assert "ASYNCTHINK_ADMIN_KEY" not in app_env(svc), f"{name} gets the admin key"
+            assert "ASYNCTHINK_SECRET_KEY" not in app_env(svc), f"{name} gets the session secret"
         for port in svc.get("ports") or []:
             assert str(port).startswith(("127.0.0.1:", "${ASYNCTHINK_GATEWAY_BIND:-127.0.0.1}:")), (name, port)
-    text = (ROOT / "compose.yaml").read_text()
-    assert "ASYNCTHINK_SECRET_KEY" not in text
 
 
 def test_compose_redis_has_a_password_and_every_url_carries_it(compose: dict[str, Any]) -> None:
@@ -335,10 +335,10 @@ def test_k8s_redis_has_a_password_and_the_gateway_needs_keys(k8s_objects: list[d
     assert env["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "REDIS_PASSWORD"
     assert env["REDISCLI_AUTH"]["valueFrom"]["secretKeyRef"]["key"] == "REDIS_PASSWORD"
     [gateway] = deployments["gateway"]["spec"]["template"]["spec"]["containers"]
-    admin = {e["name"]: e for e in gateway.get("env", [])}["ASYNCTHINK_ADMIN_KEY"]
-    ref = admin["valueFrom"]["secretKeyRef"]
-    assert ref["name"] in secrets and ref["key"] in secrets[ref["name"]]["stringData"]
+    for name in ("ASYNCTHINK_ADMIN_KEY", "ASYNCTHINK_SECRET_KEY"):  # the gateway's own Secret
+        ref = {e["name"]: e for e in gateway.get("env", [])}[name]["valueFrom"]["secretKeyRef"]
+        assert ref["name"] in secrets and ref["key"] in secrets[ref["name"]]["stringData"]
     for name, dep in deployments.items():  # only the gateway holds the admin key
         for c in dep["spec"]["template"]["spec"]["containers"]:
             if name != "gateway":
-                assert "ASYNCTHINK_ADMIN_KEY" not in {e["name"] for e in c.get("env", [])}, name
+                assert not {"ASYNCTHINK_ADMIN_KEY", "ASYNCTHINK_SECRET_KEY"} & {e["name"] for e in c.get("env", [])}, name

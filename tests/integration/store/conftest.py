@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.store.db import make_engine, migrate, session_factory
 
-TABLES = ("segments", "episodes", "problems", "model_versions", "api_keys")
+TABLES = ("segments", "episodes", "problems", "model_versions", "api_keys", "human_tasks", "human_audit", "plans")
 
 
 @dataclass
