@@ -56,18 +56,34 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                    "organizer-token time with the critical path highlighted, and in wall time")
     p.set_defaults(func=cmd_trace)
 
-    p = sub.add_parser("serve", help="run a service of the distributed setup")
-    p.add_argument("service", choices=("gateway", "organizer", "trainer"), help="which service")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="gateway bind address (default 127.0.0.1; any other needs API keys, see ASYNCTHINK_AUTH)")
-    p.add_argument("--port", type=int, default=8000, help="gateway port (default 8000)")
-    p.add_argument("--organizer-args", default="",
-                   help="organizer: options passed on, e.g. \"--local-workers --migrate\" "
-                   "(see python -m services.organizer --help)")
+    p = sub.add_parser("serve", help="run one service: gateway, organizer or trainer",
+                       description="Run one service of the system in this process, logging at INFO (each "
+                       "request, each episode's start, outcome and time). `asyncthink up` runs them all.")
+    services = p.add_subparsers(dest="service", metavar="SERVICE", required=True)
+    g = services.add_parser("gateway", help="the REST, OpenAI-compatible and SSE gateway (uvicorn)",
+                            description="The gateway. With ASYNCTHINK_BUS=inprocess (the default) it also runs an "
+                            "organizer and the model in this process.")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="bind address (default 127.0.0.1; any other needs API keys, see ASYNCTHINK_AUTH)")
+    g.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    g.set_defaults(func=cmd_serve)
+    from services.organizer.__main__ import add_options as add_organizer_options  # argparse only
+
+    o = services.add_parser("organizer", help="the organizer service (consumes the problems stream)",
+                            description="The organizer service: consumes asyncthink:problems on Redis, runs each "
+                            "episode, sends forks to the Celery queues (or runs them here with --local-workers).")
+    add_organizer_options(o)
+    o.add_argument("--organizer-args", default="", help=argparse.SUPPRESS)  # older form: options in one string
+    o.set_defaults(func=cmd_serve)
     from cli.trainer import add_serve_options  # trainer: options from its config (cli/trainer.py)
 
-    add_serve_options(p)
-    p.set_defaults(func=cmd_serve)
+    t = services.add_parser("trainer", help="the trainer service (learns from stored episodes, hot-swaps)",
+                            description="The trainer service; see `asyncthink trainer serve --help` for what it "
+                            "does in the embedded and distributed setups.")
+    t.add_argument("--host", default="127.0.0.1", help="embedded: gateway bind address (default 127.0.0.1)")
+    t.add_argument("--port", type=int, default=8000, help="embedded: gateway port (default 8000)")
+    add_serve_options(t)
+    t.set_defaults(func=cmd_serve)
 
 
 SOLVE_HELP = """Solve one problem with the organizer/worker protocol and print the answer, the trace
@@ -361,11 +377,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise CliError(settings_error(exc)) from None
         uvicorn.run(app, host=args.host, port=args.port)
         return 0
-    import shlex
+    from services.organizer.__main__ import parse_args, run
 
-    from services.organizer.__main__ import main as organizer_main
+    if args.organizer_args:  # the older form: every option in one string
+        import shlex
 
-    organizer_main(shlex.split(args.organizer_args))
+        args = parse_args(shlex.split(args.organizer_args))
+    run(args)
     return 0
 
 

@@ -19,8 +19,8 @@ import signal
 from typing import Any
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m services.organizer", description=__doc__.splitlines()[0])
+def add_options(p: argparse.ArgumentParser) -> None:
+    """The organizer's options (also ``asyncthink serve organizer``'s)."""
     p.add_argument("--consumer", default=None, help="consumer name in the group (default: organizer-<host>-<pid>)")
     p.add_argument("--max-episodes", type=int, default=64, help="episodes run at once (default 64)")
     p.add_argument("--claim-idle-ms", type=int, default=10_000,
@@ -40,7 +40,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="write the time to this file every --heartbeat-interval s while running, for a "
                    "liveness probe (python -m services.organizer.heartbeat PATH); removed on exit")
     p.add_argument("--heartbeat-interval", type=float, default=10.0, help="seconds between heartbeats (default 10)")
-    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-level", default="INFO", help="logging level (default INFO: every episode's start, "
+                   "outcome and time)")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m services.organizer", description=__doc__.splitlines()[0])
+    add_options(p)
     return p.parse_args(argv)
 
 
@@ -127,10 +133,15 @@ def _human_endpoints(bus: Any, sessions: Any, settings: Any, celery_endpoint: An
     return human_endpoints(sessions, bus, settings, model=model)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+def run(args: argparse.Namespace) -> None:
+    """Run the organizer with parsed options (logging at ``--log-level``, even if logging was set up)."""
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(args.log_level)
     asyncio.run(amain(args))
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(parse_args(argv))
 
 
 if __name__ == "__main__":
