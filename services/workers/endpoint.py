@@ -4,7 +4,7 @@
 
 1. registers a future for ``(episode_id, agent)`` with the episode's result reader;
 2. sends ``asyncthink.run_worker`` with the task as JSON to the queue of ``task.endpoint``
-   (``queue_for_endpoint``: ``None`` -> ``model``, ``"python"`` -> ``tool``); the organizer marks the
+   (``queue_for_endpoint``: ``None`` -> ``model``, every tool (``"python"``, ``"verify"``) -> ``tool``); the organizer marks the
    episode running (a committed write) before the engine starts, so everything a worker depends on is
    committed before the dispatch;
 3. awaits the future. One reader per episode tails ``results_stream(episode_id)`` with a blocking
@@ -33,12 +33,13 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
+from services.workers.tools import TOOL_NAMES
 from shared.bus.base import Bus
 from shared.messages import SegmentRecord, WorkerOutcome, WorkerTask, results_stream
 
 log = logging.getLogger(__name__)
 
-DEFAULT_QUEUES: Mapping[str | None, str] = {None: "model", "python": "tool"}
+DEFAULT_QUEUES: Mapping[str | None, str] = {None: "model", **dict.fromkeys(TOOL_NAMES, "tool")}
 RUN_WORKER_TASK = "asyncthink.run_worker"
 
 

@@ -235,6 +235,26 @@ SCENARIOS.append(
     )
 )
 
+# 9. The verify tool: candidates checked against the problem the query carries; only the ok ones are kept.
+_O1 = "<FORK-1@verify>1 2 3 4 -> 10: 2*3+4; 4+3*2; 10; 1+2+3*4</FORK-1>"
+_O2 = "<JOIN-1>"
+_O3 = "<ANSWER>2*3+4</ANSWER>"
+SCENARIOS.append(
+    Scenario(
+        name="verify_tool",
+        script={"organizer": _O1 + _O2 + _O3},
+        status="completed",
+        answer="2*3+4",
+        accuracy=0.5,
+        latency=_n(_O1, _O2, _O3),
+        eta=1.0,
+        organizer_events=["started", "fork", "join", "worker_result", "answer", "finished"],
+        returned={"1": "ok 2*3+4; no 4+3*2: same as 2*3+4; no 10: uses 10, which is not given; "
+                       "no 1+2+3*4: evaluates to 15, not 10"},
+        endpoints={"1": "verify"},
+    )
+)
+
 BY_NAME = {s.name: s for s in SCENARIOS}
 
 
