@@ -128,15 +128,19 @@ def verified(takeaway: str) -> list[str]:
     return [part[3:].strip() for part in takeaway.split("; ") if part.startswith("ok ")]
 
 
+def tool_reply(endpoint: str | None, query: str) -> tuple[str, str | None]:
+    """``(takeaway, error)`` of the tool ``endpoint`` for ``query`` (what its Join injects)."""
+    if endpoint == "python":
+        return evaluate_arithmetic(query)
+    if endpoint == "verify":
+        return verify_query(query)
+    return f"[no tool {endpoint!r}; known tools: {', '.join(TOOL_NAMES)}]", "unknown_endpoint"
+
+
 def run_tool(task: WorkerTask) -> WorkerOutcome:
     """Run the tool named by ``task.endpoint`` on the sub-query; an unknown tool gets an error outcome."""
     start = time.time()
-    if task.endpoint == "python":
-        returned, error = evaluate_arithmetic(task.query)
-    elif task.endpoint == "verify":
-        returned, error = verify_query(task.query)
-    else:
-        returned, error = f"[no tool {task.endpoint!r}; known tools: {', '.join(TOOL_NAMES)}]", "unknown_endpoint"
+    returned, error = tool_reply(task.endpoint, task.query)
     segment = worker_segment(
         task,
         prompt=task.query,

@@ -53,7 +53,7 @@ class SFTConfigArgs:
     data: list[str] = _f(help="JSONL files written by `asyncthink synth`", factory=list, required=True)
     out: str = _f("", "output directory: checkpoints, then the final model", required=True)
     model: str | None = _f(None, "a local Hugging Face model directory to fine-tune (or give --preset)")
-    preset: str | None = _f(None, "build a model from scratch instead: test (~100 k) or small (~8 M parameters)")
+    preset: str | None = _f(None, "build a model from scratch instead: test (~100 k), tiny (~0.9 M) or small (~8 M parameters)")
     vocab_size: int = _f(4096, "tokenizer vocabulary when building from a preset")
     kinds: tuple[str, ...] = _f(KINDS, "record kinds to train on, comma-separated")
     epochs: float = _f(1.0, "passes over the data (ignored when --max-steps > 0)")
