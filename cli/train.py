@@ -197,7 +197,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------- grpo
-GRPO_HELP = """GRPO over thinking structures (DESIGN.md §4): each step runs P problems x G episodes
+GRPO_HELP = """GRPO over thinking structures: each step runs P problems x G episodes
 (organizer plus concurrent workers) through the engine, gives every token an episode generated its
 group-relative advantage (joined-in text masked), and updates the model; the rollout backend gets the
 new weights after every step. Writes OUT/metrics.jsonl, OUT/checkpoint-<step>/ and OUT/final/.

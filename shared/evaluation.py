@@ -2,7 +2,7 @@
 
 ``run_episodes`` runs a list of problems through one engine with bounded concurrency (so a batching
 backend sees many sequences at once) and hands every result to a callback (the CLI stores it and
-advances a progress bar). ``summarize`` turns results into the metrics of DESIGN.md §3/§5: accuracy
+advances a progress bar). ``summarize`` turns results into the metrics the README defines: accuracy
 (and for countdown ≥1, ≥2, ≥3, all correct), mean critical-path latency T, mean η/c, format-error rate,
 forks per episode and wall time. ``plot_accuracy_latency`` draws accuracy against mean T, one point
 per mode; ``plot_accuracy_latency_curves`` one curve per mode from a sweep over token budgets, so

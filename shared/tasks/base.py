@@ -2,7 +2,7 @@
 
 Every task splits verification into extract -> evaluate -> score (nanochat's ``tasks/``): ``score``
 takes the raw text inside ``<ANSWER>`` and returns a :class:`Score` whose ``accuracy`` is the reward
-``R_A`` of DESIGN.md §4. Prompts for the organizer (per mode) and for workers live beside each task.
+``R_A`` (:mod:`shared.rewards`). Prompts for the organizer (per mode) and for workers live beside each task.
 """
 
 from __future__ import annotations

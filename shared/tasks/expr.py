@@ -7,7 +7,7 @@ Accepted: non-negative integer literals (ASCII digits), ``+``, ``-`` (also ``−
 characters or more than ``MAX_DEPTH`` nested parentheses. Evaluation is exact (``fractions.Fraction``);
 division by zero is an :class:`ExprError`.
 
-Canonical form (DESIGN.md §5). Two solutions are the same when they are equal after
+Canonical form (the task's rule for "distinct"). Two solutions are the same when they are equal after
 
 * commutativity and associativity of ``+`` and ``×``;
 * rewriting ``−`` and ``÷`` as signed terms and inverse factors (``a−(b−c) = a−b+c``,

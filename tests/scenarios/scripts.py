@@ -1,7 +1,7 @@
 """The scenario suite's data: scripted episodes and what each must produce, written once for every setup.
 
 Each :class:`Scenario` gives the text every agent generates (the scripted backend replays it, one
-character per token) and the expected outcome: status, answer, ``T`` and ``η`` (DESIGN.md §3, derived
+character per token) and the expected outcome: status, answer, ``T`` and ``η`` (as the README's Metrics section defines them, derived
 below from the script pieces, so the arithmetic is visible), the workers' takeaways and the
 organizer's events in order.
 

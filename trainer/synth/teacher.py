@@ -12,7 +12,7 @@ positive, and never ``×1``/``÷1``, which are padding). Each state ``a op b = v
 ``v`` are written as one line of explicit steps each. (The shipped models' data also noted a target
 that is one of the numbers as ``given`` and counted it as a solution; under the task's rules a bare
 number is no solution, so that line is gone.) Units are taken in a fixed order (pairs by
-position) until ``n_s`` distinct (DESIGN.md §5) solutions are known. When every pair together gives
+position) until ``n_s`` distinct solutions (the task's rules) are known. When every pair together gives
 fewer than ``n_s``, the trace tries every pair and answers with the solutions it found (``exhaust``):
 without such traces a model whose search comes up short never sees how an episode ends, keeps forking
 past the last pair and fails on format (the first shipped model did, in 87 % of its episodes).

@@ -1,4 +1,4 @@
-"""Countdown: parser, canonical form (DESIGN.md §5), solver, generator, test split, scoring, vote."""
+"""Countdown: parser, canonical form (the task's rules), solver, generator, test split, scoring, vote."""
 
 from __future__ import annotations
 
