@@ -6,12 +6,18 @@ embedded organizer has, and returns the evaluation summary (:func:`shared.evalua
 for countdown, the trace diagnosis (:mod:`trainer.diagnose`: invalid and bare candidates and answers)
 and a few example episodes. On CUDA it decodes with the slot engine, elsewhere with the transformers
 backend. The recipe and ``bench/trace_check.py`` both use it, so their numbers are measured alike.
+
+:func:`evaluate_workers` prompts the model as a worker on every first-pair unit of held-out problems
+(the query both countdown teachers fork) and measures what it returns as solutions and how much of the
+arithmetic it writes is false: a check that needs no working organizer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -90,3 +96,100 @@ def evaluate_model(
         for r in results[:examples]
     ]
     return summary
+
+
+_STATEMENT = re.compile(r"(?<![\d)])(\d+)([-+*/])(\d+)=(\d+)(?![\d(])")
+
+
+def arithmetic_lines(text: str) -> tuple[int, int]:
+    """``(statements, wrong)``: every ``x op y=z`` written in ``text``, and how many are false."""
+    total = wrong = 0
+    for m in _STATEMENT.finditer(text):
+        x, op, y, z = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
+        if op == "/" and y == 0:
+            ok = False
+        else:
+            value = {"+": Fraction(x + y), "-": Fraction(x - y), "*": Fraction(x * y)}.get(op) or Fraction(x, y)
+            ok = value == z
+        total += 1
+        wrong += not ok
+    return total, wrong
+
+
+def evaluate_workers(
+    model_dir: Path, *, split: str = "test", n: int = 50, device: str = "cpu", budget: int = 512
+) -> dict[str, Any]:
+    """The model as a countdown *worker*: every first-pair unit of ``n`` held-out problems, prompted the
+    way the organizer forks it (``a b | c d -> t``, the query both teachers use), decoded greedily.
+
+    What it measures is what a worker puts forward as solutions: the candidates it returns (how many
+    are invalid, how many a bare number), and the arithmetic it writes on the way (every ``x op y=z``:
+    how many are false). Needs no working organizer, so it says something about a model trained for
+    minutes.
+    """
+    from shared.backends.base import GenerateRequest, SamplingParams
+    from shared.protocol import WORKER_STOP_REGEX, extract_return
+    from shared.tasks.countdown import CountdownTask
+    from shared.tasks.expr import ExprError, check_solution
+    from trainer.diagnose import is_bare
+    from trainer.synth.search_teacher import pairs_in_order
+
+    task = CountdownTask()
+    problems = task.problems(split, n)
+    units: list[tuple[Any, str]] = []
+    for p in problems:
+        numbers, target = list(p.payload["numbers"]), p.payload["target"]
+        for a, b in pairs_in_order(numbers):
+            rest = list(numbers)
+            rest.remove(a)
+            rest.remove(b)
+            units.append((p, f"{a} {b} | {' '.join(map(str, rest))} -> {target}"))
+    backend = open_eval_backend(model_dir, device, max_batch=128)
+
+    async def one(query: str) -> str:
+        ids = backend.encode(task.worker_prompt(query))
+        req = GenerateRequest(input_ids=ids, max_new_tokens=budget, stop_regex=WORKER_STOP_REGEX,
+                              sampling=SamplingParams(temperature=0.0), tag="worker")
+        return (await backend.generate(req)).text
+
+    async def go() -> list[str]:
+        try:
+            return list(await asyncio.gather(*(one(q) for _, q in units)))
+        finally:
+            await backend.aclose()
+
+    t0 = time.monotonic()
+    texts = asyncio.run(go())
+    out = {"units": len(units), "returned": 0, "candidates": 0, "invalid": 0, "bare": 0, "statements": 0,
+           "wrong_statements": 0}
+    valid_per_problem: dict[str, set[Any]] = {}
+    for (p, _), text in zip(units, texts, strict=True):
+        statements, wrong = arithmetic_lines(text)
+        out["statements"] += statements
+        out["wrong_statements"] += wrong
+        returned = extract_return(text)
+        if returned is None:
+            continue
+        out["returned"] += 1
+        for expr in (e.strip() for e in returned.split(";")):
+            if not expr or expr == "none":
+                continue
+            out["candidates"] += 1
+            out["bare"] += is_bare(expr)
+            try:
+                key = check_solution(expr, p.payload["numbers"], p.payload["target"])
+            except ExprError:
+                out["invalid"] += 1
+                continue
+            valid_per_problem.setdefault(p.id, set()).add(key)
+    return {
+        **out,
+        "returned_pct": 100 * out["returned"] / max(1, out["units"]),
+        "candidates_per_unit": out["candidates"] / max(1, out["units"]),
+        "invalid_candidates_pct": 100 * out["invalid"] / max(1, out["candidates"]),
+        "bare_candidates_pct": 100 * out["bare"] / max(1, out["candidates"]),
+        "wrong_statements_pct": 100 * out["wrong_statements"] / max(1, out["statements"]),
+        "problems_with_a_valid_candidate_pct": 100 * len(valid_per_problem) / max(1, len(problems)),
+        "eval_seconds": time.monotonic() - t0,
+        "example": texts[0][:800] if texts else "",
+    }

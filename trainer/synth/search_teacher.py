@@ -7,7 +7,8 @@ failed lines included, and nothing enters the answer before it is checked.
 
 **The search.** Units are first pairs, in order of position: unit ``(a, b)`` (``a >= b``) holds the
 candidates whose first step combines ``a`` and ``b``; the other two numbers ``c, d`` are the rest. A
-unit is written the same way by a worker and by the organizer::
+worker forked on a unit writes (the organizer and a sequential trace write the same steps, after
+``pair a b``, with every ``need`` line written once before their first unit)::
 
     need 4: 13-4=9 13+4=17 13*4=52        what x must be so that x with 4 makes the target 13
     need 3: 13-3=10 13+3=16 13*3=39
@@ -29,18 +30,21 @@ below a target of 100).
 
 **AsyncThink form.** The organizer follows a sampled skeleton (:mod:`trainer.synth.structure`): it forks
 some units to workers (query ``a b | c d -> t``; a worker writes the unit and returns its candidates,
-``none`` if it has none) and writes the others itself after ``pair a b``. After every join it forks the
+``none`` if it has none) and writes the others itself after ``pair a b`` (its need lines for every
+number go just before its first own unit, so a worker forked first runs meanwhile). After every join
+that brings candidates it forks the
 candidates it has not checked yet to the ``verify`` tool (:mod:`shared.tools`), listing the solutions
 it already holds first, so the tool's ``ok`` entries are exactly its verified, distinct solutions::
 
     <FORK-2@verify>41 14 4 3 -> 13: (41+14-3)/4; (41-14)/3+4</FORK-2><JOIN-2>ok (41+14-3)/4; ok (41-14)/3+4</JOIN-2>
     have 2
 
-It answers with the first ``n_s`` of them. **Sequential form**: the same unit lines in one stream
-(``pair a b`` before each), and after each unit every new candidate is re-derived step by step from
-its own text and judged: ``check (41+14-3)/4: 41+14=55 55-3=52 52/4=13 ok`` (or ``same as <earlier>``,
-or ``padding`` when it only pads a bare number), then ``have N``. Both forms use the same units in the
-same order and stop after the unit that brings the verified count to ``n_s``.
+It answers with the first ``n_s`` of them. **Sequential form**: the need lines, then the same unit
+lines in one stream (``pair a b`` before each); after each unit that hit the target every new
+candidate is re-derived step by step from its own text and judged: ``check (41+14-3)/4: 41+14=55
+55-3=52 52/4=13 ok`` (or ``same as <earlier>``, or ``padding`` when it only pads a bare number), then
+``have N``. Both forms use the same units in the same order and stop after the unit that brings the
+verified count to ``n_s``.
 
 Limits: the search covers chains ``((a op b) op y) op z`` and shorter, over whole positive values; the
 "two pairs" shape ``(a op b) op (c op d)`` and fractional intermediates are not searched, so on some
@@ -126,20 +130,29 @@ def last_step(x: int, n: int, target: int) -> str | None:
 
 @dataclass(frozen=True)
 class Hit:
-    """A candidate a unit found: its expression and the step lines that reached it."""
+    """A candidate a unit found: its expression and its tree."""
 
     expr: str
     tree: Expr
 
 
+def need_line(n: int, target: int) -> str:
+    return f"need {n}: " + " ".join(text for text, _ in needs(n, target))
+
+
+def need_lines(numbers: list[int], target: int) -> list[str]:
+    """One ``need`` line per distinct number (what the last step with it needs)."""
+    return [need_line(n, target) for n in _distinct(numbers)]
+
+
 @dataclass(frozen=True)
 class Unit:
-    """One first-pair unit of the search, written the same by a worker and by the organizer."""
+    """One first-pair unit of the search: every first step on the pair, each followed by its second steps."""
 
     pair: tuple[int, int]  # (a, b) with a >= b
     rest: tuple[int, ...]  # the other numbers, in problem order
     target: int
-    lines: tuple[str, ...]
+    steps: tuple[str, ...]  # per first step: its line, then one line per second step
     hits: tuple[Hit, ...]
 
     @property
@@ -150,63 +163,73 @@ class Unit:
     def returned(self) -> str:
         return "; ".join(h.expr for h in self.hits) or "none"
 
+    @property
+    def worker_lines(self) -> tuple[str, ...]:
+        """A worker writes the needs of its own rest numbers first: it sees nothing but its query."""
+        return (*need_lines(list(self.rest), self.target), *self.steps) if len(self.rest) == 2 else self.steps
+
     def worker_text(self) -> str:
-        return "\n".join(self.lines) + f"\n<RETURN>{self.returned}</RETURN>"
+        return "\n".join(self.worker_lines) + f"\n<RETURN>{self.returned}</RETURN>"
 
     def organizer_text(self) -> str:
-        return f"pair {self.pair[0]} {self.pair[1]}\n" + "\n".join(self.lines) + "\n"
-
-
-def _tree(value: int, known: dict[int, Expr]) -> Expr:
-    return known.get(value, Num(value))
+        """The organizer (or a sequential trace) wrote every need line at the top: the pair, then the steps."""
+        return f"pair {self.pair[0]} {self.pair[1]}\n" + "\n".join(self.steps) + "\n"
 
 
 def search_unit(numbers: list[int], target: int, pair: tuple[int, int]) -> Unit:
-    """Write the unit of ``pair`` (two of ``numbers``): need lines, then every first and second step."""
+    """Write the unit of ``pair`` (two of ``numbers``): each first step, then every second step on its
+    value with one of the rest, finished by a last step where the value is a need of the number left."""
     a, b = max(pair), min(pair)
     rest = list(numbers)
     rest.remove(a)
     rest.remove(b)
-    lines = [f"need {n}: " + " ".join(text for text, _ in needs(n, target)) for n in _distinct(rest)]
-    if len(rest) != 2:
-        lines = []  # needs are for the last of two numbers left
+    lines: list[str] = []
     hits: list[Hit] = []
-    for op, x, y, v in steps_of(a, b):
-        first = BinOp(op, Num(x), Num(y))
-        if v == target:
-            hits.append(Hit(to_text(first), first))
-            lines.append(f"{x}{op}{y}={v} hit {to_text(first)}")
-            continue  # a finished candidate: going on from it would only pad it
-        lines.append(f"{x}{op}{y}={v}")
-        if len(rest) > 2:
-            continue  # the search goes two steps deep after the first
-        for k, other in enumerate(rest):
-            last = rest[1 - k] if len(rest) == 2 else None
-            for op2, x2, y2, w in steps_of(v, other):
-                left, right = (first, Num(y2)) if x2 == v else (Num(x2), first)
-                seconds = [BinOp(op2, left, right)]
-                if x2 == y2 and op2 == "/":  # v/n and n/v are both 1, and two different solutions
-                    seconds.append(BinOp(op2, right, left))
-                line = f"{x2}{op2}{y2}={w}"
-                if w == target:
-                    for second in seconds:
-                        hits.append(Hit(to_text(second), second))
-                        lines.append(f"{line} hit {to_text(second)}")
-                    continue
-                how = None if last is None else last_step(w, last, target)
-                if how is None or last is None:
-                    lines.append(line)
-                    continue
-                for second in seconds:
-                    if how.startswith("r"):
-                        final: Expr = BinOp(how[1], Num(last), second)
-                        step = f"{last}{how[1]}{w}={target}"
-                    else:
-                        final = BinOp(how, second, Num(last))
-                        step = f"{w}{how}{last}={target}"
-                    hits.append(Hit(to_text(final), final))
-                    lines.append(f"{line} {step} hit {to_text(final)}")
+    for first in steps_of(a, b):
+        more_lines, more_hits = _after_first(first, rest, target)
+        lines += more_lines
+        hits += more_hits
     return Unit((a, b), tuple(rest), target, tuple(lines), tuple(hits))
+
+
+def _after_first(first: tuple[str, int, int, int], rest: list[int], target: int) -> tuple[list[str], list[Hit]]:
+    """The lines of one first step and of every second step after it, and the candidates they hit."""
+    op, x, y, v = first
+    tree = BinOp(op, Num(x), Num(y))
+    if v == target:
+        hit = Hit(to_text(tree), tree)
+        return [f"{x}{op}{y}={v} hit {hit.expr}"], [hit]  # going on from a hit would only pad it
+    lines = [f"{x}{op}{y}={v}"]
+    hits: list[Hit] = []
+    if len(rest) > 2:
+        return lines, hits  # the search goes two steps deep after the first
+    for k, other in enumerate(rest):
+        last = rest[1 - k] if len(rest) == 2 else None
+        for op2, x2, y2, w in steps_of(v, other):
+            left, right = (tree, Num(y2)) if x2 == v else (Num(x2), tree)
+            seconds = [BinOp(op2, left, right)]
+            if x2 == y2 and op2 == "/":  # v/n and n/v are both 1, and two different solutions
+                seconds.append(BinOp(op2, right, left))
+            line = f"{x2}{op2}{y2}={w}"
+            if w == target:
+                for second in seconds:
+                    hits.append(Hit(to_text(second), second))
+                    lines.append(f"{line} hit {to_text(second)}")
+                continue
+            how = None if last is None else last_step(w, last, target)
+            if how is None or last is None:
+                lines.append(line)
+                continue
+            for second in seconds:
+                if how.startswith("r"):
+                    final: Expr = BinOp(how[1], Num(last), second)
+                    step = f"{last}{how[1]}{w}={target}"
+                else:
+                    final = BinOp(how, second, Num(last))
+                    step = f"{w}{how}{last}={target}"
+                hits.append(Hit(to_text(final), final))
+                lines.append(f"{line} {step} hit {to_text(final)}")
+    return lines, hits
 
 
 def _distinct(values: list[int]) -> list[int]:
@@ -311,6 +334,7 @@ class SearchTeacher(SkeletonTeacher):
         ids: dict[int, int] = {}  # skeleton fork id -> fork id in the text (verify forks take ids too)
         pending: list[str] = []  # candidates not verified yet
         next_id = 1
+        needs_written = len(p["numbers"]) != 4  # written just before the organizer's first own unit
 
         def check() -> None:
             nonlocal next_id
@@ -322,7 +346,7 @@ class SearchTeacher(SkeletonTeacher):
                 w.join(next_id, reply)
                 w.think("\n")
                 next_id += 1
-            w.think(f"have {len(ledger.kept)}\n")
+                w.think(f"have {len(ledger.kept)}\n")
 
         for step in skeleton.steps:
             if step.kind is StepKind.FORK:
@@ -348,6 +372,9 @@ class SearchTeacher(SkeletonTeacher):
             else:
                 assert step.unit is not None
                 unit = units[step.unit]
+                if not needs_written:
+                    w.think("\n".join(need_lines(list(p["numbers"]), int(p["target"]))) + "\n")
+                    needs_written = True
                 w.think(unit.organizer_text())
                 pending.extend(h.expr for h in unit.hits)
         if pending:
@@ -363,6 +390,8 @@ class SearchTeacher(SkeletonTeacher):
         need = int(p["n_solutions"])
         ledger = Ledger(list(p["numbers"]), int(p["target"]))
         parts: list[str] = []
+        if len(p["numbers"]) == 4:
+            parts.append("\n".join(need_lines(list(p["numbers"]), int(p["target"]))) + "\n")
         for unit in units:
             parts.append(unit.organizer_text())
             for hit in unit.hits:
@@ -370,7 +399,8 @@ class SearchTeacher(SkeletonTeacher):
                 self._count("hits")
                 self._count("hits_not_new", verdict != "ok")
                 parts.append(f"check {hit.expr}: {rederive(hit.tree)} {verdict}\n")
-            parts.append(f"have {len(ledger.kept)}\n")
+            if unit.hits:
+                parts.append(f"have {len(ledger.kept)}\n")
         parts.append(f"<ANSWER>{'; '.join(list(ledger.kept.values())[:need])}</ANSWER>")
         return sequential_record(self.task, problem, "".join(parts))
 

@@ -37,25 +37,34 @@ def _step(text: str) -> tuple[int, str, int, int]:
     return x, op, y, z
 
 
-def check_unit(lines: list[str], pair: tuple[int, int], rest: list[int], target: int) -> list[str]:
-    """Re-read one unit: every line is one checked operation on values already on the page; hits end
-    on the target, use exactly the numbers on their path, and are written as an expression of them.
-    Returns the hit expressions."""
-    a, b = max(pair), min(pair)
+def read_needs(lines: list[str], numbers: list[int], target: int) -> dict[int, set[int]]:
+    """The ``need n: ...`` lines: each entry one checked operation on the target and n."""
     need: dict[int, set[int]] = {}
+    for line in lines:
+        n = int(line[5 : line.index(":")])
+        assert line.startswith("need ") and n in numbers
+        values = set()
+        for part in line.split(": ", 1)[1].split():
+            x, op, y, z = _step(part)
+            assert target in (x, y) and n in (x, y)  # built from the target and n only
+            values.add(z)
+        need[n] = values
+    return need
+
+
+def check_unit(lines: list[str], pair: tuple[int, int], rest: list[int], target: int,
+               needs: dict[int, set[int]] | None = None) -> list[str]:
+    """Re-read one unit: every line is one checked operation on values already on the page (``needs``:
+    need lines written earlier); hits end on the target, use exactly the numbers on their path, and
+    are written as an expression of them. Returns the hit expressions."""
+    a, b = max(pair), min(pair)
+    need: dict[int, set[int]] = dict(needs or {})
     value: int | None = None  # the current first step's value
     first_ops: set[str] = set()
     hits: list[str] = []
     for line in lines:
         if line.startswith("need "):
-            n = int(line[5 : line.index(":")])
-            assert n in rest
-            values = set()
-            for part in line.split(": ", 1)[1].split():
-                x, op, y, z = _step(part)
-                assert target in (x, y) and n in (x, y)  # built from the target and n only
-                values.add(z)
-            need[n] = values
+            need.update(read_needs([line], rest, target))
             continue
         steps, _, expr = line.partition(" hit ")
         parts = steps.split()
@@ -118,12 +127,13 @@ def test_steps_and_needs_follow_the_rules() -> None:
 def test_a_unit_is_written_line_by_line() -> None:
     unit = search_unit([41, 14, 4, 3], 13, (14, 41))
     assert unit.query == "41 14 | 4 3 -> 13"
-    assert unit.lines[:4] == ("need 4: 13-4=9 13+4=17 13*4=52", "need 3: 13-3=10 13+3=16 13*3=39", "41+14=55",
-                              "55+4=59")
-    assert "55-3=52 52/4=13 hit (41+14-3)/4" in unit.lines
-    assert "27/3=9 9+4=13 hit (41-14)/3+4" in unit.lines
+    assert unit.worker_lines[:4] == ("need 4: 13-4=9 13+4=17 13*4=52", "need 3: 13-3=10 13+3=16 13*3=39",
+                                     "41+14=55", "55+4=59")
+    assert "55-3=52 52/4=13 hit (41+14-3)/4" in unit.steps
+    assert "27/3=9 9+4=13 hit (41-14)/3+4" in unit.steps
     assert unit.returned == "(41+14-3)/4; (41-14)/3+4"
-    assert check_unit(list(unit.lines), (41, 14), [4, 3], 13) == ["(41+14-3)/4", "(41-14)/3+4"]
+    assert check_unit(list(unit.worker_lines), (41, 14), [4, 3], 13) == ["(41+14-3)/4", "(41-14)/3+4"]
+    assert unit.organizer_text().startswith("pair 41 14\n41+14=55\n")  # the organizer wrote its needs on top
 
 
 def test_a_one_made_of_numbers_is_tried_both_ways_up() -> None:
@@ -138,7 +148,8 @@ def test_every_line_of_every_unit_is_checkable(problems: list[Problem]) -> None:
         numbers, target = p.payload["numbers"], p.payload["target"]
         for pair in pairs_in_order(numbers):
             unit = search_unit(numbers, target, pair)
-            assert check_unit(list(unit.lines), unit.pair, list(unit.rest), target) == [h.expr for h in unit.hits]
+            hits = check_unit(list(unit.worker_lines), unit.pair, list(unit.rest), target)
+            assert hits == [h.expr for h in unit.hits]
 
 
 # ------------------------------------------------------------------------------------------ traces
@@ -172,6 +183,7 @@ def test_asyncthink_episodes_fork_units_and_verify_every_candidate(problems: lis
     for r in result.records:
         by_episode.setdefault(r.episode_id, []).append(r)
     index = {p.id: p for p in problems}
+    own_units = 0
     for recs in by_episode.values():
         org = next(r for r in recs if r.kind == "organizer")
         problem = index[org.problem_id]
@@ -195,6 +207,22 @@ def test_asyncthink_episodes_fork_units_and_verify_every_candidate(problems: lis
                 hits = check_unit(body, (a, b), rest, target)
                 ret = next(e for e in wevents if isinstance(e, Return)).text
                 assert ret == ("; ".join(hits) or "none")
+        own = re.sub(r"<FORK-\d+(@verify)?>.*?</FORK-\d+>|<JOIN-(\d+)>.*?</JOIN-\2>|<ANSWER>.*", "\n",
+                     org.completion, flags=re.S)
+        lines = [line for line in own.split("\n") if line and not line.startswith("have ")]
+        top = [line for line in lines if line.startswith("need ")]
+        assert lines[: len(top)] == top  # the needs come before the organizer's own first unit
+        if top:
+            assert len(top) == len(set(numbers))
+        own_needs = read_needs(top, numbers, target)
+        for block in "\n".join(lines[len(top):]).split("pair ")[1:]:
+            head, *body = block.strip().split("\n")
+            a, b = map(int, head.split())
+            rest = list(numbers)
+            rest.remove(a)
+            rest.remove(b)
+            check_unit(body, (a, b), rest, target, needs=own_needs)
+            own_units += 1
         last_reply = ""
         joins = {e.fork_id: e for e in events if isinstance(e, Join)}
         for f in verifies:  # the tool's reply is exactly what the runtime injects after its join
@@ -208,6 +236,7 @@ def test_asyncthink_episodes_fork_units_and_verify_every_candidate(problems: lis
         assert answer.split("; ") == verified(last_reply)[:4]  # the answer is the verified list
         for expr in answer.split("; "):
             check_solution(expr, numbers, target)
+    assert own_units > 30
 
 
 def test_sequential_traces_rederive_every_candidate(problems: list[Problem]) -> None:
@@ -219,15 +248,18 @@ def test_sequential_traces_rederive_every_candidate(problems: list[Problem]) -> 
         numbers, target = problem.payload["numbers"], problem.payload["target"]
         assert rec.prompt == TASK.organizer_prompt(problem, Mode.SEQUENTIAL) and "<FORK" not in rec.completion
         body = rec.completion.split("<ANSWER>")[0].strip().split("\n")
+        top = [line for line in body if line.startswith("need ")]
+        assert body[: len(top)] == top and len(top) == len(set(numbers))
+        needs_on_top = read_needs(top, numbers, target)
         kept: list[str] = []
         unit: list[str] = []
         pair: tuple[int, int] | None = None
-        for line in body + ["pair 0 0"]:
+        for line in body[len(top):] + ["pair 0 0"]:
             if line.startswith(("pair ", "check ", "have ")) and unit and pair is not None:
                 rest = list(numbers)
                 rest.remove(pair[0])
                 rest.remove(pair[1])
-                check_unit(unit, pair, rest, target)
+                check_unit(unit, pair, rest, target, needs=needs_on_top)
                 unit = []
             if line.startswith("pair "):
                 pair = tuple(map(int, line.split()[1:]))  # type: ignore[assignment]
