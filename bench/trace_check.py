@@ -11,7 +11,9 @@ What it does, in order (every step bounded; ``--minutes`` is the SFT time of *ea
    synthesis checks already enforce it; this counts them again, independently).
 3. Measures token lengths of both (one tokenizer trained on both data sets).
 4. Builds one random-init model (``--preset``, default ``tiny``, about 0.9 M parameters) and trains a
-   copy on each data set for the same ``--minutes`` of format SFT (plain torch loop, same settings).
+   copy on each data set for the same ``--minutes`` of format SFT (plain torch loop, same settings),
+   counted in CPU time of the process (all its threads), so that other work on the machine does not
+   give one model more training than the other.
    By default on the worker records only (``--records worker``): a worker's unit is where candidate
    solutions are made, in both formats, and a few CPU minutes are enough to teach a 1 M model that much
    but not a whole organizer; ``--records all`` trains on organizer and worker records.
@@ -81,7 +83,8 @@ def replay(records: list[Any], problems: dict[str, Any]) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--minutes", type=float, default=4.0, help="SFT minutes of each model (default 4)")
+    p.add_argument("--minutes", type=float, default=4.0,
+                   help="SFT minutes of each model, counted in CPU time of the process (default 4)")
     p.add_argument("--problems", type=int, default=3000, help="training problems (the committed train file)")
     p.add_argument("--eval-n", type=int, default=50, help="held-out problems per evaluation (default 50)")
     p.add_argument("--split", default="test", help="held-out split (default test; test2 or a JSONL path)")
@@ -144,12 +147,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = SFTConfigArgs(data=[str(work / f"{fmt}.jsonl")], out=str(out), model=str(base), kinds=kinds,
                             engine="torch", epochs=1000.0, max_minutes=args.minutes, lr=args.lr,
                             batch_size=args.batch, max_length=args.max_length, seed=args.seed,
-                            progress=False, warmup_ratio=0.05, logging_steps=25, eval_records=16)
+                            progress=False, warmup_ratio=0.05, logging_steps=25, eval_records=16, clock="cpu")
         metrics = run_sft(cfg)
         w = evaluate_workers(out, split=args.split, n=args.eval_n, device="cpu", budget=args.worker_budget)
         row: dict[str, Any] = {
             "traces": fmt, "records": args.records, "sft_steps": metrics["global_step"],
-            "sft_minutes": round(metrics["train_runtime"] / 60, 2), "loss": round(metrics["loss_after"], 3),
+            "sft_minutes": round(metrics["train_runtime"] / 60, 2), "sft_cpu_minutes": round(metrics["train_clock_s"] / 60, 2),
+            "loss": round(metrics["loss_after"], 3),
             "units": w["units"], "returned": w["returned_pct"], "candidates": w["candidates_per_unit"],
             "invalid_cand": w["invalid_candidates_pct"], "bare_cand": w["bare_candidates_pct"],
             "wrong_arith": w["wrong_statements_pct"], "valid_problems": w["problems_with_a_valid_candidate_pct"],
@@ -178,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def table(rows: list[dict[str, Any]], n_params: int, args: argparse.Namespace) -> str:
     """The markdown table the README quotes."""
-    head = (f"{n_params / 1e6:.2f} M-parameter model, {args.minutes:g} min of format SFT on the {args.records} "
-            f"records of each format (2 CPU cores), greedy, as a worker on every first-pair unit of "
+    head = (f"{n_params / 1e6:.2f} M-parameter model, {args.minutes:g} CPU-minutes of format SFT on the "
+            f"{args.records} records of each format, greedy, as a worker on every first-pair unit of "
             f"{args.eval_n} problems of the {args.split} split\n\n")
     cols = [("traces", "traces"), ("sft_steps", "SFT steps"), ("loss", "loss"), ("units", "units"),
             ("returned", "returned %"), ("candidates", "candidates / unit"), ("invalid_cand", "invalid cand. %"),
