@@ -4,8 +4,8 @@
 
 What it does, in order (every step bounded; ``--minutes`` is the SFT time of *each* model):
 
-1. Synthesizes AsyncThink traces (organizer and worker records) for the same training problems with
-   both countdown teachers: ``paths`` (the first teacher: solver paths, what the shipped models learned)
+1. Synthesizes AsyncThink traces (organizer and worker records) and sequential traces for the same
+   training problems with both countdown teachers: ``paths`` (the first teacher: solver paths, what the shipped models learned)
    and ``search`` (:mod:`trainer.synth.search_teacher`: every step written, candidates verified).
 2. Replays every teacher answer through the task's verifier: each must be valid and distinct (the
    synthesis checks already enforce it; this counts them again, independently).
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     data: dict[str, Any] = {}
     for fmt in FORMATS:
-        res = synth(fmt, problems, sequential=False, seed=args.seed)
+        res = synth(fmt, problems, sequential=True, seed=args.seed)
         data[fmt] = res
         write_jsonl(res.records, work / f"{fmt}.jsonl")
         print(f"{fmt}: {res.summary()}", flush=True)
@@ -176,8 +176,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{fmt}: {row}", flush=True)
     report["rows"] = rows
     (work / "trace_check.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    print(length_table(report["formats"]))
+    print()
     print(table(rows, n_params, args))
     return 0
+
+
+def length_table(formats: dict[str, Any]) -> str:
+    """Token lengths of the traces of each format (generated tokens; T of the AsyncThink episodes)."""
+    lines = ["| traces | kind | n | mean | p50 | p90 | p99 | max |", "|---|---|---|---|---|---|---|---|"]
+    for fmt, rep in formats.items():
+        for kind in ("organizer_tokens", "worker_tokens", "sequential_tokens", "critical_path_T"):
+            st = rep["lengths"].get(kind, {})
+            if st.get("n"):
+                cells = [st["n"], round(st["mean"]), st["p50"], st["p90"], st["p99"], st["max"]]
+                lines.append(f"| {fmt} | {kind.removesuffix('_tokens')} | " + " | ".join(map(str, cells)) + " |")
+        ratio = rep["lengths"].get("T_over_sequential", {})
+        if ratio.get("n"):
+            lines.append(f"| {fmt} | T / sequential | {ratio['n']} | {ratio['mean']:.2f} | {ratio['p50']:.2f} | "
+                         f"{ratio['p90']:.2f} | {ratio['p99']:.2f} | {ratio['max']:.2f} |")
+    return "\n".join(lines)
 
 
 def table(rows: list[dict[str, Any]], n_params: int, args: argparse.Namespace) -> str:
