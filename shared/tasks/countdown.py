@@ -133,7 +133,7 @@ def build_test2_split() -> list[Problem]:
 
 def held_out_keys() -> set[tuple[tuple[int, ...], int]]:
     """The :func:`problem_key` of every problem of both committed held-out splits."""
-    return _keys(load_test_split()) | _keys(load_split_file(TEST2_FILE))
+    return _keys(load_test_split()) | _keys(load_test2_split())
 
 
 def _keys(problems: Iterable[Problem]) -> set[tuple[tuple[int, ...], int]]:
