@@ -200,8 +200,9 @@ def length_table(formats: dict[str, Any]) -> str:
 
 def table(rows: list[dict[str, Any]], n_params: int, args: argparse.Namespace) -> str:
     """The markdown table the README quotes."""
+    records = "worker records" if args.records == "worker" else "organizer and worker records"
     head = (f"{n_params / 1e6:.2f} M-parameter model, {args.minutes:g} CPU-minutes of format SFT on the "
-            f"{args.records} records of each format, greedy, as a worker on every first-pair unit of "
+            f"{records} of each format, greedy, as a worker on every first-pair unit of "
             f"{args.eval_n} problems of the {args.split} split\n\n")
     cols = [("traces", "traces"), ("sft_steps", "SFT steps"), ("loss", "loss"), ("units", "units"),
             ("returned", "returned %"), ("candidates", "candidates / unit"), ("invalid_cand", "invalid cand. %"),
