@@ -406,9 +406,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grpo-group", type=int, default=8, help="G: episodes per problem")
     p.add_argument("--slots", type=int, default=1024, help="rollout slot-engine KV slots")
     p.add_argument("--rollout-attention", default="auto", choices=("auto", "varlen", "masked"))
-    p.add_argument("--organizer-budget", type=int, default=2560,
-                   help="organizer (and sequential) token budget of rollouts and evaluation")
-    p.add_argument("--worker-budget", type=int, default=512)
+    p.add_argument("--organizer-budget", type=int, default=2688,
+                   help="organizer (and sequential) token budget of rollouts and evaluation (search traces: "
+                   "sequential p99 2130, longest 2590 tokens)")
+    p.add_argument("--worker-budget", type=int, default=640,
+                   help="worker token budget (search units: p99 369, longest 543 tokens)")
     p.add_argument("--eval-n", type=int, default=400, help="problems per evaluation and split (default all 400)")
     p.add_argument("--eval-splits", default="test,test2", help="held-out splits (comma-separated; JSONL paths too)")
     p.add_argument("--eval-only", default="", help="comma-separated evaluation names (default: all)")
