@@ -37,7 +37,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                        description=EVAL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="countdown", help="countdown | sudoku | math (default countdown)")
     p.add_argument("--split", default="test",
-                   help="test (the fixed held-out split), train, or for math aime24 | amc23 | a JSONL path")
+                   help="test (the fixed held-out split), train, a JSONL file of problems (any task), "
+                   "countdown's second held-out split test2, or for math aime24 | amc23")
     p.add_argument("-n", "--n", type=int, default=20, help="number of problems (default 20)")
     p.add_argument("--seed", type=int, default=0, help="problem generation and sampling seed (default 0)")
     _engine_args(p, many_modes=True)
@@ -45,6 +46,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--db", help="database URL (default: DATABASE_URL or sqlite:///asyncthink.db)")
     p.add_argument("--json", action="store_true", help="print machine-readable results")
     p.add_argument("--plot", metavar="PNG", help="write an accuracy-vs-latency plot across the modes")
+    p.add_argument("--budgets", metavar="B1,B2,...",
+                   help="sweep: run every mode once per organizer budget B (each parallel trace's budget; "
+                   "workers keep --worker-budget, capped at B) and plot accuracy against mean T, one "
+                   "curve per mode (with --plot)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("trace", help="show a stored episode")
@@ -99,8 +104,13 @@ examples:
 EVAL_HELP = """Run n problems in each mode, store every episode, and print accuracy, mean
 critical-path latency T (decoded tokens), mean η/c and wall time.
 
+With --budgets, every mode runs once per organizer budget and the plot shows one accuracy-vs-T curve
+per mode, so the modes can be compared at equal critical-path latency.
+
 examples:
   asyncthink eval --task countdown -n 50 --mode asyncthink --mode sequential --mode parallel --plot cd.png
+  asyncthink eval --task countdown --split shared/tasks/data/countdown_test2.jsonl -n 100
+  asyncthink eval -n 100 --mode asyncthink --mode sequential --budgets 128,256,512,768 --plot curve.png
   asyncthink eval --task math --split amc23 -n 40 --model sglang:http://127.0.0.1:30000 --json
 """
 
@@ -168,13 +178,17 @@ def _open_backend(settings: Settings) -> ModelBackend:
         raise CliError(str(exc)) from None
 
 
-def _engine_config(args: argparse.Namespace, mode: str, seed: int | None) -> EngineConfig:
+def _engine_config(
+    args: argparse.Namespace, mode: str, seed: int | None, budget: int | None = None
+) -> EngineConfig:
     from pydantic import ValidationError
 
     from shared.engine import EngineConfig
     from shared.episode import EpisodeSettings
 
     values = collect(args, EpisodeSettings) | {"mode": mode, "seed": seed}
+    if budget is not None:  # a budget sweep: the organizer gets B, workers at most B
+        values |= {"organizer_budget": budget, "worker_budget": min(values["worker_budget"], budget)}
     try:
         return EngineConfig(**values)
     except ValidationError as exc:
@@ -188,6 +202,26 @@ def _validation_message(exc: Any) -> str:
         where = "--" + "-".join(str(x) for x in err["loc"]).replace("_", "-") if err["loc"] else ""
         parts.append(f"{where}: {err['msg']}" if where else err["msg"])
     return "; ".join(parts)
+
+
+def _budgets(text: str | None) -> list[int | None]:
+    """``--budgets 128,256`` as a list of budgets; ``[None]`` (no sweep) when not given."""
+    if not text:
+        return [None]
+    try:
+        budgets = sorted({int(b) for b in text.split(",") if b.strip()})
+    except ValueError:
+        raise CliError(f"--budgets takes comma-separated token counts, got {text!r}") from None
+    if not budgets or budgets[0] < 1:
+        raise CliError(f"--budgets needs positive token counts, got {text!r}")
+    return list(budgets)
+
+
+def _endpoints() -> dict[Any, Any]:
+    """The in-process tool endpoints (``@python``, ``@verify``), as the embedded organizer has them."""
+    from shared.tools import local_endpoints
+
+    return dict(local_endpoints())
 
 
 def _problem(args: argparse.Namespace, task: Task) -> Problem:
@@ -241,7 +275,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
     problem = _problem(args, task)
     sessions = _open_store(settings.database_url) if args.db else None
     backend = _open_backend(settings)
-    engine = Engine(backend, task, _engine_config(args, args.mode, args.seed))
+    engine = Engine(backend, task, _engine_config(args, args.mode, args.seed), endpoints=_endpoints())
 
     async def go() -> Any:
         try:
@@ -270,7 +304,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from cli.render import summary_table
     from shared.engine import Engine
-    from shared.evaluation import plot_accuracy_latency, run_episodes, summarize
+    from shared.evaluation import plot_accuracy_latency, plot_accuracy_latency_curves, run_episodes, summarize
     from shared.store import repository
 
     if args.n < 1:
@@ -278,6 +312,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.concurrency < 1:
         raise CliError(f"--concurrency must be at least 1, got {args.concurrency}")
     modes = args.mode or ["asyncthink"]
+    budgets = _budgets(args.budgets)
     settings = _settings(args)
     task = _task(args.task)
     try:
@@ -289,34 +324,48 @@ def cmd_eval(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     summaries: dict[str, dict[str, Any]] = {}
     episode_ids: dict[str, list[str]] = {}
+    curves: dict[str, list[dict[str, Any]]] = {}
 
     async def go() -> None:
         try:
             with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                           TimeElapsedColumn(), console=console, disable=args.json or not console.is_terminal) as bar:
-                for mode in modes:
-                    engine = Engine(backend, task, _engine_config(args, mode, args.seed))
-                    job = bar.add_task(f"{task.name} {mode}", total=len(problems))
+                for budget in budgets:
+                    for mode in modes:
+                        name = mode if budget is None else f"{mode}@{budget}"
+                        config = _engine_config(args, mode, args.seed, budget)
+                        engine = Engine(backend, task, config, endpoints=_endpoints())
+                        job = bar.add_task(f"{task.name} {name}", total=len(problems))
 
-                    def store(result: Any, job: Any = job) -> None:
-                        with sessions() as session:
-                            repository.save_episode(session, result=result)
-                        bar.advance(job)
+                        def store(result: Any, job: Any = job) -> None:
+                            with sessions() as session:
+                                repository.save_episode(session, result=result)
+                            bar.advance(job)
 
-                    results = await run_episodes(engine, problems, concurrency=args.concurrency, on_result=store)
-                    summaries[mode] = summarize(task.name, results)
-                    episode_ids[mode] = [r.episode_id for r in results]
+                        results = await run_episodes(engine, problems, concurrency=args.concurrency,
+                                                     on_result=store)
+                        summaries[name] = summarize(task.name, results)
+                        episode_ids[name] = [r.episode_id for r in results]
+                        if budget is not None:
+                            curves.setdefault(mode, []).append(
+                                {"organizer_budget": config.organizer_budget,
+                                 "worker_budget": config.worker_budget, **summaries[name]})
         finally:
             await backend.aclose()
 
     asyncio.run(go())
     if args.plot:
-        path = plot_accuracy_latency(summaries, args.plot, title=f"{task.name} ({backend.model_id})")
+        title = f"{task.name} ({backend.model_id})"
+        if curves:
+            metrics = ("at_least_1", "all_correct") if task.name == "countdown" else ("accuracy",)
+            path = plot_accuracy_latency_curves(curves, args.plot, title=title, metrics=metrics)
+        else:
+            path = plot_accuracy_latency(summaries, args.plot, title=title)
         console.print(f"wrote {path}")
     if args.json:
         print(json.dumps({"task": task.name, "split": args.split, "n": len(problems), "model": backend.model_id,
                           "model_version": backend.weight_version, "modes": summaries,
-                          "episode_ids": episode_ids}, indent=2))
+                          **({"curves": curves} if curves else {}), "episode_ids": episode_ids}, indent=2))
     else:
         out = Console()
         if not out.is_terminal:  # a pipe or a log file: do not squeeze the table into 80 columns

@@ -31,7 +31,7 @@ def register_model(sub: SubParsers) -> None:
                        description="Train a tokenizer on protocol-shaped text and build a Qwen2-shaped model "
                        "from a preset (no model hub needed).")
     p.add_argument("out_dir", type=Path, help="directory to write (config, safetensors, tokenizer)")
-    p.add_argument("--preset", default="small", help="test (~100 k parameters) or small (~8 M; default)")
+    p.add_argument("--preset", default="small", help="test (~100 k parameters), tiny (~0.9 M) or small (~8 M; default)")
     p.add_argument("--vocab-size", type=int, default=4096, help="tokenizer vocabulary (default 4096)")
     p.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
     p.set_defaults(func=cmd_model)
@@ -65,11 +65,16 @@ def register_synth(sub: SubParsers) -> None:
     p.add_argument("--problems-file", default=None,
                    help="JSONL of problems (one task payload per line) instead of generating --n from --seed")
     p.add_argument("--teacher", choices=("programmatic", "llm"), default="programmatic", help="who writes traces")
+    p.add_argument("--format", choices=("search", "paths"), default="search",
+                   help="countdown traces: search (every step written and checkable, candidates verified; "
+                   "default) or paths (the first teacher's solver paths, for comparisons)")
     p.add_argument("--base-url", default=None, help="LLM teacher: OpenAI-compatible base URL, e.g. http://host:8000/v1")
     p.add_argument("--model", default=None, help="LLM teacher: model name at the endpoint")
     p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="LLM teacher: env var holding the API key")
     p.add_argument("--timeout", type=float, default=120.0, help="LLM teacher: seconds per request (default 120)")
-    p.add_argument("--stats-tokenizer", default=None, help="model/tokenizer dir: also print token length stats")
+    p.add_argument("--stats-tokenizer", default=None,
+                   help="model/tokenizer dir: also print token length stats (\"train\": a tokenizer trained on "
+                   "the records, as `asyncthink sft --preset` would)")
     p.set_defaults(func=cmd_synth)
 
 
@@ -106,7 +111,11 @@ def _synth(args: argparse.Namespace) -> int:
         )
         teacher = LLMTeacher(task, config)
     else:
-        if args.task == "countdown":
+        if args.task == "countdown" and args.format == "search":
+            from trainer.synth.search_teacher import SearchTeacher
+
+            teacher = SearchTeacher(task, capacity=capacity, topologies=topologies)
+        elif args.task == "countdown":
             from trainer.synth.teacher import CountdownTeacher
 
             teacher = CountdownTeacher(task, capacity=capacity, topologies=topologies)
@@ -136,13 +145,9 @@ def _synth(args: argparse.Namespace) -> int:
     n = write_jsonl(result.records, args.out)
     print(f"{result.summary()}\nwrote {n} records to {args.out}")
     if args.stats_tokenizer:
-        from transformers import AutoTokenizer
+        from trainer.synth.dataset import token_counter
 
-        fast = AutoTokenizer.from_pretrained(args.stats_tokenizer, local_files_only=True).backend_tokenizer
-
-        def count(text: str) -> int:
-            return len(fast.encode(text, add_special_tokens=False).ids)
-
+        count = token_counter(args.stats_tokenizer, result.records, seed=args.seed)
         print(json.dumps(length_stats(result.records, count, capacity), indent=1))
     return 0
 
@@ -192,7 +197,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------- grpo
-GRPO_HELP = """GRPO over thinking structures (DESIGN.md §4): each step runs P problems x G episodes
+GRPO_HELP = """GRPO over thinking structures: each step runs P problems x G episodes
 (organizer plus concurrent workers) through the engine, gives every token an episode generated its
 group-relative advantage (joined-in text masked), and updates the model; the rollout backend gets the
 new weights after every step. Writes OUT/metrics.jsonl, OUT/checkpoint-<step>/ and OUT/final/.

@@ -2,10 +2,11 @@
 
 ``run_episodes`` runs a list of problems through one engine with bounded concurrency (so a batching
 backend sees many sequences at once) and hands every result to a callback (the CLI stores it and
-advances a progress bar). ``summarize`` turns results into the metrics of DESIGN.md §3/§5: accuracy
+advances a progress bar). ``summarize`` turns results into the metrics the README defines: accuracy
 (and for countdown ≥1, ≥2, ≥3, all correct), mean critical-path latency T, mean η/c, format-error rate,
 forks per episode and wall time. ``plot_accuracy_latency`` draws accuracy against mean T, one point
-per mode.
+per mode; ``plot_accuracy_latency_curves`` one curve per mode from a sweep over token budgets, so
+modes are compared at equal critical-path latency (read off the x axis), not at equal budgets.
 """
 
 from __future__ import annotations
@@ -114,6 +115,51 @@ def plot_accuracy_latency(
     ax.set_title(title or "accuracy vs latency")
     ax.grid(alpha=0.3)
     ax.set_ylim(bottom=0)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy_latency_curves(
+    curves: dict[str, list[dict[str, Any]]],
+    path: str | Path,
+    *,
+    title: str = "",
+    metrics: tuple[str, ...] = ("all_correct",),
+) -> Path:
+    """Accuracy against mean critical-path latency, one line per mode through its budget sweep.
+
+    ``curves`` maps a mode to its summaries (:func:`summarize`, plus ``organizer_budget``), one per
+    budget; points are joined in order of mean T and labelled with their budget. One panel per metric
+    (a summary without the key falls back to ``accuracy``).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.0 * len(metrics), 4.2), dpi=120, squeeze=False)
+    right = max((p["mean_latency"] for pts in curves.values() for p in pts), default=1.0)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        for i, (mode, points) in enumerate(curves.items()):
+            pts = sorted(points, key=lambda p: p["mean_latency"])
+            xs = [p["mean_latency"] for p in pts]
+            ys = [p.get(metric, p["accuracy"]) for p in pts]
+            ax.plot(xs, ys, marker="os^Dv"[i % 5], color=f"C{i}", label=mode)
+            for p, x, y in zip(pts, xs, ys, strict=True):
+                if "organizer_budget" in p:
+                    ax.annotate(str(p["organizer_budget"]), (x, y), textcoords="offset points", xytext=(4, 4),
+                                fontsize=7, color=f"C{i}")
+        ax.set_xlim(0, right * 1.12)
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("mean critical-path latency T (decoded tokens)")
+        ax.set_ylabel(f"{_METRIC_LABELS.get(metric, metric)} (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title or "accuracy vs latency as the budget grows (labels: organizer budget)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -1,4 +1,4 @@
-"""Critical-path latency T and thinking concurrency η (DESIGN.md §3), as pure functions of a timeline.
+"""Critical-path latency T and thinking concurrency η (defined in the README's Metrics section), as pure functions of a timeline.
 
 A :class:`Timeline` is what one agent did, in order: decode some tokens, fork a child (whose own
 timeline is nested), join a child. Time is counted in decoded tokens:

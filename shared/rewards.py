@@ -1,4 +1,4 @@
-"""Episode rewards for GRPO (DESIGN.md §4): accuracy, format error and thinking concurrency.
+"""Episode rewards for GRPO: accuracy, format error and thinking concurrency.
 
     R = R_FE                  if the episode has any format error
     R = R_A + λ · R_η         otherwise, with R_η = min(η / c, τ) / τ

@@ -9,6 +9,8 @@ Presets (parameter counts depend on the tokenizer's vocabulary; see :data:`PRESE
 
 - ``"test"``: about 100 k parameters with a 512-token vocabulary; built in well under a second, for CPU
   tests.
+- ``"tiny"``: 4 layers of width 128, about 0.9 M parameters with a ~600-token vocabulary: trains a
+  few hundred steps a minute on two CPU cores (``bench/trace_check.py``, the recipe's CI run).
 - ``"small"``: 5 layers, about 8 M parameters with a 4096-token vocabulary, saved in bf16 so the
   safetensors file stays under 16 MiB (the shipped-model budget). fp32 would take twice that.
 
@@ -59,6 +61,10 @@ PRESETS: dict[str, ModelPreset] = {
     # token), so a test comparing batched and lone decoding would notice a wrong mask or position.
     "test": ModelPreset(
         hidden_size=64, layers=2, heads=4, kv_heads=2, intermediate_size=128, max_position=1024, init_std=0.2
+    ),
+    # ~0.87 M parameters with a 640-token vocabulary (82 k of them the tied embedding): a CPU-minutes model.
+    "tiny": ModelPreset(
+        hidden_size=128, layers=4, heads=4, kv_heads=2, intermediate_size=384, max_position=4096
     ),
     # ~8.0 M parameters with a 4096-token vocabulary: 15.2 MiB in bf16.
     "small": ModelPreset(

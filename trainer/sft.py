@@ -53,7 +53,7 @@ class SFTConfigArgs:
     data: list[str] = _f(help="JSONL files written by `asyncthink synth`", factory=list, required=True)
     out: str = _f("", "output directory: checkpoints, then the final model", required=True)
     model: str | None = _f(None, "a local Hugging Face model directory to fine-tune (or give --preset)")
-    preset: str | None = _f(None, "build a model from scratch instead: test (~100 k) or small (~8 M parameters)")
+    preset: str | None = _f(None, "build a model from scratch instead: test (~100 k), tiny (~0.9 M) or small (~8 M parameters)")
     vocab_size: int = _f(4096, "tokenizer vocabulary when building from a preset")
     kinds: tuple[str, ...] = _f(KINDS, "record kinds to train on, comma-separated")
     epochs: float = _f(1.0, "passes over the data (ignored when --max-steps > 0)")
@@ -85,6 +85,12 @@ class SFTConfigArgs:
         0.0,
         "torch engine: stop and save after this many minutes (0 = no limit); the learning rate then "
         "warms up and decays within those minutes",
+    )
+    clock: str = _f(
+        "wall",
+        "what --max-minutes counts: wall (elapsed time) or cpu (this process's CPU time, every thread: "
+        "equal budgets on a machine that others share)",
+        choices=("wall", "cpu"),
     )
 
     def __post_init__(self) -> None:
@@ -126,6 +132,8 @@ class SFTConfigArgs:
             raise ValueError(f"engine must be auto, trl or torch, got {self.engine!r}")
         if self.max_minutes < 0:
             raise ValueError(f"max_minutes must be >= 0, got {self.max_minutes}")
+        if self.clock not in ("wall", "cpu"):
+            raise ValueError(f"clock must be wall or cpu, got {self.clock!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 
@@ -360,10 +368,12 @@ def run_sft_torch(cfg: SFTConfigArgs) -> dict[str, Any]:
     total = cfg.max_steps if cfg.max_steps > 0 else max(1, int(per_epoch * cfg.epochs))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
 
+    clock = time.process_time if cfg.clock == "cpu" else time.monotonic
+
     def lr_at(step: int) -> float:
         done = (step + 1) / total
         if cfg.max_minutes:  # a time-bounded run is as far along as whichever ends first: steps or minutes
-            done = max(done, (time.monotonic() - t0) / (60 * cfg.max_minutes))
+            done = max(done, (clock() - t0) / (60 * cfg.max_minutes))
         return lr_schedule(cfg.lr, cfg.warmup_ratio, done)
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -375,7 +385,8 @@ def run_sft_torch(cfg: SFTConfigArgs) -> dict[str, Any]:
             rng.shuffle(chunks)
             yield from chunks
 
-    t0 = time.monotonic()
+    t0 = clock()
+    wall0 = time.monotonic()
     step, losses = 0, []
     log: list[dict[str, float]] = []
     stream = batches()
@@ -383,7 +394,7 @@ def run_sft_torch(cfg: SFTConfigArgs) -> dict[str, Any]:
 
     bar = tqdm(total=total, desc="sft", disable=not cfg.progress, mininterval=2.0)
     while step < total:
-        if cfg.max_minutes and time.monotonic() - t0 > 60 * cfg.max_minutes:
+        if cfg.max_minutes and clock() - t0 > 60 * cfg.max_minutes:
             break
         batch = next(stream)
         width = max(len(r["input_ids"]) for r in batch)
@@ -411,7 +422,7 @@ def run_sft_torch(cfg: SFTConfigArgs) -> dict[str, Any]:
         bar.update(1)
         if step % cfg.logging_steps == 0:
             entry = {"step": step, "loss": sum(losses[-cfg.logging_steps :]) / cfg.logging_steps,
-                     "lr": lr_at(step), "elapsed_s": time.monotonic() - t0}
+                     "lr": lr_at(step), "elapsed_s": time.monotonic() - wall0}
             log.append(entry)
             bar.set_postfix(loss=f"{entry['loss']:.3f}")
     bar.close()
@@ -429,7 +440,9 @@ def run_sft_torch(cfg: SFTConfigArgs) -> dict[str, Any]:
         "sequences": len(kept),
         "dropped_too_long": too_long,
         "bf16": bf16,
-        "train_runtime": time.monotonic() - t0,
+        "train_runtime": time.monotonic() - wall0,
+        "train_clock_s": clock() - t0,
+        "clock": cfg.clock,
         "log": log,
     }
     _write_json(out / CONFIG_FILE, {**asdict(cfg), "records": len(records), "sequences": len(kept),

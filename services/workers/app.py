@@ -5,7 +5,7 @@ Start a worker with::
     celery -A services.workers.app worker -Q model,tool --pool=threads -c 4
 
 Broker and result backend are ``Settings.redis_url``. Queues are declared explicitly, one per worker
-kind: ``model`` (a forked sub-query thought about by the model), ``tool`` (``<FORK-i@python>``) and
+kind: ``model`` (a forked sub-query thought about by the model), ``tool`` (``<FORK-i@python>``, ``<FORK-i@verify>``) and
 ``human`` (reserved for the web queue); ``task_create_missing_queues`` is off, so a typo in a queue
 name fails loudly instead of creating a queue nobody consumes.
 

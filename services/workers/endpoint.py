@@ -4,7 +4,7 @@
 
 1. registers a future for ``(episode_id, agent)`` with the episode's result reader;
 2. sends ``asyncthink.run_worker`` with the task as JSON to the queue of ``task.endpoint``
-   (``queue_for_endpoint``: ``None`` -> ``model``, ``"python"`` -> ``tool``); the organizer marks the
+   (``queue_for_endpoint``: ``None`` -> ``model``, every tool (``"python"``, ``"verify"``) -> ``tool``); the organizer marks the
    episode running (a committed write) before the engine starts, so everything a worker depends on is
    committed before the dispatch. The send runs in a small thread pool, not on the event loop (a broker
    that does not answer would stall every episode of the process), and a send that cannot reach the
@@ -44,13 +44,14 @@ from typing import Any
 
 from kombu.exceptions import OperationalError
 
+from services.workers.tools import TOOL_NAMES
 from shared.bus.base import Bus
 from shared.messages import SegmentRecord, WorkerOutcome, WorkerTask, results_stream
 from shared.retry import REDIS_ERRORS, backoff_delay
 
 log = logging.getLogger(__name__)
 
-DEFAULT_QUEUES: Mapping[str | None, str] = {None: "model", "python": "tool"}
+DEFAULT_QUEUES: Mapping[str | None, str] = {None: "model", **dict.fromkeys(TOOL_NAMES, "tool")}
 RUN_WORKER_TASK = "asyncthink.run_worker"
 # what a broker that cannot be reached looks like to send_task (kombu wraps most of it)
 SEND_ERRORS: tuple[type[BaseException], ...] = (OperationalError, ConnectionError, TimeoutError, OSError, *REDIS_ERRORS)

@@ -6,7 +6,7 @@ a handle to another task; it never waits on another task's result) and, by ``tas
 * ``None``: the model thinks about the sub-query alone — the engine's own worker loop
   (``AgentRunner(backend, task).endpoints[None]``, i.e. :class:`~shared.agents.ModelWorker`) on a
   backend opened once per worker process;
-* ``"python"``: the arithmetic tool of :mod:`.tools` (the ``tool`` queue);
+* ``"python"``, ``"verify"``: the tools of :mod:`.tools` (the ``tool`` queue);
 
 then publishes the :class:`~shared.messages.WorkerOutcome` JSON to ``results_stream(episode_id)`` with
 fields ``agent`` and ``data``. The worker's own events (its Return, its format errors) go to the

@@ -104,8 +104,20 @@ def _writing(session: Session, commit: bool) -> Iterator[None]:
         raise
 
 
+def _no_nul(value: Any) -> Any:
+    """``value`` with every NUL character replaced by U+FFFD: PostgreSQL refuses NUL in text and JSON,
+    and a model may decode one (the token ids, kept beside the text, stay exact)."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    if isinstance(value, list):
+        return [_no_nul(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _no_nul(v) for k, v in value.items()}
+    return value
+
+
 def _json(value: Any) -> Any:
-    return to_jsonable_python(value, fallback=str)
+    return _no_nul(to_jsonable_python(value, fallback=str))
 
 
 def _ts(unix: float) -> datetime | None:
@@ -114,7 +126,7 @@ def _ts(unix: float) -> datetime | None:
 
 def _segment_values(episode_id: str, seg: SegmentRecord) -> dict[str, Any]:
     columns = _table(Segment).c
-    values = {k: v for k, v in seg.model_dump().items() if k in columns}
+    values = {k: _no_nul(v) if isinstance(v, str) else v for k, v in seg.model_dump().items() if k in columns}
     values["prompt_ids"] = [int(i) for i in seg.prompt_ids]
     values["completion_ids"] = [int(i) for i in seg.completion_ids]
     values["completion_mask"] = [int(m) for m in seg.completion_mask]
@@ -297,7 +309,7 @@ def save_episode(
         "model_id": result.model_id,
         "model_version": result.model_version,
         "status": EpisodeStatus(result.status).value,
-        "answer": result.answer,
+        "answer": _no_nul(result.answer),
         # an ungraded task (chat) answers without a score: its accuracy stays unset
         "accuracy": None if score is None and result.status is EpisodeStatus.COMPLETED else float(rewards.accuracy),
         "reward_concurrency": float(rewards.concurrency),
@@ -320,7 +332,7 @@ def save_episode(
         "forks": result.forks,
         "format_errors": _json(result.format_errors),
         "timeline": result.timeline.to_json(),
-        "error": result.error,
+        "error": _no_nul(result.error),
         "finished_at": finished,
     }
     t = _table(Episode)

@@ -1,9 +1,12 @@
 """Multi-solution countdown (MCD): generator, fixed test split, verifier, vote and prompts.
 
 A problem gives numbers and a target; a full answer lists ``n_solutions`` (default 4) expressions with
-+ − × ÷ and parentheses, each evaluating exactly to the target and using each given number at most
-once. Solutions count only when distinct in the strict sense of DESIGN.md §5 (see
-:mod:`shared.tasks.expr`), so padding one solution into four earns nothing.
++ − × ÷ and parentheses, each evaluating exactly to the target and using **at least two** of the given
+numbers, each at most once (as often as it is given). A bare number is never a solution, not even when
+it equals the target. Solutions count only when distinct in the strict sense of
+:mod:`shared.tasks.expr` (padding such as ``×(5−4)`` or ``+a−a`` is no new solution; an added term worth
+1 built differently is), so padding one solution into four earns nothing. The generator, the verifier,
+the reward, the teacher and every reported metric use these same rules.
 
 Answer format (the text inside ``<ANSWER>``): expressions separated by ``;`` or newlines; each may end
 with ``= target`` and may start with a list bullet (``-``, ``*``, ``1.``, ``1)``). Every listed
@@ -15,9 +18,17 @@ uniformly from those targets. (Most 4-number draws have no such target, so this 
 drawing numbers and target together, at the cost of slightly favouring number sets with few good
 targets.) About 0.3 s per problem on one core.
 
-Test split: ``data/countdown_test.jsonl``, 400 problems made by ``generate(400, TEST_SEED)`` with ids
-``cd-test-<k>`` (rebuild with ``python -m shared.tasks.countdown``). Train problems never repeat a test
-problem (same numbers as a multiset and same target).
+Held-out splits (rebuild both with ``python -m shared.tasks.countdown``):
+
+* ``test``: ``data/countdown_test.jsonl``, 400 problems made by ``generate(400, TEST_SEED)`` with ids
+  ``cd-test-<k>``: the fixed split every model card reports;
+* ``test2``: ``data/countdown_test2.jsonl``, 400 problems drawn the same way from another seed
+  (``TEST2_SEED``, ids ``cd-test2-<k>``), none of them in ``test``: a second check that a result is not
+  an accident of one draw.
+
+Train problems never repeat a held-out problem (same numbers as a multiset and same target);
+``build_train_problems`` rebuilds the committed ``trainer/data/countdown_train_problems.jsonl``. Any
+JSONL file of problems (one payload a line, an optional ``id``) is a split too: pass its path.
 """
 
 from __future__ import annotations
@@ -31,7 +42,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from shared.tasks.base import Mode, Problem, Score
+from shared.tasks.base import Mode, Problem, Score, is_problem_file, load_problem_file
 from shared.tasks.countdown_solver import solution_counts
 from shared.tasks.expr import Canonical, ExprError, canonical, check_solution
 from shared.tasks.prompts import mode_hint, worker_prompt
@@ -40,6 +51,10 @@ NAME = "countdown"
 TEST_SEED = 26658  # the paper's arXiv number; seeds the committed test split
 TEST_SIZE = 400
 TEST_FILE = Path(__file__).parent / "data" / "countdown_test.jsonl"
+TEST2_SEED = 51026  # the second held-out split: same draw, another seed
+TEST2_FILE = Path(__file__).parent / "data" / "countdown_test2.jsonl"
+TRAIN_SEEDS = tuple(range(101, 107))  # the committed train problems: 2500 from each seed, deduplicated
+TRAIN_PER_SEED = 2500
 DEFAULT_N_SOLUTIONS = 4
 MAX_NUMBERS = 8  # user payloads: verification is cheap, but keep prompts sane
 # Payload bounds (user payloads; the generated splits use 1..99 and targets 10..100)
@@ -115,20 +130,56 @@ def build_test_split() -> list[Problem]:
     return generate(TEST_SIZE, TEST_SEED, id_prefix="cd-test")
 
 
-def write_jsonl(problems: Iterable[Problem], path: Path) -> None:
+def build_test2_split() -> list[Problem]:
+    """The second held-out split (``data/countdown_test2.jsonl``): another seed, none of ``test``."""
+    return generate(TEST_SIZE, TEST2_SEED, id_prefix="cd-test2", exclude=_keys(build_test_split()))
+
+
+def held_out_keys() -> set[tuple[tuple[int, ...], int]]:
+    """The :func:`problem_key` of every problem of both committed held-out splits."""
+    return _keys(load_test_split()) | _keys(load_test2_split())
+
+
+def _keys(problems: Iterable[Problem]) -> set[tuple[tuple[int, ...], int]]:
+    return {problem_key(p.payload["numbers"], p.payload["target"]) for p in problems}
+
+
+def build_train_problems(
+    seeds: Sequence[int] = TRAIN_SEEDS, per_seed: int = TRAIN_PER_SEED
+) -> list[Problem]:
+    """``per_seed`` train problems from each seed, none held out, duplicates across seeds removed."""
+    exclude = held_out_keys()
+    out: list[Problem] = []
+    seen: set[tuple[tuple[int, ...], int]] = set()
+    for seed in seeds:
+        for p in generate(per_seed, seed, exclude=exclude):
+            key = problem_key(p.payload["numbers"], p.payload["target"])
+            if key not in seen:
+                seen.add(key)
+                out.append(p)
+    return out
+
+
+def write_jsonl(problems: Iterable[Problem], path: Path, with_ids: bool = True) -> None:
     with path.open("w", encoding="utf-8") as f:
         for p in problems:
-            f.write(json.dumps({"id": p.id, **p.payload}) + "\n")
+            row = {"id": p.id, **p.payload} if with_ids else dict(p.payload)
+            f.write(json.dumps(row) + "\n")
+
+
+def load_split_file(path: str | Path) -> tuple[Problem, ...]:
+    """The problems of a JSONL file (:func:`shared.tasks.base.load_problem_file`)."""
+    return tuple(load_problem_file(CountdownTask(), path))
 
 
 @lru_cache(maxsize=1)
 def load_test_split() -> tuple[Problem, ...]:
-    problems = []
-    with TEST_FILE.open(encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            problems.append(make_problem(row["numbers"], row["target"], row["n_solutions"], row["id"]))
-    return tuple(problems)
+    return load_split_file(TEST_FILE)
+
+
+@lru_cache(maxsize=1)
+def load_test2_split() -> tuple[Problem, ...]:
+    return load_split_file(TEST2_FILE)
 
 
 # ---------------------------------------------------------------- answers
@@ -272,15 +323,19 @@ class CountdownTask:
         return make_problem(numbers, target, n_s, problem_id)
 
     def problems(self, split: str, n: int, seed: int = 0) -> list[Problem]:
-        """Split "test": the first ``n`` of the committed file; "train": ``n`` fresh problems from ``seed``."""
-        if split == "test":
-            if n > TEST_SIZE:
-                raise ValueError(f"the countdown test split has {TEST_SIZE} problems; asked for {n}")
-            return list(load_test_split()[:n])
+        """The first ``n`` problems of a split: "test" and "test2" (the committed held-out files), a
+        JSONL file's path, or "train" (``n`` fresh problems from ``seed``, none held out)."""
         if split == "train":
-            test_keys = [problem_key(p.payload["numbers"], p.payload["target"]) for p in load_test_split()]
-            return generate(n, seed, exclude=test_keys)
-        raise ValueError(f"unknown countdown split {split!r}; use 'train' or 'test'")
+            return generate(n, seed, exclude=held_out_keys())
+        if split in ("test", "test2"):
+            pool = load_test_split() if split == "test" else load_test2_split()
+        elif is_problem_file(split):
+            pool = load_split_file(split)
+        else:
+            raise ValueError(f"unknown countdown split {split!r}; use train, test, test2 or a JSONL path")
+        if n > len(pool):
+            raise ValueError(f"the countdown split {split!r} has {len(pool)} problems; asked for {n}")
+        return list(pool[:n])
 
     def organizer_prompt(self, problem: Problem, mode: Mode) -> str:
         p = problem.payload
@@ -302,7 +357,24 @@ class CountdownTask:
         return vote(answers, problem)
 
 
-if __name__ == "__main__":  # rebuild the committed test split
+def main(argv: Sequence[str] | None = None) -> None:
+    """Rebuild the committed held-out splits (and with ``--train PATH`` the train problems)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="rebuild the committed countdown problem files")
+    parser.add_argument("--train", type=Path, help="also write the train problems to this path")
+    args = parser.parse_args(argv)
     TEST_FILE.parent.mkdir(parents=True, exist_ok=True)
     write_jsonl(build_test_split(), TEST_FILE)
-    print(f"wrote {TEST_SIZE} problems to {TEST_FILE}")
+    load_test_split.cache_clear()
+    write_jsonl(build_test2_split(), TEST2_FILE)
+    load_test2_split.cache_clear()
+    print(f"wrote {TEST_SIZE} problems to {TEST_FILE} and {TEST_SIZE} to {TEST2_FILE}")
+    if args.train:
+        train = build_train_problems()
+        write_jsonl(train, args.train, with_ids=False)
+        print(f"wrote {len(train)} train problems to {args.train}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,6 +1,8 @@
-"""Exhaustive countdown solver and the problem generator, counting solutions in the DESIGN.md §5 sense.
+"""Exhaustive countdown solver and the problem generator's solution counts, under the task's rules.
 
-The solver tries every sub-multiset of the numbers (each number at most once) and every binary tree
+A solution uses at least two of the numbers (each at most once) and is distinct in the sense of
+:mod:`shared.tasks.expr` (padding does not make a new solution; a bare number, padded or not, is none).
+The solver tries every sub-multiset of at least two numbers and every binary tree
 over it with + − × ÷ (fractions allowed on the way, division by zero skipped). It is memoized over
 sub-multisets: for each one, a table ``value -> {flat form -> readable expression}``. The flat form
 (:func:`shared.tasks.expr.flat_combine`: commutativity, associativity, signed terms) of ``a op b`` is a
@@ -26,6 +28,7 @@ from shared.tasks.expr import (
     Canonical,
     flat_combine,
     join_text,
+    number_count,
     number_form,
     reduce_form,
 )
@@ -139,10 +142,10 @@ def _hits(ms: tuple[Leaf, ...], target: Fraction) -> Table:
     return out
 
 
-def _sub_multisets(ms: tuple[Leaf, ...]) -> list[tuple[Leaf, ...]]:
-    """All distinct non-empty sub-multisets, smallest first."""
+def _sub_multisets(ms: tuple[Leaf, ...], smallest: int = 1) -> list[tuple[Leaf, ...]]:
+    """All distinct sub-multisets of at least ``smallest`` leaves, smallest first."""
     subs: dict[tuple[Leaf, ...], None] = {}
-    for size in range(1, len(ms) + 1):
+    for size in range(smallest, len(ms) + 1):
         for combo in combinations(ms, size):
             subs.setdefault(combo, None)
     return list(subs)
@@ -152,17 +155,20 @@ def _solve_leaves(leaves: Sequence[Leaf], target: int, must_use: Leaf | None = N
     """Solutions over sub-multisets of ``leaves`` (plus ``must_use`` in every one, when given)."""
     goal = Fraction(target)
     found: dict[Canonical, str] = {}
-    subs = _sub_multisets(tuple(sorted(leaves)))
-    if must_use is not None:
-        subs = [(must_use,)] + [tuple(sorted((*sub, must_use))) for sub in subs]
+    if must_use is None:
+        subs = _sub_multisets(tuple(sorted(leaves)), smallest=2)
+    else:
+        subs = [(must_use,)] + [tuple(sorted((*sub, must_use))) for sub in _sub_multisets(tuple(sorted(leaves)))]
     for sub in subs:
         for flat, (text, _) in _hits(sub, goal).get(goal, {}).items():
-            found.setdefault(reduce_form(flat), text)
+            key = reduce_form(flat)
+            if number_count(key) >= 2:  # a (padded) bare number is not a solution
+                found.setdefault(key, text)
     return found
 
 
 def solve(numbers: Sequence[int], target: int) -> dict[Canonical, str]:
-    """Every distinct (§5) solution: canonical form -> one readable expression using the fewest numbers.
+    """Every distinct solution: canonical form -> one readable expression using the fewest numbers.
 
     >>> sorted(solve([2, 3], 6).values())
     ['2*3']
@@ -217,9 +223,10 @@ def solution_counts(numbers: Sequence[int], target_low: int, target_high: int) -
 
     found: dict[int, set[Canonical]] = {}
     full = tuple(sorted(number_leaf(n) for n in numbers))
-    for sub in _sub_multisets(full):
+    for sub in _sub_multisets(full, smallest=2):
         table = _tabulate(sub, in_range) if sub == full else _table(sub)
         for value, bucket in table.items():
             if in_range(value):
-                found.setdefault(int(value), set()).update(reduce_form(flat) for flat in bucket)
-    return {target: len(keys) for target, keys in sorted(found.items())}
+                keys = (reduce_form(flat) for flat in bucket)
+                found.setdefault(int(value), set()).update(k for k in keys if number_count(k) >= 2)
+    return {target: len(keys) for target, keys in sorted(found.items()) if keys}

@@ -7,7 +7,7 @@ Accepted: non-negative integer literals (ASCII digits), ``+``, ``-`` (also ``−
 characters or more than ``MAX_DEPTH`` nested parentheses. Evaluation is exact (``fractions.Fraction``);
 division by zero is an :class:`ExprError`.
 
-Canonical form (DESIGN.md §5). Two solutions are the same when they are equal after
+Canonical form (the task's rule for "distinct"). Two solutions are the same when they are equal after
 
 * commutativity and associativity of ``+`` and ``×``;
 * rewriting ``−`` and ``÷`` as signed terms and inverse factors (``a−(b−c) = a−b+c``,
@@ -17,12 +17,19 @@ Canonical form (DESIGN.md §5). Two solutions are the same when they are equal a
 
 Because associativity lets any group of terms or factors be parenthesised, "a term whose value is 0"
 covers every *group* of terms that sums to 0 (``59+78−6·13`` is ``59+(78−6·13)``, so it is ``59``), and
-"a factor whose value is 1" every group of factors and divisors whose product is 1 (``59·78/(6·13)`` is
-``59``; ``80+6/(20−14)`` is ``80+1``: a term made only of cancelling factors is the constant 1). Exact
-pairs (``+a−a``, ``·a/a``) are dropped first, then the smallest group, then the next, until none is left.
+"a factor whose value is 1" every group of factors and divisors whose product is 1, *inside a product
+that keeps something else* (``59·78/(6·13)`` is ``59``). A term is never reduced to nothing: a term
+worth 1 that is *added* is not padding, so its factors stay as written, and two such terms built
+differently stay different (``84+18/(2+16)`` and ``84+2/(18−16)`` are two solutions; ``80+5/5`` and
+``80+1`` too). Exact pairs (``+a−a``, ``·a/a``) are dropped first, then the smallest group, then the
+next, until none is left (in a product: none that leaves at least one factor).
 One more rule in the spirit of the second: a sum used as a factor is stored with a positive value, its
 sign moved to the enclosing term, so ``c−a·(b−d)`` and ``c+a·(d−b)`` are one solution. Distributivity
 is *not* applied: ``(a+b)·c`` and ``a·c+b·c`` stay distinct.
+
+A *solution* (:func:`check_solution`) uses at least two of the given numbers, each at most as often
+as it is given, and its canonical form still holds at least two numbers: a bare number is never a
+solution, even when it equals the target, and neither is a padded one (``59·(2−1)``, ``59+78−6·13``).
 
 Representation: a canonical expression is a sorted tuple of signed terms ``(sign, factors)``; the
 factors are a sorted tuple of ``(exponent, factor)`` with exponent ±1; a factor is ``("n", value)``
@@ -35,8 +42,10 @@ padding innermost first. Every way of writing one flattened expression thus gets
 
 Limits: "same" is an equivalence, a canonical form is one representative, and padding can bridge two
 honest solutions (``7−6/3+2−2`` pads both ``7−6/3`` and ``7−2``); then the padded expression gets
-one of the two forms, chosen by the fixed order above, and never counts as a third solution. A ``1``
-made as a difference (``x+(3−2)`` is ``x+3−2``) and one made as a ratio (``x+5/5`` is ``x+1``) differ.
+one of the two forms, chosen by the fixed order above, and never counts as a third solution. The
+same holds inside a term worth 1 that could lose either of two cancelling groups (``5·7/(5·7)``): the
+first in sorted order goes. A ``1`` made as a difference (``x+(3−2)`` is ``x+3−2``) and one made as a
+ratio (``x+5/5``) differ, and both differ from ``x+1`` with a given ``1``.
 """
 
 from __future__ import annotations
@@ -238,7 +247,7 @@ def join_text(op: str, left: tuple[str, int], right: tuple[str, int]) -> str:
 
 
 def number_terms(value: int) -> Canonical:
-    """The canonical form of a single number (1 is the empty product, 0 the empty sum)."""
+    """The canonical form of a single number (0 is the empty sum)."""
     return reduce_form(number_form(value))
 
 
@@ -259,14 +268,17 @@ def terms_value(terms: Canonical) -> Fraction:
     return sum((sign * _product_value(factors) for sign, factors in terms), Fraction(0))
 
 
-def _first_neutral_group(values: Sequence[Fraction], neutral: Fraction, add: bool) -> tuple[int, ...]:
+def _first_neutral_group(
+    values: Sequence[Fraction], neutral: Fraction, add: bool, proper: bool = False
+) -> tuple[int, ...]:
     """Indices of the smallest (then first) group whose sum (``add``) or product equals ``neutral``.
 
-    () when there is none. Cheap exit when no group can exist: all values on one side of the neutral.
+    () when there is none. ``proper``: only groups that leave at least one value out. Cheap exit when
+    no group can exist: all values on one side of the neutral.
     """
     if neutral not in values and (all(v > neutral for v in values) or all(v < neutral for v in values)):
         return ()
-    for size in range(1, len(values) + 1):
+    for size in range(1, len(values) + (0 if proper else 1)):
         for group in combinations(range(len(values)), size):
             total = neutral
             for i in group:
@@ -277,30 +289,28 @@ def _first_neutral_group(values: Sequence[Fraction], neutral: Fraction, add: boo
 
 
 def _drop_groups(
-    items: list[Any], values: list[Fraction], neutral: Fraction, add: bool, keep_lone_sum: bool = False
+    items: list[Any], values: list[Fraction], neutral: Fraction, add: bool, keep_one: bool = False
 ) -> tuple[Any, ...]:
     """Sort; drop exactly cancelling pairs (``(1, x)`` with ``(-1, x)``), then neutral groups.
 
     Items are ``(sign or exponent, term or factor)``. Exact pairs go first so that a syntactic
     ``+a−a`` or ``·a/a`` is what gets cancelled when several choices would reach the neutral value.
-    ``keep_lone_sum`` (products): stop when a single parenthesised sum is left, so that a term that
-    *is* a sum of value 1 (``(1−2)·(3/3)``) is spliced back as that sum instead of vanishing.
+    ``keep_one`` (products): drop only what leaves at least one item, so a product is never emptied:
+    a term worth 1 keeps its factors (a lone sum of value 1 among them is spliced back by the caller).
     """
     order = sorted(range(len(items)), key=lambda i: items[i])
     items, values = [items[i] for i in order], [values[i] for i in order]
-    while pair := _first_exact_pair(items):
+
+    def allowed(group: tuple[int, ...]) -> bool:
+        return bool(group) and not (keep_one and len(group) == len(items))
+
+    while allowed(pair := _first_exact_pair(items)):
         items = [x for i, x in enumerate(items) if i not in pair]
         values = [v for i, v in enumerate(values) if i not in pair]
-    while not (keep_lone_sum and _is_lone_sum(items)) and (
-        group := _first_neutral_group(values, neutral, add)
-    ):
+    while allowed(group := _first_neutral_group(values, neutral, add, proper=keep_one)):
         items = [x for i, x in enumerate(items) if i not in group]
         values = [v for i, v in enumerate(values) if i not in group]
     return tuple(items)
-
-
-def _is_lone_sum(factors: list[Any]) -> bool:
-    return len(factors) == 1 and factors[0][0] == 1 and factors[0][1][0] == "+"
 
 
 def _first_exact_pair(items: list[Any]) -> tuple[int, ...]:
@@ -324,15 +334,16 @@ def _reduce_terms(terms: Sequence[Term]) -> Canonical:
 def _simplify_product(factors: Iterable[tuple[int, tuple[Any, ...]]]) -> tuple[Any, ...]:
     """Drop groups of factors and divisors whose product is 1 (``×1``, ``÷(5−4)``, ``·a/a``); sorted.
 
-    A term whose factors all cancel becomes the empty product, the constant 1: ``80+6/(20−14)``,
-    ``80+(20−14)/6`` and ``80+1`` are one solution. A factor of value 0 is kept (the term is then 0
-    and dropped by the caller).
+    Only groups that leave at least one factor go: a term worth 1 keeps the factors it is built from,
+    so ``84+18/(2+16)``, ``84+2/(18−16)`` and ``84+1`` stay three different solutions, while
+    ``84+18·(3−2)/(2+16)`` is ``84+18/(2+16)``. A factor of value 0 is kept (the term is then 0 and
+    dropped by the caller).
     """
     items = list(factors)
     values = [factor_value(f) if e == 1 else 1 / factor_value(f) for e, f in items if factor_value(f) != 0]
     if len(values) < len(items):
         return tuple(sorted(items))
-    return _drop_groups(items, values, Fraction(1), add=False, keep_lone_sum=True)
+    return _drop_groups(items, values, Fraction(1), add=False, keep_one=True)
 
 
 def _simplify_sum(terms: Iterable[Term]) -> Canonical:
@@ -466,12 +477,47 @@ def distinct_solutions(exprs: Iterable[str], numbers: Sequence[int], target: int
     return found
 
 
+def number_count(terms: Canonical) -> int:
+    """How many number literals a canonical form holds (padding already dropped)."""
+    count = 0
+    for _, factors in terms:
+        for _, factor in factors:
+            count += 1 if factor[0] == "n" else number_count(factor[1])
+    return count
+
+
+def usage_error(node: Expr, numbers: Iterable[int]) -> str | None:
+    """Why the literals of ``node`` are not a valid use of ``numbers`` (None when they are).
+
+    Each given number may be used at most as often as it is given, and at least two numbers must be
+    used: a bare number is not a solution.
+    """
+    used, available = Counter(leaves(node)), Counter(numbers)
+    for value, count in used.items():
+        if not available[value]:
+            return f"uses {value}, which is not given"
+        if count > available[value]:
+            times = "once" if available[value] == 1 else f"{available[value]} times"
+            return f"uses {value} {count} times but it is given {times}"
+    if sum(used.values()) < 2:
+        return "uses fewer than two of the given numbers (a bare number is not a solution)"
+    return None
+
+
 def check_solution(text: str, numbers: Sequence[int], target: int) -> Canonical:
-    """The canonical form of a valid solution; ExprError saying why it is not one otherwise."""
+    """The canonical form of a valid solution; ExprError saying why it is not one otherwise.
+
+    Valid: parses, uses at least two of ``numbers`` (each at most as often as given), evaluates exactly
+    to ``target``, and is more than padding around a single number (``59·(2−1)`` is the bare ``59``).
+    """
     node = parse(text)
     value = evaluate(node)
-    if not uses_available(node, numbers):
-        raise ExprError("uses a number that is not given, or a given number too often")
+    problem = usage_error(node, numbers)
+    if problem:
+        raise ExprError(problem)
     if value != target:
         raise ExprError(f"evaluates to {value}, not {target}")
-    return reduce_form(flat_form(node))
+    form = reduce_form(flat_form(node))
+    if number_count(form) < 2:
+        raise ExprError(f"is padding around the bare number {canonical_text(form)} (a bare number is not a solution)")
+    return form

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from functools import lru_cache
 from typing import Any
 
-from shared.tasks.base import Mode, Problem, Score
+from shared.tasks.base import Mode, Problem, Score, is_problem_file, load_problem_file
 from shared.tasks.prompts import mode_hint, worker_prompt
 
 NAME = "sudoku"
@@ -213,14 +213,20 @@ class SudokuTask:
         )
 
     def problems(self, split: str, n: int, seed: int = 0) -> list[Problem]:
-        """Split "test": the first ``n`` of the fixed 100; "train": ``n`` fresh puzzles, none from test."""
+        """Split "test": the first ``n`` of the fixed 100; "train": ``n`` fresh puzzles, none from test;
+        a JSONL file's path: its first ``n`` puzzles (one ``{"puzzle": ...}`` payload a line)."""
         if split == "test":
             if n > TEST_SIZE:
                 raise ValueError(f"the sudoku test split has {TEST_SIZE} problems; asked for {n}")
             return list(load_test_split()[:n])
         if split == "train":
             return generate(n, seed, exclude=(p.payload["puzzle"] for p in load_test_split()))
-        raise ValueError(f"unknown sudoku split {split!r}; use 'train' or 'test'")
+        if is_problem_file(split):
+            pool = load_problem_file(self, split)
+            if n > len(pool):
+                raise ValueError(f"the sudoku split {split!r} has {len(pool)} problems; asked for {n}")
+            return pool[:n]
+        raise ValueError(f"unknown sudoku split {split!r}; use train, test or a JSONL path")
 
     def organizer_prompt(self, problem: Problem, mode: Mode) -> str:
         puzzle = problem.payload["puzzle"]

@@ -1,7 +1,7 @@
 """The scenario suite's data: scripted episodes and what each must produce, written once for every setup.
 
 Each :class:`Scenario` gives the text every agent generates (the scripted backend replays it, one
-character per token) and the expected outcome: status, answer, ``T`` and ``η`` (DESIGN.md §3, derived
+character per token) and the expected outcome: status, answer, ``T`` and ``η`` (as the README's Metrics section defines them, derived
 below from the script pieces, so the arithmetic is visible), the workers' takeaways and the
 organizer's events in order.
 
@@ -232,6 +232,26 @@ SCENARIOS.append(
         organizer_events=["started", "fork", "join", "worker_result", "answer", "finished"],
         returned={"1": "2*3+4 = 10"},
         endpoints={"1": "python"},
+    )
+)
+
+# 9. The verify tool: candidates checked against the problem the query carries; only the ok ones are kept.
+_O1 = "<FORK-1@verify>1 2 3 4 -> 10: 2*3+4; 4+3*2; 10; 1+2+3*4</FORK-1>"
+_O2 = "<JOIN-1>"
+_O3 = "<ANSWER>2*3+4</ANSWER>"
+SCENARIOS.append(
+    Scenario(
+        name="verify_tool",
+        script={"organizer": _O1 + _O2 + _O3},
+        status="completed",
+        answer="2*3+4",
+        accuracy=0.5,
+        latency=_n(_O1, _O2, _O3),
+        eta=1.0,
+        organizer_events=["started", "fork", "join", "worker_result", "answer", "finished"],
+        returned={"1": "ok 2*3+4; no 4+3*2: same as 2*3+4; no 10: uses 10, which is not given; "
+                       "no 1+2+3*4: evaluates to 15, not 10"},
+        endpoints={"1": "verify"},
     )
 )
 

@@ -4,7 +4,7 @@ For each scenario the test submits the problem to the problems stream (as the ga
 storing a pending episode), waits for the episode's ``finished`` event, and checks, from the store and
 the event stream:
 
-* status, answer, accuracy, ``T`` and ``η`` exactly as DESIGN.md §3 (the expected values are derived
+* status, answer, accuracy, ``T`` and ``η`` exactly as the README's Metrics section defines them (the expected values are derived
   from the scripts in :mod:`tests.scenarios.scripts`);
 * the store already holds the finished episode when ``finished`` is published;
 * every segment with its token ids and its mask: the organizer's ids are its script with each join's

@@ -1,4 +1,4 @@
-"""Critical-path latency T and concurrency η against hand-worked examples (DESIGN.md §3)."""
+"""Critical-path latency T and concurrency η against hand-worked examples (the README's Metrics section)."""
 
 import pytest
 

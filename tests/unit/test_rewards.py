@@ -1,4 +1,4 @@
-"""Rewards (DESIGN.md §4): R = R_FE on a format error, else R_A + λ·min(η/c, τ)/τ."""
+"""Rewards: R = R_FE on a format error, else R_A + λ·min(η/c, τ)/τ."""
 
 from __future__ import annotations
 

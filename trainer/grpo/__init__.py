@@ -1,4 +1,4 @@
-"""GRPO over thinking structures (DESIGN.md §4): a compact loop of our own, not TRL's ``GRPOTrainer``.
+"""GRPO over thinking structures: a compact loop of our own, not TRL's ``GRPOTrainer``.
 
 Why not TRL: its ``GRPOTrainer`` (and ``rollout_func`` with ``env_mask``) carries **one sequence per
 rollout**. An AsyncThink rollout is a whole episode: the organizer's sequence plus one sequence per

@@ -77,7 +77,7 @@ class GRPOConfigArgs:
             "choices_of": {"mode": MODES},
         },
     )
-    # --- rewards (DESIGN.md §4) ---------------------------------------------------------------------
+    # --- rewards (shared/rewards.py) ---------------------------------------------------------------------
     format_error_reward: float = _f(
         _REWARDS.format_error_reward, "R_FE: reward of an episode with any format error (< 0)"
     )

@@ -145,11 +145,18 @@ async def run_group_rollouts(
     group_size: int,
     seed: int,
 ) -> list[list[EpisodeResult]]:
-    """G episodes per problem, all at once; ``result[p][g]``. Episode seeds derive from ``seed``."""
+    """G episodes per problem, all at once; ``result[p][g]``. Episode seeds derive from ``seed``.
+
+    The tools (``@python``, ``@verify``) run in process, as in the embedded organizer; a tool's segment
+    has no token ids, so nothing of it is trained on."""
+    from shared.tools import local_endpoints
+
+    endpoints = local_endpoints()
 
     async def one(p: int, g: int) -> EpisodeResult:
         cfg = engine_config.model_copy(update={"seed": seed + p * group_size + g})
-        return await Engine(backend, task, cfg).run(problems[p], episode_id=f"s{seed}-p{p}-g{g}")
+        engine = Engine(backend, task, cfg, endpoints=endpoints)
+        return await engine.run(problems[p], episode_id=f"s{seed}-p{p}-g{g}")
 
     flat = await asyncio.gather(*(one(p, g) for p in range(len(problems)) for g in range(group_size)))
     return [list(flat[p * group_size : (p + 1) * group_size]) for p in range(len(problems))]

@@ -5,7 +5,7 @@ each with its episode's advantage) and runs ``updates_per_step`` AdamW steps. Mi
 length-sorted and bounded by ``micro_batch_tokens`` padded tokens; gradients accumulate over them and
 the loss is divided by the whole step's generated-token count, so the update does not depend on how
 the batch was cut. Sequences with zero advantage carry no gradient (without a KL term) and are skipped.
-:func:`step_metrics` turns a step's episodes into the logged means (DESIGN.md §3/§4).
+:func:`step_metrics` turns a step's episodes into the logged means (T, η and the reward parts).
 
 Limits: the model is run without an attention mask (right padding under a causal mask is harmless);
 log-probs are recomputed by the training model, not taken from the rollout backend, so a bf16 rollout

@@ -1,6 +1,6 @@
 """The batched slot engine: many sequences from many episodes share each decode step.
 
-Purpose: fast GRPO rollouts for Qwen2-shaped models (DESIGN.md §7). One preallocated KV cache
+Purpose: fast GRPO rollouts for Qwen2-shaped models. One preallocated KV cache
 ``[layers, slots, kv_heads, max_len + 1, head_dim]`` holds one *slot* per running sequence (an
 organizer or a worker of any episode). Between decode steps the engine
 

@@ -148,12 +148,41 @@ def generated_tokens(record: TraceRecord, count: Callable[[str], int]) -> int:
 def _describe(values: Sequence[float]) -> dict[str, float]:
     if not values:
         return {"n": 0}
+    ordered = sorted(values)
+
+    def pct(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
     return {
         "n": len(values),
         "mean": round(statistics.fmean(values), 3),
-        "max": max(values),
-        "min": min(values),
+        "min": ordered[0],
+        "p50": pct(0.5),
+        "p90": pct(0.9),
+        "p99": pct(0.99),
+        "max": ordered[-1],
     }
+
+
+def token_counter(
+    tokenizer: str, records: Sequence[TraceRecord] = (), *, vocab_size: int = 4096, seed: int = 0
+) -> Callable[[str], int]:
+    """``count(text)`` in tokens of a model or tokenizer directory, or with ``"train"`` of a tokenizer
+    trained on ``records`` (plus the default corpus), the one ``asyncthink sft --preset`` would build."""
+    if tokenizer == "train":
+        from trainer.tokenizer import default_corpus, train_tokenizer
+
+        corpus = [r.prompt + r.completion for r in records]
+        fast = train_tokenizer([*corpus, *default_corpus(seed=seed)], vocab_size).backend_tokenizer
+    else:
+        from transformers import AutoTokenizer
+
+        fast = AutoTokenizer.from_pretrained(tokenizer, local_files_only=True).backend_tokenizer
+
+    def count(text: str) -> int:
+        return len(fast.encode(text, add_special_tokens=False).ids)
+
+    return count
 
 
 def length_stats(

@@ -15,8 +15,9 @@ An injected span is exactly what a Join appends: the worker's returned text foll
 and the prompt out of the loss.
 
 :func:`check_episode` / :func:`check_sequential` run the protocol parser (no format error at the
-chosen capacity, every fork joined, every join's injected text equal to that worker's return) and the
-task verifier (the answer must score 1.0). They return a short reason string when a trace fails, so
+chosen capacity, every fork joined, every join's injected text equal to that worker's return, or for a
+tool fork such as ``<FORK-i@verify>`` to what the tool returns for its query) and the task verifier
+(the answer must score 1.0). Tool forks have no worker record: a tool generates nothing to train on. They return a short reason string when a trace fails, so
 teachers can drop it and count why.
 """
 
@@ -31,6 +32,7 @@ from typing import Any
 
 from shared.protocol import Answer, Fork, Join, Return, Role, join_result, parse
 from shared.tasks.base import Mode, Problem, Task
+from shared.tools import tool_reply
 
 KINDS = ("organizer", "worker", "sequential")
 
@@ -122,8 +124,9 @@ class OrganizerWriter:
     def think(self, text: str) -> None:
         self._add(text)
 
-    def fork(self, fork_id: int, query: str) -> None:
-        self._add(f"<FORK-{fork_id}>{query}</FORK-{fork_id}>")
+    def fork(self, fork_id: int, query: str, endpoint: str | None = None) -> None:
+        at = f"@{endpoint}" if endpoint else ""
+        self._add(f"<FORK-{fork_id}{at}>{query}</FORK-{fork_id}>")
 
     def join(self, fork_id: int, returned: str) -> None:
         self._add(f"<JOIN-{fork_id}>")
@@ -193,14 +196,21 @@ def check_episode(task: Task, episode: Episode, capacity: int, *, partial: bool 
         return reason
     forks = [e for e in events if isinstance(e, Fork)]
     joins = [e for e in events if isinstance(e, Join)]
-    if not forks:
+    model_forks = [f for f in forks if f.endpoint is None]
+    if not model_forks:
         return "no_fork"
     if {f.fork_id for f in forks} != {j.fork_id for j in joins}:
         return "unjoined_fork"
-    if {f.fork_id for f in forks} != set(episode.workers):
+    if {f.fork_id for f in model_forks} != set(episode.workers):
         return "worker_mismatch"
     returns: dict[int, str] = {}
     for f in forks:
+        if f.endpoint is not None:  # a tool: what it returns is a function of the query
+            returned, error = tool_reply(f.endpoint, f.query)
+            if error:
+                return f"tool_{error}"
+            returns[f.fork_id] = returned
+            continue
         w = episode.workers[f.fork_id]
         if w.prompt != task.worker_prompt(f.query) or w.injected:
             return "worker_mismatch"

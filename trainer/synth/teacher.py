@@ -1,12 +1,18 @@
-"""Programmatic teacher for multi-solution countdown: AsyncThink and sequential traces from a solver.
+"""The first programmatic countdown teacher ("paths" traces): AsyncThink and sequential traces from a solver.
+
+Superseded by :mod:`trainer.synth.search_teacher` (``asyncthink synth --format search``, the default),
+whose traces show the search step by step and verify every candidate; this one is kept so that the two
+can be compared (``bench/trace_check.py``) and the shipped models' data can be rebuilt
+(``asyncthink synth --format paths``).
 
 The search is split by **first pair**: unit ``(a, b)`` holds the solutions whose first step combines
 ``a`` and ``b`` (``a+b``, ``a-b``, ``a*b``, ``a/b`` with ``a >= b``; only results that are whole and
 positive, and never ``×1``/``÷1``, which are padding). Each state ``a op b = v`` is solved exactly with
 :func:`shared.tasks.countdown_solver.solve` on ``v`` and the remaining numbers; the solutions that use
-``v`` are written as one line of explicit steps each (a target that is one of the numbers is noted
-first, as ``given``). Units are taken in a fixed order (pairs by
-position) until ``n_s`` distinct (DESIGN.md §5) solutions are known. When every pair together gives
+``v`` are written as one line of explicit steps each. (The shipped models' data also noted a target
+that is one of the numbers as ``given`` and counted it as a solution; under the task's rules a bare
+number is no solution, so that line is gone.) Units are taken in a fixed order (pairs by
+position) until ``n_s`` distinct solutions (the task's rules) are known. When every pair together gives
 fewer than ``n_s``, the trace tries every pair and answers with the solutions it found (``exhaust``):
 without such traces a model whose search comes up short never sees how an episode ends, keeps forking
 past the last pair and fails on format (the first shipped model did, in 87 % of its episodes).
@@ -208,7 +214,7 @@ class CountdownTeacher(SkeletonTeacher):
         p = problem.payload
         numbers, target, need = list(p["numbers"]), int(p["target"]), int(p["n_solutions"])
         out: list[Unit] = []
-        keys: set[Canonical] = {g[1] for g in self.given(problem)}
+        keys: set[Canonical] = set()
         for pair in pairs_in_order(numbers):
             unit = search_pair(
                 numbers,
@@ -225,22 +231,8 @@ class CountdownTeacher(SkeletonTeacher):
 
     def complete(self, problem: Problem, units: list[Unit]) -> bool:
         """Whether ``units`` hold ``n_s`` distinct solutions (False: an exhaustive, partial trace)."""
-        keys = {g[1] for g in self.given(problem)} | {k for u in units for _, k in u.solutions}
+        keys = {k for u in units for _, k in u.solutions}
         return len(keys) >= int(problem.payload["n_solutions"])
-
-    def given(self, problem: Problem) -> list[tuple[str, Canonical]]:
-        """The one-number solution when the target is among the numbers (the organizer notes it first)."""
-        p = problem.payload
-        if int(p["target"]) in p["numbers"]:
-            text = str(p["target"])
-            return [(text, check_solution(text, p["numbers"], p["target"]))]
-        return []
-
-    def _start(self, problem: Problem, have: dict[Canonical, str]) -> str:
-        given = self.given(problem)
-        for expr, key in given:
-            have[key] = expr
-        return f"given {given[0][0]}\nhave 1\n" if given else ""
 
     # ----------------------------------------------------------------------------- writing
     def write_episode(
@@ -249,7 +241,7 @@ class CountdownTeacher(SkeletonTeacher):
         need = int(problem.payload["n_solutions"])
         w = OrganizerWriter()
         have: dict[Canonical, str] = {}
-        w.think(OPENER + self._start(problem, have))
+        w.think(OPENER)
         workers: dict[int, TraceRecord] = {}
         unit_of_fork: dict[int, Unit] = {}
 
@@ -288,7 +280,7 @@ class CountdownTeacher(SkeletonTeacher):
     def write_sequential(self, problem: Problem, units: list[Unit]) -> TraceRecord:
         need = int(problem.payload["n_solutions"])
         have: dict[Canonical, str] = {}
-        parts: list[str] = [self._start(problem, have)]
+        parts: list[str] = []
         for unit in sequential_skeleton(len(units)).steps:
             assert unit.unit is not None
             parts.append(units[unit.unit].organizer_text())

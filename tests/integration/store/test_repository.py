@@ -336,3 +336,20 @@ def test_concurrent_redelivery_of_one_result_stores_it_once(store: StoreUnderTes
             f.result()  # an upsert never raises a unique-constraint error
     with store.sessions() as s:
         assert (count(s, Episode), count(s, Segment), count(s, ProblemRow)) == (1, 2, 1)
+
+
+def test_text_with_a_nul_character_is_stored(store: StoreUnderTest) -> None:
+    """A model may decode a NUL character; PostgreSQL refuses it in text and JSON, so it is stored as
+    U+FFFD while the token ids stay exact."""
+    res = factories.result("ep-nul")
+    res.answer = "a\x00b"
+    res.segments[0].text = "x\x00y"
+    res.format_errors = [{"kind": "malformed_tag", "offset": 1, "message": "bad \x00 tag", "agent": "organizer"}]
+    with store.sessions() as s:
+        repo.save_episode(s, result=res)
+    with store.sessions() as s:
+        episode = repo.get_episode(s, "ep-nul")
+        assert episode is not None and episode.answer == "a\ufffdb"
+        assert episode.format_errors[0]["message"] == "bad \ufffd tag"
+        seg = next(x for x in repo.episode_segments(s, "ep-nul") if x.agent == res.segments[0].agent)
+        assert seg.text == "x\ufffdy" and seg.completion_ids == res.segments[0].completion_ids

@@ -105,6 +105,42 @@ def test_eval_plot(capsys: pytest.CaptureFixture[str], tiny_model_dir: Path, tmp
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize(
+    ("task", "row"),
+    [("countdown", '{"id": "mine-1", "numbers": [3, 7, 25, 50], "target": 75}'),
+     ("sudoku", '{"puzzle": "123.....4..1...."}')],
+)
+def test_eval_takes_any_problem_file(capsys: pytest.CaptureFixture[str], tiny_model_dir: Path, tmp_path: Path,
+                                     task: str, row: str) -> None:
+    split = tmp_path / f"{task}.jsonl"
+    split.write_text(row + "\n")
+    code, out, _ = run_cli("eval", "--task", task, "--split", str(split), "-n", "1", "--model", str(tiny_model_dir),
+                           "--organizer-budget", "8", "--worker-budget", "8", "--db",
+                           f"sqlite:///{tmp_path / 'e.db'}", "--json", capsys=capsys)
+    assert code == 0
+    data = json.loads(out)
+    assert data["split"] == str(split) and data["n"] == 1 and data["modes"]["asyncthink"]["episodes"] == 1
+    code, _, err = run_cli("eval", "--task", task, "--split", str(split), "-n", "2", "--model", str(tiny_model_dir),
+                           "--db", f"sqlite:///{tmp_path / 'e.db'}", capsys=capsys)
+    assert code == 2 and "has 1 problems" in err
+
+
+def test_eval_budget_sweep_draws_one_curve_per_mode(capsys: pytest.CaptureFixture[str], tiny_model_dir: Path,
+                                                   tmp_path: Path) -> None:
+    png = tmp_path / "curve.png"
+    code, out, _ = run_cli("eval", "-n", "2", "--mode", "asyncthink", "--mode", "sequential", "--budgets", "16,8",
+                           "--worker-budget", "12", "--model", str(tiny_model_dir), "--db",
+                           f"sqlite:///{tmp_path / 's.db'}", "--plot", str(png), "--json", capsys=capsys)
+    assert code == 0
+    data = json.loads(out)
+    assert set(data["modes"]) == {"asyncthink@8", "sequential@8", "asyncthink@16", "sequential@16"}
+    curve = data["curves"]["asyncthink"]
+    assert [(c["organizer_budget"], c["worker_budget"]) for c in curve] == [(8, 8), (16, 12)]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    code, _, err = run_cli("eval", "-n", "1", "--budgets", "0,8", "--model", str(tiny_model_dir), capsys=capsys)
+    assert code == 2 and "--budgets" in err
+
+
 def test_plot_several_metrics_one_marker_each(tmp_path: Path) -> None:
     import matplotlib
 

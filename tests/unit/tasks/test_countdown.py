@@ -1,4 +1,4 @@
-"""Countdown: parser, canonical form (DESIGN.md §5), solver, generator, test split, scoring, vote."""
+"""Countdown: parser, canonical form (the task's rules), solver, generator, test split, scoring, vote."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import contextlib
 import itertools
 import json
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 from hypothesis import assume, given, settings
@@ -14,11 +15,14 @@ from hypothesis import strategies as st
 from shared.tasks import get_task
 from shared.tasks.base import Mode, Problem, Score
 from shared.tasks.countdown import (
+    TEST2_FILE,
     TEST_FILE,
     TEST_SIZE,
     CountdownTask,
     countdown_metrics,
     generate,
+    held_out_keys,
+    load_test2_split,
     load_test_split,
     problem_key,
     split_answer,
@@ -32,11 +36,13 @@ from shared.tasks.expr import (
     check_solution,
     distinct_solutions,
     evaluate,
+    number_count,
     parse,
     to_text,
 )
 
 TASK = CountdownTask()
+TRAIN_FILE = Path(__file__).resolve().parents[3] / "trainer" / "data" / "countdown_train_problems.jsonl"
 
 
 def problem(numbers: list[int], target: int, n_s: int = 4) -> Problem:
@@ -105,9 +111,11 @@ def test_design_examples_are_one_solution(padded: str) -> None:
         ("59", "59+78-6*13"),  # a group of terms summing to 0 is padding
         ("59", "59*78/(6*13)"),  # a group of factors with product 1 is padding
         ("(2+3)*4", "4*(3+2)"),
-        ("80+6/(20-14)", "80+14/(20-6)"),  # a term made only of cancelling factors is the constant 1
-        ("80+6/(20-14)", "80+1"),
         ("(1-2)*(3/3)", "1-2"),
+        ("84+18*(3-2)/(2+16)", "84+18/(2+16)"),  # a factor worth 1 inside a term worth 1 is padding
+        ("84+18/(2+16)*(7/7)", "84+18/(16+2)"),
+        ("84+18/(2+16)+5-5", "18/(2+16)+84"),
+        ("80+5*7/(5*7)", "80+7/7"),  # one cancelling pair goes; the term keeps the other
     ],
 )
 def test_equivalent_forms(a: str, b: str) -> None:
@@ -121,6 +129,12 @@ def test_equivalent_forms(a: str, b: str) -> None:
         ("(3+4)*5", "3*5+4*5"),  # distributivity is not applied
         ("78-(6+13)", "59"),
         ("80+(3-2)", "80+1"),  # a difference is a sum of terms, never a padding unit
+        ("84+18/(2+16)", "84+2/(18-16)"),  # added terms worth 1, built differently
+        ("84+18/(2+16)", "84+1"),
+        ("80+6/(20-14)", "80+14/(20-6)"),
+        ("80+6/(20-14)", "80+(20-14)/6"),
+        ("80+5/5", "80+1"),
+        ("80+5/5", "80+(6-5)"),
     ],
 )
 def test_different_solutions_stay_distinct(a: str, b: str) -> None:
@@ -204,12 +218,47 @@ def test_distinct_solutions() -> None:
 
 
 def test_check_solution_reasons() -> None:
-    with pytest.raises(ExprError, match="not given"):
+    with pytest.raises(ExprError, match="uses 25 3 times but it is given once"):
         check_solution("25+25+25", [3, 7, 25, 50], 75)
     with pytest.raises(ExprError, match="evaluates to 57"):
         check_solution("50+7", [3, 7, 25, 50], 75)
-    with pytest.raises(ExprError, match="not given"):
+    with pytest.raises(ExprError, match="uses 75, which is not given"):
         check_solution("75", [3, 7, 25, 50], 75)
+    with pytest.raises(ExprError, match="fewer than two"):
+        check_solution("25", [3, 7, 25, 50], 25)  # a bare number, even one equal to the target
+    with pytest.raises(ExprError, match="padding around the bare number"):
+        check_solution("25*(50-7*7)", [3, 7, 7, 25, 50], 25)
+    with pytest.raises(ExprError, match="padding around the bare number"):
+        check_solution("25+7-7", [3, 7, 7, 25, 50], 25)
+    assert check_solution("2*9-7", [2, 7, 9], 11)
+
+
+@pytest.mark.parametrize("padded", ["6+77", "(6+77)*(2-1)", "6+77*(2-1)", "77+6+2-2", "(77+6)/(2-1)"])
+def test_the_rules_hand_worked_one_solution(padded: str) -> None:
+    numbers = [6, 77, 2, 2, 1]
+    assert check_solution(padded, numbers, 83) == check_solution("6+77", numbers, 83)
+    assert len(distinct_solutions([padded, "77+6"], numbers, 83)) == 1
+
+
+def test_the_rules_hand_worked_two_solutions() -> None:
+    numbers = [84, 18, 2, 16]
+    found = distinct_solutions(["84+18/(2+16)", "84+2/(18-16)", "84+(16+2)/18", "84*(2+16)/18"], numbers, 85)
+    # the third is a third way to build 1 (a ratio the other way up); the fourth is 84 padded by a factor 1
+    assert list(found.values()) == ["84+18/(2+16)", "84+2/(18-16)", "84+(16+2)/18"]
+    with pytest.raises(ExprError, match="evaluates to 84"):
+        check_solution("84*(2+16)/18", numbers, 85)
+    with pytest.raises(ExprError, match="padding around the bare number"):
+        check_solution("84*(2+16)/18", numbers, 84)
+    assert count_solutions(numbers, 85) == len(solve(numbers, 85)) >= 3
+
+
+def test_a_bare_target_is_never_counted() -> None:
+    assert all(number_count(k) >= 2 for k in solve([59, 78, 6, 13], 59))
+    assert "59" not in solve([59, 78, 6, 13], 59).values()
+    p = problem([59, 78, 6, 13], 59)
+    s = TASK.score(p, "59; 59+78-6*13; 78-6-13")
+    assert s.correct == 1 and s.details["valid"] == ["78-6-13"]
+    assert [d["expr"] for d in s.details["invalid"]] == ["59", "59+78-6*13"]
 
 
 # ---------------------------------------------------------------- solver
@@ -286,25 +335,40 @@ def test_generate_respects_exclude() -> None:
     assert not {problem_key(p.payload["numbers"], p.payload["target"]) for p in again} & set(keys)
 
 
-def test_test_split_file() -> None:
-    rows = [json.loads(line) for line in TEST_FILE.read_text().splitlines()]
+@pytest.mark.parametrize(("path", "prefix"), [(TEST_FILE, "cd-test"), (TEST2_FILE, "cd-test2")])
+def test_held_out_split_files(path: Path, prefix: str) -> None:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(rows) == TEST_SIZE == 400
-    assert rows[0]["id"] == "cd-test-0" and set(rows[0]) == {"id", "numbers", "target", "n_solutions"}
+    assert rows[0]["id"] == f"{prefix}-0" and set(rows[0]) == {"id", "numbers", "target", "n_solutions"}
     assert len({problem_key(r["numbers"], r["target"]) for r in rows}) == 400
-    for r in rows[::20]:  # 20 problems, spread over the file
+    for r in rows[::20]:  # 20 problems, spread over the file: >= 4 strictly distinct solutions each
         assert count_solutions(r["numbers"], r["target"]) >= r["n_solutions"] == 4
 
 
-def test_test_split_is_reproducible_from_its_seed() -> None:
-    from shared.tasks.countdown import TEST_SEED
+def test_the_held_out_splits_and_the_train_problems_are_disjoint() -> None:
+    test = {problem_key(p.payload["numbers"], p.payload["target"]) for p in load_test_split()}
+    test2 = {problem_key(p.payload["numbers"], p.payload["target"]) for p in load_test2_split()}
+    assert not test & test2 and held_out_keys() == test | test2
+    rows = [json.loads(line) for line in TRAIN_FILE.read_text().splitlines()]
+    train = {problem_key(r["numbers"], r["target"]) for r in rows}
+    assert len(train) == len(rows) > 10_000 and not train & (test | test2)
+    for r in rows[::1000]:
+        assert count_solutions(r["numbers"], r["target"]) >= r["n_solutions"] == 4
+
+
+def test_held_out_splits_are_reproducible_from_their_seeds() -> None:
+    from shared.tasks.countdown import TEST2_SEED, TEST_SEED
 
     assert generate(3, TEST_SEED, id_prefix="cd-test") == list(load_test_split()[:3])
+    assert generate(3, TEST2_SEED, id_prefix="cd-test2", exclude=[problem_key(
+        p.payload["numbers"], p.payload["target"]) for p in load_test_split()]) == list(load_test2_split()[:3])
 
 
-def test_problems_splits() -> None:
+def test_problems_splits(tmp_path: Path) -> None:
     test = TASK.problems("test", 5)
     assert [p.id for p in test] == [f"cd-test-{k}" for k in range(5)]
-    test_keys = {problem_key(p.payload["numbers"], p.payload["target"]) for p in load_test_split()}
+    assert [p.id for p in TASK.problems("test2", 2)] == ["cd-test2-0", "cd-test2-1"]
+    test_keys = held_out_keys()
     train = TASK.problems("train", 3, seed=TEST_SEED_FOR_TRAIN)
     assert len(train) == 3
     assert not {problem_key(p.payload["numbers"], p.payload["target"]) for p in train} & test_keys
@@ -312,6 +376,19 @@ def test_problems_splits() -> None:
         TASK.problems("test", 401)
     with pytest.raises(ValueError, match="split"):
         TASK.problems("dev", 1)
+    # any JSONL file is a split: flat payloads with or without ids, or {"id", "payload"} rows
+    path = tmp_path / "mine.jsonl"
+    path.write_text('{"numbers": [3, 7, 25, 50], "target": 75}\n\n'
+                    '{"id": "x", "payload": {"numbers": [1, 2, 3], "target": 6, "n_solutions": 2}}\n')
+    mine = TASK.problems(str(path), 2)
+    assert [p.id for p in mine] == ["mine-0", "x"] and mine[1].payload["n_solutions"] == 2
+    with pytest.raises(ValueError, match="has 2 problems"):
+        TASK.problems(str(path), 3)
+    path.write_text('{"numbers": [3, "a"], "target": 75}\n')
+    with pytest.raises(ValueError, match="problem 1"):
+        TASK.problems(str(path), 1)
+    with pytest.raises(FileNotFoundError):
+        TASK.problems(str(tmp_path / "none.jsonl"), 1)
 
 
 TEST_SEED_FOR_TRAIN = 26658  # the test seed itself: train must still skip every test problem
@@ -319,8 +396,7 @@ TEST_SEED_FOR_TRAIN = 26658  # the test seed itself: train must still skip every
 
 def test_train_with_the_test_seed_skips_test_problems() -> None:
     train = TASK.problems("train", 2, seed=TEST_SEED_FOR_TRAIN)
-    test_keys = {problem_key(p.payload["numbers"], p.payload["target"]) for p in load_test_split()}
-    assert all(problem_key(p.payload["numbers"], p.payload["target"]) not in test_keys for p in train)
+    assert all(problem_key(p.payload["numbers"], p.payload["target"]) not in held_out_keys() for p in train)
 
 
 # ---------------------------------------------------------------- task interface

@@ -170,8 +170,16 @@ def test_synth_cli_writes_records(
     assert args.func(args) == 0
     printed = capsys.readouterr().out
     assert "kept: asyncthink" in printed and "sequential" in printed and "dropped" in printed
-    kinds = {json.loads(line)["kind"] for line in out.read_text().splitlines()}
-    assert kinds == {"organizer", "worker", "sequential"}
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["kind"] for r in rows} == {"organizer", "worker", "sequential"}
+    assert any("@verify>" in r["completion"] for r in rows)  # the default: search traces
+    args = parser.parse_args(["synth", "--n", "6", "--out", str(out), "--format", "paths",
+                              "--stats-tokenizer", "train"])
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    assert '"critical_path_T"' in printed and '"p90"' in printed
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert not any("@verify>" in r["completion"] for r in rows) and rows[0]["completion"].startswith("split by pair")
 
 
 def test_sft_options_come_from_the_config() -> None:
