@@ -107,7 +107,7 @@ _BAD_ID = re.compile(r"</?(?:FORK|JOIN)-0")
 
 
 class ErrorKind(StrEnum):
-    """Every format error of DESIGN.md §2."""
+    """Every format error of the protocol (docs/design.md, "The protocol")."""
 
     DUPLICATE_FORK = "duplicate_fork"  # a fork id used twice
     CAPACITY_EXCEEDED = "capacity_exceeded"  # a fork while c-1 workers are active

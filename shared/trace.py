@@ -2,7 +2,7 @@
 
 What the web page (SVG) and ``asyncthink trace ID --png`` draw, computed here once:
 
-* **token time** (the organizer clock of DESIGN.md §3, as :func:`shared.metrics.schedule` places it): each
+* **token time** (the organizer clock of docs/design.md, "Measures", as :func:`shared.metrics.schedule` places it): each
   agent is a lane; its decoded tokens are bars; a fork is an arrow from the parent's lane to the child's at
   the fork's clock, a join an arrow from the child's end back to the parent where it resumes;
 * **the critical path** (:func:`critical_intervals`): the decode intervals whose lengths add up to ``T``,

@@ -216,7 +216,7 @@ class Usage(BaseModel):
 
 
 class AsyncThinkInfo(BaseModel):
-    """What the episode measured (DESIGN.md §3), beside the answer."""
+    """What the episode measured (T and η, see docs/design.md), beside the answer."""
 
     status: str
     mode: str

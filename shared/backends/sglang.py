@@ -1,6 +1,6 @@
 """The production model backend: SGLang's native HTTP API, token in, token out, over one or more replicas.
 
-Follows ``shared/reference/sglang-http-api.md`` (SGLang 0.5.23, read from its sources); the sections used:
+Follows SGLang 0.5.23's native HTTP API as its sources define it; the parts used:
 
 - *POST /generate - Request*: the prompt goes as ``input_ids`` only (never ``text``, which would win over
   ``input_ids`` and re-tokenize); an empty prompt is refused here, as the server would answer 400.
@@ -80,7 +80,7 @@ from shared.tasks.prompts import PromptStyle
 log = logging.getLogger(__name__)
 
 PauseMode = Literal["abort", "retract", "in_place"]
-MAX_STOP_REGEX_BYTES = 256  # reference, sampling_params: each stop_regex pattern <= 256 bytes
+MAX_STOP_REGEX_BYTES = 256  # SGLang's sampling_params: each stop_regex pattern <= 256 bytes
 START_HINT = (
     "Start SGLang with `python -m sglang.launch_server --model-path <model dir> --host 0.0.0.0 "
     "--port 30000` (or `docker compose --profile gpu up -d sglang`), wait for GET /health to answer 200, "
@@ -366,7 +366,7 @@ class SGLangBackend(TokenizerCodec):
         """
         if pause_mode not in ("abort", "retract", "in_place"):
             raise ValueError(f"pause_mode must be abort, retract or in_place, got {pause_mode!r}")
-        flush_with_update = pause_mode != "in_place"  # the reference's cache-flush rule
+        flush_with_update = pause_mode != "in_place"  # SGLang's cache-flush rule
         update: dict[str, Any] = {
             "model_path": model_path,
             "weight_version": weight_version,

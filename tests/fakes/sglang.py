@@ -1,9 +1,9 @@
 """``FakeSGLang``: a fake SGLang 0.5.23 HTTP server that is as strict as the real one (a test fixture).
 
 The fake (an ASGI app behind ``httpx.ASGITransport``; it lives under ``tests/``, never on a default path)
-follows ``shared/reference/sglang-http-api.md``: ``/generate`` needs exactly one of ``text`` /
+follows SGLang 0.5.23's HTTP API as its sources define it: ``/generate`` needs exactly one of ``text`` /
 ``input_ids`` / ``input_embeds``, rejects unknown or wrongly typed ``sampling_params`` keys with
-``400 {"error": str}``, reports ``finish_reason`` as the reference's table says (a regex stop's
+``400 {"error": str}``, reports ``finish_reason`` as SGLang's server does (a regex stop's
 ``matched`` is the pattern, EOS's is a token id), counts ``cached_tokens`` from a per-replica prefix
 cache, and blocks while paused; ``/pause_generation`` and ``/continue_generation`` answer 400 without a
 JSON body; ``/update_weights_from_disk`` applies the cache-flush rule of an ``in_place`` pause;
@@ -18,7 +18,7 @@ Each replica generates its ``script`` (then EOS), token by token. Test knobs per
 default); ``calls`` records every request and ``generated`` counts the output ids answered.
 
 In-flight requests (``token_delay_s`` > 0): each token then takes that long, and a pause reaches the
-requests already generating, as the reference's pause semantics say: ``abort`` ends them at once with
+requests already generating, as SGLang's pause modes do: ``abort`` ends them at once with
 finish ``abort`` and their partial output (the pause answers once none is left), ``in_place`` freezes
 them until ``/continue_generation`` and ``retract`` does too, counting ``num_retractions``; tokens
 generated after a weight update carry the new version, and ``meta_info.weight_versions`` lists the
@@ -44,7 +44,7 @@ from starlette.routing import Route
 from tests.fakes import resume_point
 from tests.fakes.tokenizer import EOS
 
-# sampling_params keys of SGLang 0.5.23 (reference, "sampling_params"), by the type the schema gate wants
+# sampling_params keys of SGLang 0.5.23 (its "sampling_params"), by the type the schema gate wants
 INT_KEYS = {
     "max_new_tokens",
     "top_k",
@@ -67,7 +67,7 @@ ADMIN_PATHS = {
 
 
 def bad_request(message: str) -> JSONResponse:
-    """FastAPI's 422 remapped by SGLang (reference, Errors, first row)."""
+    """FastAPI's 422 remapped by SGLang (its error handling)."""
     return JSONResponse(
         {"object": "error", "message": message, "type": "Bad Request", "param": None, "code": 400}, 400
     )
@@ -152,7 +152,7 @@ class FakeSGLang:
         rep, body, err = await self._enter(request)
         if err:
             return err
-        if rep.paused:  # new requests block until /continue_generation (reference, pause semantics)
+        if rep.paused:  # new requests block until /continue_generation (SGLang's pause semantics)
             await rep.resumed.wait()
         if rep.delay_s:
             await asyncio.sleep(rep.delay_s)

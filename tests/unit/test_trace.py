@@ -15,7 +15,7 @@ from shared.metrics import Decode, ForkStep, Interval, JoinStep, Timeline, criti
 from shared.tasks import get_task
 from shared.trace import LiveTrace, critical_intervals, layout, stored_layout
 
-# DESIGN §3's worked example: 10 tokens, fork worker 1 (30 tokens), 5 more, join, 6 answer tokens: T = 46.
+# The worked example of docs/design.md ("Measures"): 10 tokens, fork worker 1 (30 tokens), 5 more, join, 6 answer tokens: T = 46.
 EXAMPLE = Timeline.of(Decode(10), ForkStep(1, Timeline.of(Decode(30))), Decode(5), JoinStep(1), Decode(6))
 
 

@@ -1,7 +1,7 @@
 """SGLangBackend against a contract fixture: a fake SGLang 0.5.23 HTTP server that is as strict as the real one.
 
 The fake (``FakeSGLang`` in ``tests/fakes/sglang.py``, an ASGI app behind ``httpx.ASGITransport``; it lives
-under ``tests/``, never on a default path) follows ``shared/reference/sglang-http-api.md``; see that module
+under ``tests/``, never on a default path) follows SGLang 0.5.23's HTTP API; see that module
 for what it checks. Hosts ``r1`` and ``r2`` are two replicas served by one app. A wrapping transport
 (``RefusingTransport``) simulates refused connections. The same fake serves the backend conformance suite
 (``tests/conformance/test_backend_conformance.py``).
