@@ -162,9 +162,16 @@ def pct(values: list[float], q: float) -> float:
 
 def proc_cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process and its threads (``/proc/<pid>/stat``)."""
+    user, system = proc_cpu_split(pid)
+    return user + system
+
+
+def proc_cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process and its threads."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 EXPECTED_PER_FORK = ("fork", "join", "worker_result", "segment", "return")
@@ -411,15 +418,22 @@ async def run_distributed(args: argparse.Namespace, tmp: Path) -> list[Line]:
         await stack.run_episodes(fan_ids(4, 2))  # warm up (imports, connections)
         if "distributed" in args.parts:
             for n in args.ns:
-                cpu0, wcpu0 = proc_cpu_s(org.pid), proc_cpu_s(worker.pid)
+                (u0, s0), wcpu0 = proc_cpu_split(org.pid), proc_cpu_s(worker.pid)
+                if os.environ.get("SCALE_THREADS"):
+                    sys.path.insert(0, "/tmp/issue19"); import threads as _t; t0 = _t.threads(org.pid)  # noqa
                 [run] = await stack.run_episodes(fan_ids(n, 1))
-                cpu, wcpu = proc_cpu_s(org.pid) - cpu0, proc_cpu_s(worker.pid) - wcpu0
+                (u1, s1), wcpu = proc_cpu_split(org.pid), proc_cpu_s(worker.pid) - wcpu0
+                if os.environ.get("SCALE_THREADS"):
+                    t1 = _t.threads(org.pid)
+                    print(len(t0), len(t1), sorted(((k[1], round(v - t0.get(k, 0), 2)) for k, v in t1.items()), key=lambda x: -x[1])[:12])
+                cpu = (u1 - u0) + (s1 - s0)
                 lines.append(
                     Line(
                         f"Redis + Celery, N={n}",
                         {
                             "wall/bound": f"{run.wall / run.bound(args.tokens_per_s):.3f}",
                             "organizer CPU/fork": f"{cpu / n * 1e3:.2f} ms",
+                            "(sys": f"{(s1 - s0) / n * 1e3:.2f} ms)",
                             "worker CPU/fork": f"{wcpu / n * 1e3:.2f} ms",
                             "lost": str(lost_events(run.kinds, n)),
                             "status": run.status,
@@ -430,9 +444,9 @@ async def run_distributed(args: argparse.Namespace, tmp: Path) -> list[Line]:
                 print(lines[-1].render(), flush=True)
         if "concurrent" in args.parts:
             for e in args.at_once:
-                cpu0, t0 = proc_cpu_s(org.pid), time.time()
+                cpu0, wcpu0, t0 = proc_cpu_s(org.pid), proc_cpu_s(worker.pid), time.time()
                 runs = await stack.run_episodes(fan_ids(16, e))
-                cpu = proc_cpu_s(org.pid) - cpu0
+                cpu, wcpu = proc_cpu_s(org.pid) - cpu0, proc_cpu_s(worker.pid) - wcpu0
                 makespan = max(r.finished for r in runs) - t0
                 bound = max(r.bound(args.tokens_per_s) for r in runs)
                 per = [r.wall / r.bound(args.tokens_per_s) for r in runs]
@@ -446,6 +460,7 @@ async def run_distributed(args: argparse.Namespace, tmp: Path) -> list[Line]:
                             "episode wall/bound mean": f"{statistics.mean(per):.3f}",
                             "max": f"{max(per):.3f}",
                             "organizer CPU/fork": f"{cpu / (16 * e) * 1e3:.2f} ms",
+                            "worker CPU/fork": f"{wcpu / (16 * e) * 1e3:.2f} ms",
                             "lost": f"{lost} of {expected}",
                             "not completed": str(sum(r.status != "completed" for r in runs)),
                         },

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import importlib
 import logging
 import os
@@ -75,16 +76,19 @@ class SegmentWriter:
     """Stores the worker segments of every episode a process runs, in batches (one transaction each).
 
     ``add`` queues a segment and returns at once; one task writes what has queued up (at most
-    ``max_batch`` rows) in a thread, then the next batch, so the database sees one transaction per batch
-    whatever the number of episodes. :meth:`drain` waits until an episode's segments queued so far are
+    ``max_batch`` rows, gathered for up to ``delay_s`` unless an episode waits for its segments) in a
+    thread, then the next batch, so the database sees one transaction per batch whatever the number
+    of episodes. :meth:`drain` waits until an episode's segments queued so far are
     written; :meth:`forget` returns the agents of an episode stored whole (for ``save_episode``'s
     ``live_agents``) and forgets the episode. A batch that fails is written again episode by episode; a
     segment that still fails is left to the final save.
     """
 
-    def __init__(self, session_factory: Callable[[], Any], *, max_batch: int = 256) -> None:
+    def __init__(self, session_factory: Callable[[], Any], *, max_batch: int = 256, delay_s: float = 0.1) -> None:
         self.session_factory = session_factory
         self.max_batch = max_batch
+        self.delay_s = delay_s
+        self._now = asyncio.Event()  # an episode waits for its segments: write without gathering more
         self._queue: collections.deque[tuple[str, SegmentRecord]] = collections.deque()
         self._queued: collections.Counter[str] = collections.Counter()
         self._done: collections.Counter[str] = collections.Counter()
@@ -109,6 +113,8 @@ class SegmentWriter:
     async def drain(self, episode_id: str) -> None:
         """Wait until every segment of ``episode_id`` queued so far is written (or given up on)."""
         target = self._queued.get(episode_id, 0)
+        if self._done.get(episode_id, 0) < target:
+            self._now.set()
         async with self._changed:
             await self._changed.wait_for(lambda: self._done.get(episode_id, 0) >= target)
 
@@ -120,6 +126,10 @@ class SegmentWriter:
 
     async def _run(self) -> None:
         while self._queue:
+            if self.delay_s > 0 and not self._now.is_set() and len(self._queue) < self.max_batch:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._now.wait(), self.delay_s)
+            self._now.clear()
             batch = [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
             try:
                 stored = await asyncio.to_thread(self._write, batch)
@@ -325,7 +335,7 @@ class StoreCheckpoint:
         from shared.store import repository
 
         with self.session_factory() as session:
-            repository.save_segment(session, episode_id=self.episode_id, segment=segment)
+            repository.save_segments(session, rows=[(self.episode_id, segment)])
 
     async def finish(self) -> None:
         """Drop the checkpoint waiting to be written; wait for the one being written, if any."""
@@ -372,7 +382,7 @@ class BusSink:
         if self.batcher is not None:
             trim = ("MAXLEN", "~", str(self.maxlen)) if self.maxlen is not None else ()
             fut = await self.batcher.call(
-                "XADD", events_stream(event.episode_id), *trim, "*", "data", event.model_dump_json()
+                "XADD", events_stream(event.episode_id), *trim, "*", "data", event.model_dump_json(), urgent=False
             )
             fut.add_done_callback(self._published)
             self._last = fut
@@ -400,6 +410,8 @@ class BusSink:
     async def drain(self) -> None:
         """Wait until every event emitted so far is published."""
         if self._last is not None:
+            if not self._last.done():
+                self.batcher.flush()
             await asyncio.wait([self._last])
         while self._pump is not None and not self._pump.done():
             await asyncio.shield(self._pump)

@@ -82,6 +82,7 @@ from shared.messages import (
     ORGANIZER_GROUP,
     PROBLEMS_STREAM,
     EpisodeEvent,
+    EpisodeStatus,
     EventKind,
     SegmentRecord,
     SubmitProblem,
@@ -530,20 +531,21 @@ class OrganizerService:
         """Create (if missing) and mark the episode running. None if it is already finished; else the
         organizer's checkpoint of an interrupted run (if it has one) and whether it was running already."""
         from shared.store import repository
+        from shared.tasks import get_task
 
         checkpoint: SegmentRecord | None = None
+        capacity = submission.settings.resolved_capacity(get_task(submission.task).default_capacity)
         with self.session_factory() as session:
-            episode = repository.get_episode(session, submission.episode_id)
-            if episode is not None and repository.is_finished(episode):
+            before = repository.start_episode(
+                session, episode_id=submission.episode_id, problem=problem, mode=submission.settings.mode,
+                capacity=capacity, model_id=self.backend.model_id, config=submission.stored_config(),
+                model_version=self.backend.weight_version,
+            )  # fmt: skip
+            if before is not None and before.finished:
                 return None
-            was_running = episode is not None and episode.status == "running"
-            if episode is None:
-                self._create(session, submission, problem)
-            elif was_running and self.resume:
+            was_running = before is EpisodeStatus.RUNNING
+            if was_running and self.resume:
                 checkpoint = _checkpoint_of(repository.episode_segments(session, submission.episode_id))
-            repository.mark_running(
-                session, episode_id=submission.episode_id, model_version=self.backend.weight_version
-            )
         return checkpoint, was_running
 
     def _create(self, session: Any, submission: SubmitProblem, problem: Any) -> None:
@@ -566,7 +568,7 @@ class OrganizerService:
         from shared.store import repository
 
         with self.session_factory() as session:
-            repository.save_episode(session, result=result, config=config, live_agents=live or ())
+            repository.store_episode(session, result=result, config=config, live_agents=live or ())
 
     def _expire(self, episode_id: str, result: EpisodeResult) -> None:
         """Let a finished episode's event and result streams and its workers' done-markers go after
@@ -580,8 +582,8 @@ class OrganizerService:
                 task = asyncio.get_running_loop().create_task(self.bus.expire(stream, self.stream_ttl_s))
                 task.add_done_callback(lambda t: t.cancelled() or t.exception())
             return
-        batcher.fire("EXPIRE", events_stream(episode_id), ttl)
-        batcher.fire("EXPIRE", results_stream(episode_id), ttl)
+        batcher.fire("EXPIRE", events_stream(episode_id), ttl, urgent=False)
+        batcher.fire("EXPIRE", results_stream(episode_id), ttl, urgent=False)
         for seg in result.segments:
             if seg.role == "worker":
-                batcher.fire("EXPIRE", done_key(episode_id, seg.agent), ttl)
+                batcher.fire("EXPIRE", done_key(episode_id, seg.agent), ttl, urgent=False)

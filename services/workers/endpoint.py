@@ -109,6 +109,8 @@ class _ResultsReader:
         self._reading: set[str] = set()  # the episodes of the XREAD in flight
         self._woken = False  # a wake is on its way for the read in flight
         self._more = asyncio.Event()
+        make = getattr(bus, "stream_reader", None)  # a connection of its own, where the bus has one
+        self._source: Any = make() if make is not None else bus
         self.task: asyncio.Task[None] | None = None
         self.closing = False
         self.reads = 0
@@ -163,7 +165,7 @@ class _ResultsReader:
             streams = {results_stream(e): p for e, p in self.positions.items()}
             streams[self.wake_stream] = self._wake_after
             try:
-                entries = await self.bus.read_many(streams, count=1000, block_ms=self.block_ms)
+                entries = await self._source.read_many(streams, count=1000, block_ms=self.block_ms)
                 self.reads += 1
                 delay = 0.05
             except Exception as exc:  # the bus is down: keep trying; the worker timeout bounds the wait
@@ -423,7 +425,7 @@ class CeleryWorkerEndpoint:
         for copy in dispatch.copies:
             if self._layout is not None:
                 if copy.message:
-                    self._batcher.fire("LREM", copy.key, "-1", copy.message)
+                    self._batcher.fire("LREM", copy.key, "-1", copy.message, urgent=False)
             else:
                 self._revoke(copy.task_id)
 
@@ -447,6 +449,9 @@ class CeleryWorkerEndpoint:
             reader.wake()
             with contextlib.suppress(Exception):
                 await asyncio.wait([reader.task], timeout=2.0)
+        if reader._source is not self.bus and (reader.task is None or reader.task.done()):
+            with contextlib.suppress(Exception):
+                await reader._source.close()
         with contextlib.suppress(Exception):
             if hasattr(self.bus, "batcher"):
                 await (await self.bus.batcher().call("DEL", reader.wake_stream))

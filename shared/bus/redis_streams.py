@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import random
 import time
@@ -339,6 +340,10 @@ class RedisStreamsBus:
             self._batcher = CommandBatcher(self._client)
         return self._batcher
 
+    def stream_reader(self) -> StreamReader:
+        """A :class:`StreamReader` on a connection of its own (the caller closes it)."""
+        return StreamReader(self)
+
     async def _last_id(self, stream: str) -> str:
         got = await self._client.xrevrange(stream, count=1)
         return str(got[0][0]) if got else "0-0"
@@ -363,24 +368,36 @@ class CommandBatcher:
 
     ``call(*args)`` (a raw command, e.g. ``"XADD", stream, "*", "data", json``) queues one command and
     returns a future of its reply; it waits only while ``max_pending`` commands are queued. One task
-    sends the queue in order, up to ``max_batch`` commands per pipeline: while a pipeline is on the
-    wire, new commands gather for the next, so the batches grow with the load and a quiet process pays
-    one round trip per command. A command Redis refuses fails its own future; a connection failure
-    retries the batch (jittered backoff, for up to ``retry_budget_s``), then fails its futures.
+    sends the queue in order, up to ``max_batch`` commands per pipeline, on a connection of its own
+    (taken from the pool once, not per pipeline): while a pipeline is on the wire, new commands gather
+    for the next, so the batches grow with the load. A command queued with ``urgent=False`` (an event:
+    an observation, not on anyone's critical path) may wait up to ``delay_s`` for company: the next
+    urgent command (a task message, say) or :meth:`flush` takes it along, so a quiet process does not
+    pay a round trip per event either. A command Redis refuses fails its own future; a connection
+    failure retries the batch (jittered backoff, for up to ``retry_budget_s``), then fails its futures.
     """
 
     def __init__(
-        self, client: aioredis.Redis, *, max_batch: int = 512, max_pending: int = 20_000, retry_budget_s: float = 60.0
+        self,
+        client: aioredis.Redis,
+        *,
+        max_batch: int = 512,
+        max_pending: int = 20_000,
+        retry_budget_s: float = 60.0,
+        delay_s: float = 0.01,
     ) -> None:
         self.client = client
         self.max_batch = max_batch
         self.max_pending = max_pending
         self.retry_budget_s = retry_budget_s
+        self.delay_s = delay_s
         self._queue: collections.deque[tuple[tuple[Any, ...], asyncio.Future[Any]]] = collections.deque()
         self._in_flight = 0
         self._room = asyncio.Event()
         self._room.set()
+        self._urgent = asyncio.Event()
         self._sender: asyncio.Task[None] | None = None
+        self._connection: Any = None
         self.sent = 0  # commands sent
         self.batches = 0  # pipelines sent
         self.failed = 0  # commands whose future failed (refused, or Redis unreachable past the budget)
@@ -391,29 +408,37 @@ class CommandBatcher:
         """Commands queued or on the wire."""
         return len(self._queue) + self._in_flight
 
-    async def call(self, *args: Any) -> asyncio.Future[Any]:
+    async def call(self, *args: Any, urgent: bool = True) -> asyncio.Future[Any]:
         """Queue one command (waiting while the queue is full); returns the future of its reply."""
         while len(self._queue) >= self.max_pending:
             self._room.clear()
             await self._room.wait()
-        return self.call_nowait(*args)
+        return self.call_nowait(*args, urgent=urgent)
 
-    def fire(self, *args: Any) -> asyncio.Future[Any]:
+    def fire(self, *args: Any, urgent: bool = True) -> asyncio.Future[Any]:
         """``call_nowait`` for a command nobody waits on: a failure is counted and logged, not raised."""
-        fut = self.call_nowait(*args)
+        fut = self.call_nowait(*args, urgent=urgent)
         fut.add_done_callback(_log_failure)
         return fut
 
-    def call_nowait(self, *args: Any) -> asyncio.Future[Any]:
+    def call_nowait(self, *args: Any, urgent: bool = True) -> asyncio.Future[Any]:
         """Queue one command now, even past ``max_pending`` (for callbacks that cannot wait)."""
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append((args, fut))
+        if urgent:
+            self._urgent.set()
         if self._sender is None or self._sender.done():
             self._sender = asyncio.create_task(self._send_all(), name="redis-command-batcher")
         return fut
 
+    def flush(self) -> None:
+        """Send what is queued without waiting for ``delay_s``."""
+        if self._queue:
+            self._urgent.set()
+
     async def drain(self) -> None:
         """Wait until every command queued so far has its reply (or its error)."""
+        self.flush()
         while self._sender is not None and not self._sender.done():
             await asyncio.shield(self._sender)
 
@@ -423,9 +448,17 @@ class CommandBatcher:
         except (TimeoutError, Exception):
             if self._sender is not None:
                 self._sender.cancel()
+        if self._connection is not None:
+            connection, self._connection = self._connection, None
+            with contextlib.suppress(Exception):
+                await self.client.connection_pool.release(connection)
 
     async def _send_all(self) -> None:
         while self._queue:
+            if self.delay_s > 0 and not self._urgent.is_set() and len(self._queue) < self.max_batch:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._urgent.wait(), self.delay_s)
+            self._urgent.clear()
             batch = [self._queue.popleft() for _ in range(min(self.max_batch, len(self._queue)))]
             if len(self._queue) < self.max_pending:
                 self._room.set()
@@ -435,15 +468,36 @@ class CommandBatcher:
             finally:
                 self._in_flight = 0
 
+    async def _execute(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """One pipeline on the batcher's own connection: send every command, read every reply (a reply
+        Redis refused comes back as its exception)."""
+        if self._connection is None:
+            self._connection = await self.client.connection_pool.get_connection()
+        conn = self._connection
+        try:
+            await conn.send_packed_command(conn.pack_commands(commands))
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(await conn.read_response())
+                except ResponseError as exc:
+                    replies.append(exc)
+            return replies
+        except BaseException:
+            # a broken or cancelled exchange leaves the connection out of step: start a fresh one
+            self._connection = None
+            with contextlib.suppress(Exception):
+                await conn.disconnect()
+            with contextlib.suppress(Exception):
+                await self.client.connection_pool.release(conn)
+            raise
+
     async def _send(self, batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]]) -> None:
         deadline = time.monotonic() + self.retry_budget_s
         delay = 0.05
         while True:
             try:
-                pipe = self.client.pipeline(transaction=False)
-                for args, _ in batch:
-                    pipe.execute_command(*args)
-                replies = await pipe.execute(raise_on_error=False)
+                replies = await self._execute([args for args, _ in batch])
                 break
             except asyncio.CancelledError:
                 for _, fut in batch:
@@ -473,6 +527,74 @@ class CommandBatcher:
                 fut.set_exception(reply)
             else:
                 fut.set_result(reply)
+
+
+class StreamReader:
+    """Blocking XREADs over many streams on a connection of its own (for one reader task: the
+    organizer's result reader), without the pool and client machinery around each call."""
+
+    def __init__(self, bus: RedisStreamsBus) -> None:
+        self.bus = bus
+        self._connection: Any = None
+
+    async def read_many(
+        self, positions: dict[str, str], *, count: int = 100, block_ms: int = 0
+    ) -> list[tuple[str, Entry]]:
+        if not positions:
+            return []
+        deadline, max_block = self.bus._block_slices(block_ms)
+        args: list[Any] = ["STREAMS", *positions.keys(), *positions.values()]
+        while True:
+            left = int((deadline - time.monotonic()) * 1000)
+            head: list[Any] = ["XREAD", "COUNT", count]
+            if left > 0:
+                head += ["BLOCK", min(left, max_block)]
+            command = [*head, *args]
+            reply = await self.bus._call(f"XREAD {len(positions)} streams", lambda c=command: self._xread(c))  # type: ignore[misc]
+            out = _stream_entries(reply)
+            if out or left <= max_block:
+                return out
+
+    async def _xread(self, command: list[Any]) -> Any:
+        pool = self.bus.client.connection_pool
+        if self._connection is None:
+            self._connection = await pool.get_connection()
+        conn = self._connection
+        try:
+            await conn.send_command(*command)
+            return await conn.read_response()
+        except BaseException:
+            self._connection = None
+            with contextlib.suppress(Exception):
+                await conn.disconnect()
+            with contextlib.suppress(Exception):
+                await pool.release(conn)
+            raise
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            conn, self._connection = self._connection, None
+            with contextlib.suppress(Exception):
+                await self.bus.client.connection_pool.release(conn)
+
+
+def _stream_entries(reply: Any) -> list[tuple[str, Entry]]:
+    """A raw XREAD reply (RESP2: a list of ``[stream, entries]``; RESP3: a map) -> (stream, entry) pairs."""
+    if not reply:
+        return []
+    pairs = reply.items() if isinstance(reply, dict) else reply
+    out: list[tuple[str, Entry]] = []
+    for name, rows in pairs:
+        for row in rows or ():
+            entry_id, flat = row[0], row[1]
+            if flat is None:
+                continue
+            if isinstance(flat, dict):
+                fields = {str(k): str(v) for k, v in flat.items()}
+            else:
+                fields = {str(flat[i]): str(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
+            out.append((str(name), Entry(str(entry_id), fields, 1)))
+    return out
 
 
 def _log_failure(fut: asyncio.Future[Any]) -> None:

@@ -248,6 +248,47 @@ def mark_running(
     return _fresh_episode(session, episode_id)
 
 
+def start_episode(
+    session: Session,
+    *,
+    episode_id: str,
+    problem: Problem,
+    mode: Mode | str,
+    capacity: int,
+    model_id: str,
+    config: dict[str, Any] | None = None,
+    model_version: str | None = None,
+    commit: bool = True,
+) -> EpisodeStatus | None:
+    """An organizer takes an episode: mark it ``running`` (creating it first if it was never stored) in
+    one transaction of plain statements, and return the status it had before (None: created here). A
+    finished episode is left as it is (its status is returned: the caller skips it)."""
+    t = _table(Episode)
+    with _writing(session, commit):
+        before = session.execute(select(t.c.status).where(t.c.id == episode_id)).scalar_one_or_none()
+        if before is not None and EpisodeStatus(before).finished:
+            return EpisodeStatus(before)
+        now = utcnow()
+        if before is None:
+            pk = _problem_pk(session, problem)
+            stmt = _insert(session, Episode).values(
+                id=episode_id, problem_pk=pk, task=problem.task, mode=str(Mode(mode)), capacity=capacity,
+                model_id=model_id, model_version=model_version, status=EpisodeStatus.RUNNING.value,
+                config=_json(config or {}), created_at=now, started_at=now,
+            )  # fmt: skip
+            session.execute(stmt.on_conflict_do_nothing(index_elements=["id"]))
+        else:
+            values: dict[str, Any] = {
+                "status": EpisodeStatus.RUNNING.value,
+                "started_at": func.coalesce(t.c.started_at, literal(now, UTCDateTime())),
+            }
+            if model_version is not None:
+                values["model_version"] = model_version
+            unfinished = (EpisodeStatus.PENDING.value, EpisodeStatus.RUNNING.value)
+            session.execute(update(t).where(t.c.id == episode_id, t.c.status.in_(unfinished)).values(**values))
+    return None if before is None else EpisodeStatus(before)
+
+
 def mark_failed(session: Session, *, episode_id: str, error: str, commit: bool = True) -> bool:
     """End an unfinished (``pending`` or ``running``) episode as ``failed`` with ``error``; a finished
     one is left as it is. Returns whether the episode was changed (e.g. a dead-lettered submission)."""
@@ -343,6 +384,19 @@ def save_episode(
     live_agents: Collection[str] = (),
     commit: bool = True,
 ) -> Episode:
+    """:func:`store_episode`, then the stored episode, reloaded."""
+    store_episode(session, result=result, config=config, live_agents=live_agents, commit=commit)
+    return _fresh_episode(session, result.episode_id)
+
+
+def store_episode(
+    session: Session,
+    *,
+    result: EpisodeResult,
+    config: dict[str, Any] | None = None,
+    live_agents: Collection[str] = (),
+    commit: bool = True,
+) -> None:
     """Store a finished episode: the problem, the episode row and every segment, in one transaction.
 
     Creates the episode if it was never created (embedded runs) or completes the pending/running row;
@@ -426,7 +480,6 @@ def save_episode(
                 .values(clock_start=bindparam("b_cs"), clock_end=bindparam("b_ce")),
                 spans,
             )
-    return _fresh_episode(session, result.episode_id)
 
 
 def get_episode(session: Session, episode_id: str) -> Episode | None:
