@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -47,3 +47,4 @@ class GatewayState:
     organizer_task: asyncio.Task[None] | None = None
     verifier: KeyVerifier | None = None  # None: no keys required (loopback only)
     rate_limiter: RateLimiter = field(default_factory=MemoryRateLimiter)
+    backlog_checked: tuple[float, Any] | None = None  # (time.monotonic(), Backlog) of the last look

@@ -331,6 +331,17 @@ class RedisStreamsBus:
                 return Backlog(lag=int(lag), pending=int(info.get("pending") or 0))
         return Backlog(lag=0, pending=0)
 
+    async def list_lengths(self, keys: list[str]) -> list[int]:
+        """LLEN of each key (a Celery queue's priority lists), in one round trip."""
+
+        async def run() -> list[Any]:
+            pipe = self._client.pipeline(transaction=False)
+            for key in keys:
+                pipe.llen(key)
+            return await pipe.execute()  # type: ignore[no-any-return]
+
+        return [int(n) for n in await self._call("LLEN", run)]
+
     async def expire(self, stream: str, seconds: float) -> None:
         await self._call(f"EXPIRE {stream}", lambda: self._client.expire(stream, max(1, round(seconds))))
 
