@@ -20,7 +20,7 @@ the sub-queries an organizer waits for run first, then the others in the order t
 joining it), instead of Celery's revoke broadcast.
 
 Limits: this relies on kombu's Redis transport layout and Celery's protocol 2, like :mod:`.leases` does;
-``tests/integration/services/test_dispatch.py`` checks a real Celery worker runs such messages. Brokers
+``tests/integration/faults/test_dispatch.py`` checks a real Celery worker runs such messages. Brokers
 other than Redis, and apps configured with a ``global_keyprefix``, use ``send_task`` instead.
 """
 
