@@ -28,9 +28,10 @@ worker decodes ``--worker-tokens`` (512) tokens and returns. Parts (``--parts``,
   Celery queues: episodes/s and forks/s for ``--scaleout-episodes`` episodes of 8 workers, and every
   episode's ``started`` and ``finished`` counted (a duplicated episode would show twice);
 * ``schedule``: a fixed worker pool (``--pool-slots`` runs in flight in one worker process) under load:
-  ``--schedule-episodes`` episodes of mixed structures (forks joined at different points, a
-  function of the episode id) with the critical-path-first order against FIFO, interleaved
-  (``--schedule-rounds``): mean and p99 of episode wall time and of T.
+  ``--schedule-episodes`` episodes of mixed structures (forks joined at different points, drawn from a
+  seed in the episode id, so both orders run the same structures) with the critical-path-first order
+  against FIFO, interleaved (``--schedule-rounds``): mean and p99 of episode wall time and of T (the
+  same for both by construction: T counts tokens, not seconds; it shows no worker was cut off).
 
 Every distributed run counts the events on each episode's stream after it ends: the organizer's
 ``started``, ``fork``, ``join``, ``worker_result``, ``segment``, ``answer`` and ``finished`` and each
@@ -45,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import random
 import statistics
@@ -54,7 +54,6 @@ import tempfile
 import time
 import uuid
 from collections import Counter, OrderedDict
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,25 +78,23 @@ def fan_script(n: int, worker_tokens: int = 512) -> dict[str, str]:
     return {"organizer": organizer, **{str(i): work for i in range(1, n + 1)}}
 
 
-def mixed_script(episode_id: str, worker_tokens: int = 256) -> dict[str, str]:
-    """A structure drawn from the episode id: 2-6 forks; some joined right away (the organizer is then
-    blocked on them at once), the others after a long stretch of thinking; workers of mixed lengths."""
-    rng = random.Random(episode_id)
+def mixed_script(episode_id: str, worker_tokens: int = 512) -> dict[str, str]:
+    """A structure drawn from the episode id's seed (``mixed-<seed>--<hex>``: the same seed, the same
+    structure): 2-6 workers forked one after the other; one or two of them joined at once (the organizer
+    is then blocked on them), the others only after 2,000-4,000 tokens of thinking; workers of 1/4 to 1/2
+    of ``worker_tokens``."""
+    rng = random.Random(episode_id.split("--", 1)[0])
     forks = rng.randint(2, 6)
-    pieces: list[str] = ["plan " * rng.randint(2, 10)]
-    later: list[int] = []
-    for i in range(1, forks + 1):
-        pieces.append(f"<FORK-{i}>q</FORK-{i}>")
-        if rng.random() < 0.4:
-            pieces.append("then " * rng.randint(1, 4) + f"<JOIN-{i}>")
-        else:
-            later.append(i)
-    pieces.append("think " * rng.randint(40, 120))
-    pieces += [f"<JOIN-{i}>" for i in later]
+    now = rng.sample(range(1, forks + 1), k=min(forks - 1, rng.randint(1, 2)))
+    pieces: list[str] = ["plan " * rng.randint(2, 6)]
+    pieces += [f"<FORK-{i}>q</FORK-{i}>" for i in range(1, forks + 1)]
+    pieces += [f"<JOIN-{i}>" for i in sorted(now)]
+    pieces.append("think " * (rng.randint(2000, 4000) // 6))
+    pieces += [f"<JOIN-{i}>" for i in range(1, forks + 1) if i not in now]
     pieces.append(f"<ANSWER>{ANSWER}</ANSWER>")
     script = {"organizer": "".join(pieces)}
     for i in range(1, forks + 1):
-        n = rng.randint(worker_tokens // 2, worker_tokens)
+        n = rng.randint(worker_tokens // 4, worker_tokens // 2)
         script[str(i)] = "w" * max(0, n - len(RETURN)) + RETURN
     return script
 
@@ -107,7 +104,7 @@ def script_for(episode_id: str, worker_tokens: int = 512) -> dict[str, str]:
     kind = episode_id.split("--", 1)[0]
     if kind.startswith("fan"):
         return fan_script(int(kind[3:]), worker_tokens)
-    if kind == "mixed":
+    if kind.startswith("mixed"):
         return mixed_script(episode_id, worker_tokens)
     raise KeyError(f"no scale script for episode {episode_id!r}")
 
@@ -349,9 +346,12 @@ class Stack:
         self.workers = []
 
     # -- episodes
-    async def run_episodes(self, episode_ids: list[str], *, timeout_s: float = 600.0, max_in_flight: int = 0) -> list[EpisodeRun]:
-        """Submit the episodes (at most ``max_in_flight`` unfinished at once; 0: all at once) and follow
-        their event streams until each has finished; then count every event on each stream."""
+    async def run_episodes(
+        self, episode_ids: list[str], *, timeout_s: float = 600.0, max_in_flight: int = 0, gap_s: float = 0.0
+    ) -> list[EpisodeRun]:
+        """Submit the episodes (at most ``max_in_flight`` unfinished at once, 0: no limit; one every
+        ``gap_s`` seconds, 0: all at once) and follow their event streams until each has finished; then
+        count every event on each stream."""
         import redis.asyncio as aioredis
 
         from shared.episode import EpisodeSettings
@@ -362,9 +362,13 @@ class Stack:
         queue = list(episode_ids)
         after: dict[str, str] = {}
         deadline = time.monotonic() + timeout_s
+        next_at = time.monotonic()
         try:
             while queue or after:
-                while queue and (max_in_flight <= 0 or len(after) < max_in_flight):
+                while (
+                    queue and (max_in_flight <= 0 or len(after) < max_in_flight) and time.monotonic() >= next_at
+                ):
+                    next_at += gap_s
                     eid = queue.pop(0)
                     n = runs[eid].forks
                     settings = {
@@ -383,7 +387,11 @@ class Stack:
                     after[eid] = "0"
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{len(after)} episodes unfinished after {timeout_s:.0f} s")
-                reply = await client.xread({events_stream(e): a for e, a in after.items()}, count=1000, block=200)
+                if not after:
+                    await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+                    continue
+                block = 200 if not queue else max(1, min(200, int((next_at - time.monotonic()) * 1000)))
+                reply = await client.xread({events_stream(e): a for e, a in after.items()}, count=1000, block=block)
                 for stream, entries in reply or []:
                     eid = stream.split(":")[2]
                     for entry_id, fields in entries:
@@ -419,13 +427,8 @@ async def run_distributed(args: argparse.Namespace, tmp: Path) -> list[Line]:
         if "distributed" in args.parts:
             for n in args.ns:
                 (u0, s0), wcpu0 = proc_cpu_split(org.pid), proc_cpu_s(worker.pid)
-                if os.environ.get("SCALE_THREADS"):
-                    sys.path.insert(0, "/tmp/issue19"); import threads as _t; t0 = _t.threads(org.pid)  # noqa
                 [run] = await stack.run_episodes(fan_ids(n, 1))
                 (u1, s1), wcpu = proc_cpu_split(org.pid), proc_cpu_s(worker.pid) - wcpu0
-                if os.environ.get("SCALE_THREADS"):
-                    t1 = _t.threads(org.pid)
-                    print(len(t0), len(t1), sorted(((k[1], round(v - t0.get(k, 0), 2)) for k, v in t1.items()), key=lambda x: -x[1])[:12])
                 cpu = (u1 - u0) + (s1 - s0)
                 lines.append(
                     Line(
@@ -471,27 +474,138 @@ async def run_distributed(args: argparse.Namespace, tmp: Path) -> list[Line]:
     return lines
 
 
+async def run_limits(args: argparse.Namespace, tmp: Path) -> list[Line]:
+    """Past every limit: a tiny Redis pool, fewer episodes at a time than submitted, scarce workers."""
+    with Stack(args, tmp) as stack:
+        stack.start_worker(4, 4)  # 16 runs in flight
+        org = stack.start_organizer(
+            "limits-organizer", "--max-episodes", "16", "--redis-max-connections", "4"
+        )
+        await stack.run_episodes(fan_ids(4, 2))
+        cpu0, t0 = proc_cpu_s(org.pid), time.time()
+        runs = await stack.run_episodes(fan_ids(16, args.limits_episodes))
+        cpu = proc_cpu_s(org.pid) - cpu0
+        lost = sum(lost_events(r.kinds, r.forks) for r in runs)
+        expected = sum(r.forks * len(EXPECTED_PER_FORK) + len(EXPECTED_ONCE) for r in runs)
+        line = Line(
+            f"past the limits: {args.limits_episodes} x 16 at once, pool 4, 16 episodes and 16 runs at a time",
+            {
+                "lost": f"{lost} of {expected}",
+                "duplicated": str(sum(r.kinds["started"] != 1 or r.kinds["finished"] != 1 for r in runs)),
+                "not completed": str(sum(r.status != "completed" for r in runs)),
+                "makespan": f"{max(r.finished for r in runs) - t0:.1f} s",
+                "organizer CPU/fork": f"{cpu / (16 * len(runs)) * 1e3:.2f} ms",
+            },
+            load(),
+        )
+        print(line.render(), flush=True)
+        return [line]
+
+
+async def run_scaleout(args: argparse.Namespace, tmp: Path) -> list[Line]:
+    """1, 2 and 4 organizer processes (and two Celery worker processes) on one stream and one set of
+    queues: throughput, and every episode run exactly once."""
+    lines: list[Line] = []
+    with Stack(args, tmp) as stack:
+        for i in range(2):
+            stack.start_worker(args.celery_concurrency, args.celery_prefetch, name=f"scaleout-worker-{i}")
+        for k in args.organizers:
+            orgs = [stack.start_organizer(f"scaleout-{k}-{i}", "--max-episodes", "64") for i in range(k)]
+            await stack.run_episodes(fan_ids(4, 2 * k))
+            cpu0, t0 = sum(proc_cpu_s(o.pid) for o in orgs), time.time()
+            runs = await stack.run_episodes(fan_ids(8, args.scaleout_episodes))
+            cpu = sum(proc_cpu_s(o.pid) for o in orgs) - cpu0
+            span = max(r.finished for r in runs) - t0
+            dup = sum(r.kinds["started"] != 1 or r.kinds["finished"] != 1 for r in runs)
+            lost = sum(lost_events(r.kinds, r.forks) for r in runs)
+            lines.append(
+                Line(
+                    f"scale-out: {k} organizer process(es), 2 worker processes",
+                    {
+                        "episodes/s": f"{len(runs) / span:.1f}",
+                        "forks/s": f"{8 * len(runs) / span:.0f}",
+                        "duplicated": str(dup),
+                        "lost": str(lost),
+                        "organizer CPU/fork": f"{cpu / (8 * len(runs)) * 1e3:.2f} ms",
+                        "episodes": str(len(runs)),
+                    },
+                    load(),
+                )
+            )
+            print(lines[-1].render(), flush=True)
+            stack.stop_organizers()
+    return lines
+
+
+async def run_schedule(args: argparse.Namespace, tmp: Path) -> list[Line]:
+    """Critical-path-first against FIFO at a fixed worker pool under load, interleaved rounds."""
+    walls: dict[str, list[float]] = {"fifo": [], "critical-path": []}
+    latencies: dict[str, list[int]] = {"fifo": [], "critical-path": []}
+    loads: dict[str, list[float]] = {"fifo": [], "critical-path": []}
+    with Stack(args, tmp) as stack:
+        stack.start_worker(args.pool_slots, 1, name="schedule-worker")  # a fixed pool: -c slots
+        for rnd in range(args.schedule_rounds):
+            order = ("fifo", "critical-path") if rnd % 2 == 0 else ("critical-path", "fifo")
+            seeds = [f"mixed-{rnd}.{i}" for i in range(args.schedule_episodes)]
+            for policy in order:
+                stack.start_organizer(f"schedule-{policy}-{rnd}", "--max-episodes", "64", "--scheduling", policy)
+                ids = [f"{seed}--{uuid.uuid4().hex[:16]}" for seed in seeds]
+                runs = await stack.run_episodes(ids, gap_s=args.schedule_gap_s)
+                walls[policy] += [r.wall for r in runs]
+                latencies[policy] += [r.latency for r in runs]
+                loads[policy].append(os.getloadavg()[0])
+                stack.stop_organizers()
+    lines = []
+    for policy in ("fifo", "critical-path"):
+        w, t = walls[policy], latencies[policy]
+        lines.append(
+            Line(
+                f"scheduling {policy}: {args.pool_slots} worker slots, {args.schedule_episodes} mixed episodes "
+                f"every {args.schedule_gap_s:g} s, x {args.schedule_rounds}",
+                {
+                    "wall mean": f"{statistics.mean(w):.2f} s",
+                    "wall p99": f"{pct(w, 0.99):.2f} s",
+                    "T mean": f"{statistics.mean(t):.0f}",
+                    "T p99": f"{pct(t, 0.99):.0f}",
+                },
+                " ".join(f"{x:.1f}" for x in loads[policy]),
+            )
+        )
+        print(lines[-1].render(), flush=True)
+    return lines
+
+
 # ----------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.splitlines()[0])
-    p.add_argument("--parts", default="inprocess,distributed,concurrent",
+    p.add_argument("--parts", default="inprocess,distributed,concurrent,limits,scaleout,schedule",
                    help="comma-separated: inprocess, distributed, concurrent, limits, scaleout, schedule")
     p.add_argument("--ns", default="16,256,1024", help="workers per episode for inprocess and distributed")
     p.add_argument("--at-once", default="16,32,64", help="episodes of 16 workers submitted at once (concurrent)")
     p.add_argument("--tokens-per-s", type=float, default=2000.0, help="scripted decode rate (default 2000)")
     p.add_argument("--worker-tokens", type=int, default=512, help="tokens each worker decodes (default 512)")
     p.add_argument("--celery-concurrency", type=int, default=64, help="Celery worker threads (default 64)")
-    p.add_argument("--celery-prefetch", type=int, default=1, help="Celery --prefetch-multiplier (default 1)")
+    p.add_argument("--celery-prefetch", type=int, default=16,
+                   help="Celery --prefetch-multiplier: runs in flight per thread (default 16: -c 64 holds 1,024)")
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/6", help="a Redis database it may empty")
     p.add_argument("--pg-url", default="postgresql+psycopg://postgres@127.0.0.1:5432/test",
                    help="PostgreSQL used to create and drop a scratch database")
+    p.add_argument("--limits-episodes", type=int, default=128, help="episodes of 16 workers for limits (128)")
+    p.add_argument("--organizers", default="1,2,4", help="organizer processes for scaleout (default 1,2,4)")
+    p.add_argument("--scaleout-episodes", type=int, default=256, help="episodes of 8 workers for scaleout (256)")
+    p.add_argument("--pool-slots", type=int, default=4, help="worker runs in flight for schedule (default 4)")
+    p.add_argument("--schedule-episodes", type=int, default=40, help="mixed episodes per schedule run (40)")
+    p.add_argument("--schedule-rounds", type=int, default=3, help="interleaved rounds per policy (default 3)")
+    p.add_argument("--schedule-gap-s", type=float, default=0.08, help="seconds between schedule submissions (0.08)")
     p.add_argument("--quick", action="store_true", help="small sizes (16 and 64 workers, 4 and 8 episodes)")
     args = p.parse_args(argv)
     args.parts = {s.strip() for s in args.parts.split(",") if s.strip()}
     args.ns = [int(x) for x in args.ns.split(",")]
     args.at_once = [int(x) for x in args.at_once.split(",")]
+    args.organizers = [int(x) for x in args.organizers.split(",")]
     if args.quick:
         args.ns, args.at_once = [16, 64], [4, 8]
+        args.limits_episodes, args.scaleout_episodes, args.schedule_episodes, args.schedule_rounds = 32, 32, 8, 1
     return args
 
 
@@ -510,11 +624,14 @@ async def amain(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as d:
         if args.parts & {"distributed", "concurrent"}:
             lines += await run_distributed(args, Path(d))
-
-
-@contextlib.contextmanager
-def _nothing() -> Iterator[None]:
-    yield
+        if "limits" in args.parts:
+            lines += await run_limits(args, Path(d))
+        if "scaleout" in args.parts:
+            lines += await run_scaleout(args, Path(d))
+        if "schedule" in args.parts:
+            lines += await run_schedule(args, Path(d))
+    print()
+    print(f"load average at the end {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
 def main(argv: list[str] | None = None) -> None:
