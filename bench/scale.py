@@ -194,7 +194,8 @@ class EpisodeRun:
 
     @property
     def wall(self) -> float:
-        return self.finished - self.started
+        """From its ``started`` event (from its submission if that event was lost) to ``finished``."""
+        return self.finished - (self.started or self.submitted)
 
     def bound(self, rate: float) -> float:
         return self.latency / rate
