@@ -123,11 +123,18 @@ def _segment_values(episode_id: str, seg: SegmentRecord) -> dict[str, Any]:
         columns = _table(Segment).c
         _SEGMENT_COLUMNS.extend(k for k in SegmentRecord.model_fields if k in columns)
     values = {k: getattr(seg, k) for k in _SEGMENT_COLUMNS}
-    values["prompt_ids"] = [int(i) for i in seg.prompt_ids]
-    values["completion_ids"] = [int(i) for i in seg.completion_ids]
-    values["completion_mask"] = [int(m) for m in seg.completion_mask]
+    values["prompt_ids"] = _ints(seg.prompt_ids)
+    values["completion_ids"] = _ints(seg.completion_ids)
+    values["completion_mask"] = _ints(seg.completion_mask)
     values["episode_id"] = episode_id
     return values
+
+
+def _ints(values: Sequence[Any]) -> list[int]:
+    """Token ids as plain ints for JSON: a validated list of ints as it is (no copy), anything else converted."""
+    if type(values) is list and (not values or (type(values[0]) is int and type(values[-1]) is int)):
+        return values
+    return [int(v) for v in values]
 
 
 def _upsert_segments(session: Session, episode_id: str, segments: Sequence[SegmentRecord]) -> None:
