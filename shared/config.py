@@ -116,7 +116,8 @@ class Settings(BaseSettings):
     # first, then by fork time) or fifo.
     scheduling: Literal["critical-path", "fifo"] = "critical-path"
     # A finished episode's event and result streams and its workers' done-markers expire this long after
-    # it ends (its stored record stays); 0: never.
+    # it ends (its stored record stays); 0: none set at the end (what a Celery worker wrote still carries
+    # its own 24-hour TTL, so no per-episode key lives forever).
     stream_ttl_s: float = Field(default=3600.0, ge=0)
 
     @model_validator(mode="after")
