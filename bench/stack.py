@@ -89,11 +89,14 @@ def service_env(**extra: str) -> dict[str, str]:
 
 
 def celery_worker(
-    env: dict[str, str], log_path: Path, *, queues: str = "model,tool", concurrency: int = 4, name: str = "worker"
+    env: dict[str, str], log_path: Path, *, queues: str = "model,tool", concurrency: int = 4, name: str = "worker",
+    prefetch: int = 1,
 ) -> ServiceProcess:
+    """A Celery worker process: ``concurrency`` threads, ``concurrency x prefetch`` worker runs in flight."""
     celery = str(Path(sys.executable).with_name("celery"))
     argv = [
         celery, "-A", "services.workers.app", "worker", "-Q", queues, "--pool=threads", "-c", str(concurrency),
+        "--prefetch-multiplier", str(prefetch),
         "--loglevel=INFO", "--without-gossip", "--without-mingle", "--without-heartbeat", "-n", f"{name}@%h",
     ]
     return ServiceProcess(name, argv, env, log_path)

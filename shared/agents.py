@@ -84,6 +84,13 @@ log = logging.getLogger(__name__)
 ABORT_RETRIES = 2  # a call the backend aborted (finish ABORT) is sent again this many times
 ABORT_BACKOFF_S = 0.05  # before each resend (a paused server holds the resend until it continues)
 
+# Request priorities (GenerateRequest.priority; a larger value is served first, as SGLang orders them):
+# the critical path first. An organizer is always on it; a worker whose join is already waiting is on it
+# now; other workers are served in the order they were forked (first come, first served within a level).
+PRIORITY_ORGANIZER = 2
+PRIORITY_AWAITED = 1
+PRIORITY_WORKER = 0
+
 
 # ----------------------------------------------------------------------------- interfaces
 class WorkerEndpoint(Protocol):
@@ -99,9 +106,64 @@ class EventSink(Protocol):
 class Checkpointer(Protocol):
     """Keeps an organizer's sequence so far (a partial segment, ``wall_end`` 0) so that an interrupted
     episode can resume from it (``resume_from``). Called after each fork is dispatched, when a join
-    starts waiting and after its result is injected; only the latest call matters."""
+    starts waiting and after its result is injected; only the latest call matters.
+
+    A checkpointer whose ``lazy`` attribute is true gets a :class:`Snapshot` instead of a segment: the
+    sequence at that moment, materialized only if and when the checkpointer writes it (most checkpoints
+    are superseded before they are written, and building a segment copies and decodes the whole
+    sequence, which at every fork and join would cost time quadratic in the episode's length)."""
 
     async def checkpoint(self, episode_id: str, segment: SegmentRecord) -> None: ...
+
+
+class Snapshot:
+    """An agent's sequence at one moment, without copying it: its ids and mask lists only grow, so the
+    first ``length`` entries stay what they were. :meth:`segment` builds the partial segment;
+    :meth:`tail` the part after a given length (for a writer that appends)."""
+
+    def __init__(
+        self, spec: AgentSpec, state: _AgentState, decode: Any, *, prompt_ids: list[int] | None = None
+    ) -> None:
+        self.agent = spec.agent
+        self.role = spec.role.value
+        self.prompt = spec.prompt
+        self.prompt_ids = state.prompt_ids if prompt_ids is None else prompt_ids
+        self._ids = state.ids
+        self._mask = state.mask
+        self.length = len(state.ids)
+        self.generated_tokens = state.generated
+        self.wall_start = state.wall_start
+        self.model_version = state.version
+        self._decode = decode
+
+    def tail(self, start: int) -> tuple[list[int], list[int], str]:
+        """The ids, mask and text after the first ``start`` ids (the text decoded from those ids alone)."""
+        ids = self._ids[start : self.length]
+        return ids, self._mask[start : self.length], self._decode(ids)
+
+    def segment(self) -> SegmentRecord:
+        ids = self._ids[: self.length]
+        return SegmentRecord(
+            agent=self.agent,
+            role=self.role,
+            prompt=self.prompt,
+            prompt_ids=list(self.prompt_ids),
+            completion_ids=ids,
+            completion_mask=self._mask[: self.length],
+            text=self._decode(ids),
+            generated_tokens=self.generated_tokens,
+            wall_start=self.wall_start,
+            wall_end=0.0,  # partial: the final segment has its end
+            model_version=self.model_version,
+        )
+
+
+class SegmentRecorder(Protocol):
+    """Takes each worker's complete segment (token ids included) the moment its outcome arrives, for a
+    store that writes segments as they complete (the ``segment`` event carries no ids). Called without
+    waiting, for the organizer's own workers (each outcome carries its descendants' segments)."""
+
+    def record(self, episode_id: str, segment: SegmentRecord) -> None: ...
 
 
 class NullSink:
@@ -172,6 +234,7 @@ class AgentSpec:
     depth: int = 0  # 0 for the organizer, 1 for its workers, ...
     max_depth: int = 1  # agents at this depth may not fork (recursive organization)
     stream_text: bool = False  # emit text events as this agent decodes (and its joins' results)
+    priority: int | None = None  # its generate calls' priority (see PRIORITY_*); None: the backend's default
 
     @property
     def stop_regex(self) -> str:
@@ -202,6 +265,7 @@ class AgentSpec:
             allow_fork=self.allow_fork and self.depth + 1 < self.max_depth,
             max_depth=self.max_depth,
             worker_timeout_s=self.worker_timeout_s,
+            priority=PRIORITY_WORKER,
         )
 
 
@@ -236,6 +300,8 @@ class _AgentState:
     wall_start: float = field(default_factory=time.time)
     ids: list[int] = field(default_factory=list)  # every id after the prompt
     mask: list[int] = field(default_factory=list)  # 1 = generated here, 0 = injected by a join
+    # prompt_ids + ids, kept as both grow: handed to every generate call as is (no copy per call)
+    full: list[int] = field(default_factory=list)
     steps: list[Step | _PendingFork] = field(default_factory=list)
     generated: int = 0
     children: dict[int, asyncio.Task[WorkerOutcome]] = field(default_factory=dict)
@@ -243,7 +309,10 @@ class _AgentState:
     outcomes: dict[int, WorkerOutcome] = field(default_factory=dict)
     error: str | None = None  # a backend failure (not a format error)
     rejoin: dict[int, str] = field(default_factory=dict)  # resumed: fork id -> the result joined before
-    tasks: dict[int, WorkerTask] = field(default_factory=dict)  # resumed: the forks dispatched again
+    tasks: dict[int, WorkerTask] = field(default_factory=dict)  # fork id -> the task it dispatched
+
+    def __post_init__(self) -> None:
+        self.full = list(self.prompt_ids)
 
     @property
     def clock(self) -> int:
@@ -253,6 +322,7 @@ class _AgentState:
     def add_generated(self, result: GenerateResult) -> None:
         n = len(result.output_ids)
         self.ids += result.output_ids
+        self.full += result.output_ids
         self.mask += [1] * n
         self.generated += n
         if n:
@@ -267,7 +337,15 @@ class _AgentState:
 
     def add_injected(self, ids: list[int]) -> None:
         self.ids += ids
+        self.full += ids
         self.mask += [0] * len(ids)
+
+    def add_replayed(self, ids: list[int]) -> None:
+        """Generated ids of a checkpoint (restoring): in the sequence, not yet in the timeline."""
+        self.ids += ids
+        self.full += ids
+        self.mask += [1] * len(ids)
+        self.generated += len(ids)
 
     def settle_children(self) -> None:
         """Keep the outcome of workers that finished without a join; cancel the running ones."""
@@ -292,6 +370,7 @@ class AgentRunner:
         sink: EventSink | None = None,
         abort_retries: int = ABORT_RETRIES,
         checkpointer: Checkpointer | None = None,
+        recorder: SegmentRecorder | None = None,
     ) -> None:
         if abort_retries < 0:
             raise ValueError(f"abort_retries must be >= 0, got {abort_retries}")
@@ -302,6 +381,7 @@ class AgentRunner:
         self.endpoints.setdefault(None, ModelWorker(self))
         self.sink: EventSink = sink or NullSink()
         self.checkpointer = checkpointer
+        self.recorder = recorder
         self._emitters: dict[str, Emitter] = {}
 
     def emitter(self, episode_id: str) -> Emitter:
@@ -389,9 +469,7 @@ class AgentRunner:
                 start = state.parser.offset
                 text = self.backend.decode(run)
                 run_start = state.generated
-                state.ids += run
-                state.mask += [1] * len(run)
-                state.generated += len(run)
+                state.add_replayed(run)
                 for ev in state.parser.feed(text):
                     if isinstance(ev, Fork):
                         close = f"</FORK-{ev.fork_id}>"
@@ -465,21 +543,12 @@ class AgentRunner:
         """Hand the organizer's sequence so far to the checkpointer (the organizer of an episode only)."""
         if self.checkpointer is None or spec.role is not Role.ORGANIZER or spec.depth != 0:
             return
-        segment = SegmentRecord(
-            agent=spec.agent,
-            role=spec.role.value,
-            prompt=spec.prompt,
-            prompt_ids=state.prompt_ids,
-            completion_ids=list(state.ids),
-            completion_mask=list(state.mask),
-            text=self.backend.decode(state.ids),
-            generated_tokens=state.generated,
-            wall_start=state.wall_start,
-            wall_end=0.0,  # partial: the final segment has its end
-            model_version=state.version,
-        )
+        snapshot = Snapshot(spec, state, self.backend.decode)
         try:
-            await self.checkpointer.checkpoint(spec.episode_id, segment)
+            if getattr(self.checkpointer, "lazy", False):
+                await self.checkpointer.checkpoint(spec.episode_id, snapshot)  # type: ignore[arg-type]
+            else:
+                await self.checkpointer.checkpoint(spec.episode_id, snapshot.segment())
         except Exception:
             log.exception("checkpoint of %s in episode %s failed", spec.agent, spec.episode_id)
 
@@ -499,13 +568,14 @@ class AgentRunner:
             emit.soon(EventKind.TEXT, spec.agent, state.clock, text=piece, injected=False)
 
         request = GenerateRequest(
-            input_ids=state.prompt_ids + state.ids,
+            input_ids=state.full,  # the agent's own list: only appended to after the call returns
             max_new_tokens=remaining,
             stop_regex=spec.stop_regex,
             sampling=spec.sampling,
             session=spec.episode_id,
             tag=spec.agent,
             on_text=on_text if spec.stream_text else None,
+            priority=spec.priority,
         )
         result = await self.backend.generate(request)
         for attempt in range(self.abort_retries):
@@ -562,6 +632,7 @@ class AgentRunner:
 
     async def _on_fork(self, ev: Fork, spec: AgentSpec, state: _AgentState, emit: Emitter) -> None:
         task = spec.worker_task(ev, self.task.name)
+        state.tasks[ev.fork_id] = task
         state.child_agents[ev.fork_id] = task.agent
         state.children[ev.fork_id] = asyncio.create_task(
             self._run_worker(task, spec.worker_timeout_s, emit, state.clock)
@@ -572,6 +643,8 @@ class AgentRunner:
 
     async def _on_join(self, ev: Join, spec: AgentSpec, state: _AgentState, emit: Emitter) -> list[Event]:
         await emit(EventKind.JOIN, spec.agent, state.clock, fork_id=ev.fork_id)
+        if not state.children[ev.fork_id].done():
+            self._awaited(state.tasks.get(ev.fork_id))
         await self._checkpoint(spec, state)
         outcome = await state.children[ev.fork_id]
         state.outcomes[ev.fork_id] = outcome
@@ -584,6 +657,19 @@ class AgentRunner:
             await emit(EventKind.TEXT, spec.agent, state.clock, text=injected, injected=True)
         await self._checkpoint(spec, state)
         return overflow
+
+    def _awaited(self, task: WorkerTask | None) -> None:
+        """Tell the worker's endpoint that a join now waits for it (an endpoint with an ``awaited(task)``
+        method may then serve it first: the critical path); never raises, never waits."""
+        if task is None:
+            return
+        awaited = getattr(self.endpoints.get(task.endpoint), "awaited", None)
+        if awaited is None:
+            return
+        try:
+            awaited(task)
+        except Exception:
+            log.exception("endpoint hook for worker %s of episode %s failed", task.agent, task.episode_id)
 
     def _collect(self, spec: AgentSpec, state: _AgentState) -> AgentRun:
         """The agent's segment, timeline and errors, with its workers' segments and errors folded in."""
@@ -635,7 +721,10 @@ class AgentRunner:
             )
         else:
             try:
-                outcome = await asyncio.wait_for(endpoint.run(task), timeout_s)
+                if getattr(endpoint, "manages_timeout", False):  # e.g. from the worker's start, not the send
+                    outcome = await endpoint.run(task)
+                else:
+                    outcome = await asyncio.wait_for(endpoint.run(task), timeout_s)
             except TimeoutError:
                 outcome = failed_outcome(
                     task, "timeout", returned=f"[worker {task.fork_id} timed out after {timeout_s:g}s]"
@@ -646,6 +735,12 @@ class AgentRunner:
             except Exception as exc:  # a broken worker must not take the episode down
                 log.exception("worker %s of episode %s failed", task.agent, task.episode_id)
                 outcome = failed_outcome(task, f"failed: {exc}", returned=f"[worker {task.fork_id} failed: {exc}]")
+        if self.recorder is not None and task.depth == 1:
+            for seg in outcome.segments:
+                try:
+                    self.recorder.record(task.episode_id, seg)
+                except Exception:
+                    log.exception("recording segment %s of episode %s failed", seg.agent, task.episode_id)
         for seg in outcome.segments:
             await emit(
                 EventKind.SEGMENT, seg.agent, clock,
@@ -723,6 +818,7 @@ class ModelWorker:
             worker_timeout_s=task.worker_timeout_s,
             depth=task.depth,
             max_depth=task.max_depth,
+            priority=task.priority,
         )
         with self.runner.episode_scope(task.episode_id) as emit:
             run = await self.runner.run_agent(spec, emit)

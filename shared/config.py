@@ -37,6 +37,8 @@ from typing import Literal
 from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.episode import MAX_CAPACITY
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL_DIR = REPO_ROOT / "models" / "asyncthink-countdown-small"
 MIN_ADMIN_KEY_CHARS = 32
@@ -121,6 +123,28 @@ class Settings(BaseSettings):
     # worker's task is delivered again about this long after its last heartbeat. None: derived from
     # worker_timeout_s (a tenth of it, between 5 and 30 s).
     task_lease_s: float | None = Field(default=None, gt=0)
+
+    # --- scale (docs/scaling.md)
+    # The largest agent pool c a request may ask for here (shared.episode.MAX_CAPACITY bounds it); the
+    # gateway answers 422 above it.
+    max_capacity: int = Field(default=1024, ge=1, le=MAX_CAPACITY)
+    # Backpressure at the gateway: 429 with Retry-After when the problems stream holds more than
+    # max_queued_episodes entries no organizer has taken yet, or more than max_episodes_in_flight
+    # submitted and not finished (queued plus running); 0: no bound.
+    max_queued_episodes: int = Field(default=10_000, ge=0)
+    max_episodes_in_flight: int = Field(default=0, ge=0)
+    retry_after_s: int = Field(default=2, ge=1, le=3600)  # the Retry-After of those 429s
+    # Redis connections per process (a bounded pool: a command waits for a free connection, never fails
+    # for want of one). 0: sized from the process's concurrency (the organizer: 8 + a quarter of its
+    # episodes; the gateway: 256, since every SSE follower holds one while it waits).
+    redis_max_connections: int = Field(default=0, ge=0)
+    # Order of queued worker tasks when workers are scarce: critical-path (tasks a join already waits for
+    # first, then by fork time) or fifo.
+    scheduling: Literal["critical-path", "fifo"] = "critical-path"
+    # A finished episode's event and result streams and its workers' done-markers expire this long after
+    # it ends (its stored record stays); 0: none set at the end (what a Celery worker wrote still carries
+    # its own 24-hour TTL, so no per-episode key lives forever).
+    stream_ttl_s: float = Field(default=3600.0, ge=0)
 
     @field_validator("human_pools")
     @classmethod

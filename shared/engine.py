@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pydantic import Field
 
 from shared.agents import (
+    PRIORITY_ORGANIZER,
     AgentRun,
     AgentRunner,
     AgentSpec,
@@ -40,6 +41,7 @@ from shared.agents import (
     EventSink,
     ListSink,
     NullSink,
+    SegmentRecorder,
     WorkerEndpoint,
 )
 from shared.backends.base import ModelBackend, SamplingParams, version_label
@@ -59,6 +61,7 @@ __all__ = [
     "EventSink",
     "ListSink",
     "NullSink",
+    "SegmentRecorder",
     "WorkerEndpoint",
 ]
 
@@ -125,12 +128,15 @@ class Engine:
         endpoints: Mapping[str | None, WorkerEndpoint] | None = None,
         sink: EventSink | None = None,
         checkpointer: Checkpointer | None = None,
+        recorder: SegmentRecorder | None = None,
     ) -> None:
         self.backend = backend
         self.config = config or EngineConfig()
         # prompted as the model needs: the task's trained prompts, or a system message teaching the protocol
         self.task = for_model(task, backend, self.config.resolved_capacity(task.default_capacity))
-        self.runner = AgentRunner(backend, self.task, endpoints=endpoints, sink=sink, checkpointer=checkpointer)
+        self.runner = AgentRunner(
+            backend, self.task, endpoints=endpoints, sink=sink, checkpointer=checkpointer, recorder=recorder
+        )
 
     @property
     def capacity(self) -> int:
@@ -219,6 +225,7 @@ class Engine:
             worker_timeout_s=cfg.worker_timeout_s,
             max_depth=cfg.max_depth if cfg.recursive else 1,
             stream_text=cfg.stream_text,
+            priority=PRIORITY_ORGANIZER,
         )
 
     async def _run_organizer(

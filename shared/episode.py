@@ -22,7 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shared.tasks.base import Mode
 
-MAX_CAPACITY = 64  # agent pool size c; the paper uses 2 and 4
+# Agent pool size c: the most a request may ask for (the paper uses 2 and 4). A deployment sets its own,
+# lower limit as an operator setting (``Settings.max_capacity``, ASYNCTHINK_MAX_CAPACITY, default 1024),
+# which the gateway enforces.
+MAX_CAPACITY = 4096
 MAX_BUDGET = 131_072  # tokens per agent
 MAX_PARALLEL_K = 64  # traces for parallel thinking
 MAX_WORKER_TIMEOUT_S = 24 * 3600.0
@@ -45,7 +48,7 @@ class EpisodeSettings(BaseModel):
         ge=1,
         le=MAX_CAPACITY,
         description="agent pool size c: the organizer plus at most c-1 active workers; default: the "
-        "task's (2 for countdown and sudoku, 4 for math)",
+        "task's (2 for countdown and sudoku, 4 for math); a gateway may set a lower limit",
     )
     organizer_budget: int = Field(
         1024, ge=1, le=MAX_BUDGET, description="most tokens the organizer (or each parallel trace) may decode"

@@ -101,6 +101,8 @@ class WorkerTask(BaseModel):
     allow_fork: bool = False  # recursive organization: the worker may fork its own workers
     max_depth: int = 1  # recursive organization: agents at this depth may not fork
     worker_timeout_s: float = 300.0  # the timeout of any worker this one forks
+    # its generate calls' priority (shared.agents.PRIORITY_*: 1 when a join already waits for it, else 0)
+    priority: int = 0
 
 
 class WorkerOutcome(BaseModel):
@@ -163,3 +165,13 @@ def events_stream(episode_id: str) -> str:
 def results_stream(episode_id: str) -> str:
     """WorkerOutcome entries of one episode (field ``agent`` says which worker), read by its organizer."""
     return f"asyncthink:episode:{episode_id}:results"
+
+
+def done_key(episode_id: str, agent: str) -> str:
+    """A worker's done-marker: its outcome, stored once (``SET NX``) before it is published."""
+    return f"asyncthink:worker-done:{episode_id}:{agent}"
+
+
+def claim_key(episode_id: str, agent: str) -> str:
+    """Held (with a short TTL the holder renews) by the one copy of a task that is computing it."""
+    return f"asyncthink:worker-claim:{episode_id}:{agent}"

@@ -193,6 +193,7 @@ class ProtocolParser:
         self.errors: list[FormatError] = []
         self.forked: set[int] = set()
         self.joined: set[int] = set()
+        self._active = 0  # len(forked - joined), kept as forks and joins happen (the capacity check is O(1))
         self.final: Answer | Return | None = None
         self._buf = ""  # generated text not parsed yet
         self._pos = 0  # absolute offset of _buf[0]
@@ -405,10 +406,10 @@ class ProtocolParser:
                 rejection = ErrorKind.MALFORMED_TAG, f"{raw} is not valid for a {self.role.value}"
             elif name == "FORK" and fid in self.forked:
                 rejection = ErrorKind.DUPLICATE_FORK, f"fork id {fid} is used twice"
-            elif name == "FORK" and len(self.active) >= self.capacity - 1:
+            elif name == "FORK" and self._active >= self.capacity - 1:
                 rejection = (
                     ErrorKind.CAPACITY_EXCEEDED,
-                    f"fork {fid} while {len(self.active)} workers are active (capacity {self.capacity})",
+                    f"fork {fid} while {self._active} workers are active (capacity {self.capacity})",
                 )
             if rejection is not None:
                 yield self._error(rejection[0], at, rejection[1])
@@ -427,6 +428,7 @@ class ProtocolParser:
             if name == "FORK":
                 assert fid is not None
                 self.forked.add(fid)
+                self._active += 1
                 yield Fork(fid, body, opened.endpoint, opened.offset)
             elif name == "ANSWER":
                 self.final = Answer(body, opened.offset)
@@ -449,6 +451,7 @@ class ProtocolParser:
                 return
             self._consume(len(raw))
             self.joined.add(fid)
+            self._active -= 1
             self._awaiting = fid
             yield Join(fid, at)
             return

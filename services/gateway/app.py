@@ -212,7 +212,8 @@ async def _start(
         else:
             from shared.bus.redis_streams import RedisStreamsBus
 
-            bus = RedisStreamsBus(settings.redis_url)
+            # every SSE follower holds a connection while it waits: a larger pool than a worker's
+            bus = RedisStreamsBus(settings.redis_url, max_connections=settings.redis_max_connections or 256)
         stack.push_async_callback(bus.close)
     # in memory for one process; in Redis, shared by every gateway replica
     rate_limiter: RateLimiter = MemoryRateLimiter() if embedded else RedisRateLimiter(settings.redis_url)

@@ -12,7 +12,14 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["CONTENT_TYPE_LATEST", "GatewayMetrics", "MetricsMiddleware"]
@@ -40,6 +47,30 @@ class GatewayMetrics:
             "asyncthink_gateway_episodes_submitted",
             "Episodes stored and queued for an organizer, by task and mode.",
             ["task", "mode", "api"],
+            registry=self.registry,
+        )
+        # The scaling signals (docs/scaling.md), refreshed on each scrape and by the backpressure check:
+        # what an autoscaler of organizers and workers reads (the k8s HPA through an external metric).
+        self.problems_queued = Gauge(
+            "asyncthink_problems_queued",
+            "Submitted episodes no organizer has taken yet (the problems stream's consumer-group lag).",
+            registry=self.registry,
+        )
+        self.episodes_in_flight = Gauge(
+            "asyncthink_episodes_in_flight",
+            "Submitted episodes not finished: queued plus running on an organizer.",
+            registry=self.registry,
+        )
+        self.worker_queue_depth = Gauge(
+            "asyncthink_worker_queue_depth",
+            "Forked worker tasks waiting in a Celery queue (every priority level), by queue.",
+            ["queue"],
+            registry=self.registry,
+        )
+        self.backpressure = Counter(
+            "asyncthink_gateway_backpressure",
+            "Submissions answered 429 because the queue was too deep or too many episodes were in flight.",
+            ["reason"],
             registry=self.registry,
         )
         self.submit_failures = Counter(

@@ -48,3 +48,4 @@ class GatewayState:
     verifier: KeyVerifier | None = None  # None: no keys required (loopback only)
     rate_limiter: RateLimiter = field(default_factory=MemoryRateLimiter)
     backend: Any = None  # the embedded organizer's model (None in the distributed setup unless injected)
+    backlog_checked: tuple[float, Any] | None = None  # (time.monotonic(), Backlog) of the last look

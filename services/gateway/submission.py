@@ -11,6 +11,12 @@ Submission order, so that nothing is half-written:
    longer than ``publish_timeout_s``, the stored row is marked ``failed`` with the reason and the answer
    is a 503, so no pending episode waits forever for an organizer that will never see it.
 
+Before anything is stored, two limits an operator sets (``shared.config.Settings``): a ``capacity`` above
+``max_capacity`` is a 422; and when the problems stream holds ``max_queued_episodes`` episodes no organizer
+has taken, or ``max_episodes_in_flight`` are submitted and unfinished, the answer is a 429 with
+``Retry-After`` (backpressure: clients wait instead of the queue growing without bound). The depth is
+read at most every ``BACKLOG_CHECK_S`` (one XINFO), so the bound is approximate under a burst.
+
 Following an episode reads its event stream with ``bus.read`` (blocking reads, so no busy polling) and,
 whenever the stream is idle, checks the stored status, so an episode whose events were trimmed or never
 published (a failed submission) still ends the wait.
@@ -26,17 +32,21 @@ import dataclasses
 import hashlib
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from fastapi import HTTPException
 from sqlalchemy.orm import Session
 
 from services.gateway.errors import SubmissionError
 from services.gateway.state import GatewayState
+from shared.bus.base import Backlog
 from shared.episode import EpisodeSettings
 from shared.messages import (
+    ORGANIZER_GROUP,
     PROBLEMS_STREAM,
     EpisodeEvent,
     EpisodeStatus,
@@ -48,11 +58,12 @@ from shared.plans import Plan
 from shared.store import mask_url, repository
 from shared.store.models import Episode, utcnow
 from shared.tasks import get_task
-from shared.tasks.base import Problem
+from shared.tasks.base import Mode, Problem
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+BACKLOG_CHECK_S = 0.5  # the problems stream's depth is read at most this often
 
 
 
@@ -104,6 +115,58 @@ def check_model(state: GatewayState, model: str | None) -> None:
         )
 
 
+async def backlog(state: GatewayState, *, fresh: bool = False) -> Backlog | None:
+    """The problems stream's depth (cached for ``BACKLOG_CHECK_S``), also set on the scaling gauges;
+    None where the bus cannot tell."""
+    now = time.monotonic()
+    if not fresh and state.backlog_checked is not None and now - state.backlog_checked[0] < BACKLOG_CHECK_S:
+        return state.backlog_checked[1]  # type: ignore[no-any-return]
+    probe = getattr(state.bus, "backlog", None)
+    if probe is None:
+        return None
+    depth: Backlog = await probe(PROBLEMS_STREAM, ORGANIZER_GROUP)
+    state.backlog_checked = (now, depth)
+    state.metrics.problems_queued.set(depth.lag)
+    state.metrics.episodes_in_flight.set(depth.total)
+    return depth
+
+
+def check_limits(state: GatewayState, settings: EpisodeSettings, capacity: int) -> None:
+    """422 for a capacity above the operator's ``max_capacity`` (parallel mode is bounded by its own k)."""
+    limit = state.settings.max_capacity
+    if settings.mode is not Mode.PARALLEL and capacity > limit:
+        raise SubmissionError(
+            422, f"capacity {capacity} is above this gateway's limit of {limit} (ASYNCTHINK_MAX_CAPACITY)",
+            param="capacity",
+        )  # fmt: skip
+
+
+async def check_backpressure(state: GatewayState) -> None:
+    """429 with ``Retry-After`` when the queue is too deep or too many episodes are in flight."""
+    settings = state.settings
+    if not (settings.max_queued_episodes or settings.max_episodes_in_flight):
+        return
+    try:
+        depth = await backlog(state)
+    except Exception as exc:  # the bus is down: the publish fails later with its own 503
+        log.warning("reading the queue depth failed: %s", exc)
+        return
+    if depth is None:
+        return
+    reason = ""
+    if settings.max_queued_episodes and depth.lag >= settings.max_queued_episodes:
+        reason, what = "queued", f"{depth.lag} episodes are waiting for an organizer (limit {settings.max_queued_episodes})"
+    elif settings.max_episodes_in_flight and depth.total >= settings.max_episodes_in_flight:
+        reason = "in_flight"
+        what = f"{depth.total} episodes are in flight (limit {settings.max_episodes_in_flight})"
+    if reason:
+        state.metrics.backpressure.labels(reason).inc()
+        raise HTTPException(
+            429, detail=f"busy: {what}; retry in {settings.retry_after_s} s",
+            headers={"Retry-After": str(settings.retry_after_s)},
+        )  # fmt: skip
+
+
 def content_addressed(problem: Problem) -> Problem:
     """``problem`` under an id that also hashes its payload (for a derived id already bound elsewhere)."""
     digest = hashlib.sha256(json.dumps(problem.payload, sort_keys=True, default=str).encode()).hexdigest()
@@ -134,6 +197,8 @@ async def submit_episode(
     check_model(state, model)
     task = get_task(problem.task)
     capacity = settings.resolved_capacity(task.default_capacity)
+    check_limits(state, settings, capacity)
+    await check_backpressure(state)
     episode_id = episode_id or uuid.uuid4().hex
     config = SubmitProblem(
         episode_id=episode_id, task=problem.task, problem_id=problem.id, payload=problem.payload,

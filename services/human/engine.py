@@ -93,6 +93,7 @@ def engine_for(
     sink: EventSink,
     *,
     checkpointer: Checkpointer | None = None,
+    recorder: Any = None,
 ) -> Engine:
     """The engine for one submission (see the module docstring); ``checkpointer`` keeps a model
     organizer's sequence for a resume (a person's episode is not resumed)."""
@@ -106,7 +107,9 @@ def engine_for(
         )
         engine: Engine = HumanOrganizedEngine(organizer, task, config, endpoints=endpoints, sink=sink)
     else:
-        engine = Engine(backend, task, config, endpoints=endpoints, sink=sink, checkpointer=checkpointer)
+        engine = Engine(
+            backend, task, config, endpoints=endpoints, sink=sink, checkpointer=checkpointer, recorder=recorder
+        )
     if submission.plan is not None and submission.plan.steps:
         planned = PlannedTask(engine.task, submission.plan)
         engine.task = planned  # type: ignore[assignment]

@@ -32,6 +32,12 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--worker-timeout-s", type=float, default=None,
                    help="cap on every episode's worker timeout, in seconds (default: the settings' "
                    "worker_timeout_s, ASYNCTHINK_WORKER_TIMEOUT_S, which the Celery workers' time limits use too)")
+    p.add_argument("--scheduling", choices=["critical-path", "fifo"], default=None,
+                   help="order of queued worker tasks when workers are scarce (default: the settings' "
+                   "scheduling, ASYNCTHINK_SCHEDULING: critical-path)")
+    p.add_argument("--redis-max-connections", type=int, default=None,
+                   help="Redis connection pool size (default: ASYNCTHINK_REDIS_MAX_CONNECTIONS, or 8 + a "
+                   "quarter of --max-episodes)")
     p.add_argument("--no-resume", action="store_true",
                    help="run an interrupted episode again from the start instead of resuming it")
     p.add_argument("--local-workers", action="store_true", help="run workers in this process instead of Celery")
@@ -50,6 +56,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def organizer_pool_size(max_episodes: int) -> int:
+    """Redis connections for an organizer running ``max_episodes`` at once: its blocking reads (the
+    problems stream, every episode's results, the weights stream) and a few writers; episodes share
+    the rest, waiting for a free connection rather than opening more."""
+    return 8 + max_episodes // 4
+
+
 async def amain(args: argparse.Namespace) -> None:
     from services.organizer.service import OrganizerService
     from services.runtime import open_service_backend
@@ -61,7 +74,8 @@ async def amain(args: argparse.Namespace) -> None:
     if args.migrate:
         db.migrate(settings.database_url)
     db.check_connection(settings.database_url)
-    bus = RedisStreamsBus(settings.redis_url)
+    pool = args.redis_max_connections or settings.redis_max_connections or organizer_pool_size(args.max_episodes)
+    bus = RedisStreamsBus(settings.redis_url, max_connections=pool)
     await bus.ping()
     engine = db.make_engine(settings.database_url)
     backend = open_service_backend(settings)
@@ -76,7 +90,9 @@ async def amain(args: argparse.Namespace) -> None:
 
         # a task no worker started within two task leases is sent again (see CeleryWorkerEndpoint)
         resend_after_s = max(5.0, 2 * task_limits(settings).lease_s)
-        celery_endpoint = CeleryWorkerEndpoint(bus, app, resend_after_s=resend_after_s)
+        celery_endpoint = CeleryWorkerEndpoint(
+            bus, app, resend_after_s=resend_after_s, scheduling=args.scheduling or settings.scheduling
+        )
         endpoints = dict(celery_endpoint.endpoints())
     endpoints |= _human_endpoints(bus, db.session_factory(engine), settings, celery_endpoint, backend)  # @human forks
     service = OrganizerService(
@@ -90,6 +106,7 @@ async def amain(args: argparse.Namespace) -> None:
         renew_every_ms=args.renew_every_ms,
         worker_timeout_cap_s=args.worker_timeout_s if args.worker_timeout_s is not None else settings.worker_timeout_s,
         resume=not args.no_resume,
+        stream_ttl_s=settings.stream_ttl_s,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -8,8 +8,10 @@ task (at most ``max_concurrent_episodes`` at once):
    delivery is at-least-once, so a redelivered submission is acked without running again;
 2. creates the episode if the gateway did not (a submission written straight to the stream) and marks
    it ``running`` — committed before any worker is dispatched;
-3. runs the engine with a sink that saves each worker segment as it completes (:class:`StoreSink`) and
-   publishes every event to ``events_stream(episode_id)`` (:class:`BusSink`), both in the background
+3. runs the engine with a sink that saves each worker segment as it completes (:class:`StoreSink`
+   through the process's :class:`SegmentWriter`: every episode's segments in shared batches) and
+   publishes every event to ``events_stream(episode_id)`` (:class:`BusSink` through the bus's command
+   batcher: every episode's events in shared pipelines), both in the background
    so neither a database write nor an XADD sits on the path from a worker's outcome to the join, and
    with a checkpointer that saves the organizer's sequence so far (ids and mask) at each fork and join
    as its partial segment (:class:`StoreCheckpoint`). An episode the store has as ``running`` (its
@@ -18,11 +20,17 @@ task (at most ``max_concurrent_episodes`` at once):
    done-markers hand back the outcomes already computed, so a crash costs only the organizer tokens
    decoded since the last checkpoint and the workers still running. Without a checkpoint (or with
    ``resume=False``) it runs again from the start;
-4. saves the finished episode (``save_episode``: the episode row and every segment with its token ids
-   and masks), *then* publishes the engine's ``finished`` event, so a client that sees ``finished``
-   can read the stored result;
+4. saves the finished episode (``save_episode``: the episode row, the organizer's segment, and for the
+   workers only what was not stored while it ran: their clock spans), *then* publishes the engine's
+   ``finished`` event, so a client that sees ``finished`` can read the stored result; then sets the
+   episode's streams and its workers' done-markers to expire ``stream_ttl_s`` later (0: never);
 5. acks the entry (retried through a short Redis outage). An entry whose processing raised (the store
    unreachable...) is not acked: it stays pending and is claimed again once its lease runs out.
+
+Backpressure: besides ``max_concurrent_episodes``, the service takes no new submission while its
+writes lag (more than ``max_write_backlog`` Redis commands or segment rows queued): episodes then
+slow down on their own writes and the queue waits in the stream, where another organizer (or the
+gateway's 429) takes the load, instead of this process growing its buffers or failing writes.
 
 Leases (:meth:`shared.bus.base.Bus.renew`): every ``renew_every_ms`` (default a quarter of
 ``claim_idle_ms``) the service renews the entries it is running, which resets their idle time without
@@ -58,7 +66,15 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from services.runtime import BusSink, FanoutSink, StoreCheckpoint, StoreSink, build_engine, engine_config
+from services.runtime import (
+    BusSink,
+    FanoutSink,
+    SegmentWriter,
+    StoreCheckpoint,
+    StoreSink,
+    build_engine,
+    engine_config,
+)
 from shared.backends.base import ModelBackend
 from shared.bus.base import Bus, Entry, dead_letter_stream
 from shared.engine import EpisodeResult, EventSink, WorkerEndpoint
@@ -66,9 +82,13 @@ from shared.messages import (
     ORGANIZER_GROUP,
     PROBLEMS_STREAM,
     EpisodeEvent,
+    EpisodeStatus,
     EventKind,
     SegmentRecord,
     SubmitProblem,
+    done_key,
+    events_stream,
+    results_stream,
 )
 from shared.retry import REDIS_ERRORS, retry_async
 
@@ -77,6 +97,8 @@ log = logging.getLogger(__name__)
 
 DEAD_LETTERS = dead_letter_stream(PROBLEMS_STREAM)
 ACK_RETRY_S = 30.0  # how long an ack (after the episode is stored) is retried through a Redis outage
+STREAM_TTL_S = 3600.0  # a finished episode's streams and done-markers live this long (0: no expiry)
+MAX_WRITE_BACKLOG = 5000  # queued Redis commands or segment rows past which no new episode is taken
 
 
 class InvalidSubmission(ValueError):
@@ -134,6 +156,8 @@ class OrganizerService:
         read_block_ms: int = 1000,
         shutdown_grace_s: float = 30.0,
         resume: bool = True,
+        stream_ttl_s: float = STREAM_TTL_S,
+        max_write_backlog: int = MAX_WRITE_BACKLOG,
     ) -> None:
         if max_concurrent_episodes < 1:
             raise ValueError(f"max_concurrent_episodes must be >= 1, got {max_concurrent_episodes}")
@@ -156,6 +180,10 @@ class OrganizerService:
         self.read_block_ms = read_block_ms
         self.shutdown_grace_s = shutdown_grace_s
         self.resume = resume
+        self.stream_ttl_s = stream_ttl_s
+        self.max_write_backlog = max_write_backlog
+        self.writer = SegmentWriter(session_factory)
+        self.backpressure_waits = 0  # reads postponed because this process's writes lagged
         self._running: dict[str, asyncio.Task[None]] = {}  # entry id -> its task
         self._lost: set[str] = set()  # entry ids claimed by another organizer while running here
         self._bus_failed_at = -1e9  # time.monotonic() of the last failed bus call (claims wait after one)
@@ -170,6 +198,17 @@ class OrganizerService:
     def in_progress(self) -> int:
         """Submissions being processed now (read, not yet acked or given up)."""
         return len(self._running)
+
+    @property
+    def write_backlog(self) -> int:
+        """Writes queued in this process: Redis commands (events, task messages) and segment rows."""
+        batcher = self._batcher()
+        return self.writer.backlog + (batcher.backlog if batcher is not None else 0)
+
+    def _batcher(self) -> Any:
+        """The bus's command batcher (Redis), or None (the in-process bus publishes directly)."""
+        make = getattr(self.bus, "batcher", None)
+        return make() if make is not None else None
 
     # ------------------------------------------------------------------ the consume loop
     async def run_forever(self, stop_event: asyncio.Event) -> None:
@@ -189,6 +228,10 @@ class OrganizerService:
                 free = self.max_concurrent_episodes - len(self._running)
                 if free <= 0:
                     await asyncio.wait([stop_wait, *self._running.values()], return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                if self.write_backlog > self.max_write_backlog:  # take fewer episodes while writes lag
+                    self.backpressure_waits += 1
+                    await asyncio.wait([stop_wait], timeout=0.05)
                     continue
                 entries: list[Entry] = []
                 if time.monotonic() >= next_claim and await self._may_claim():
@@ -435,14 +478,13 @@ class OrganizerService:
             log.info("episode %s already finished in the store; skipping the redelivered submission", eid)
             return None
         checkpoint = prepared[0] if self.resume else None
-        sinks = FanoutSink(
-            StoreSink(self.session_factory, eid, background=True), BusSink(self.bus, background=True)
-        )
+        store = StoreSink(self.session_factory, eid, writer=self.writer)
+        sinks = FanoutSink(store, BusSink(self.bus, background=True, batcher=self._batcher()))
         hold = _HoldFinished(sinks)
         checkpointer = StoreCheckpoint(self.session_factory, eid) if self.resume else None
         engine = build_engine(
             submission, self.backend, self.endpoints, hold, worker_timeout_cap_s=self.worker_timeout_cap_s,
-            checkpointer=checkpointer,
+            checkpointer=checkpointer, recorder=store,
         )
         if checkpoint is not None:
             self.episodes_resumed += 1
@@ -458,21 +500,26 @@ class OrganizerService:
             "episode %s started: task %s, mode %s, capacity %d",
             eid, submission.task, submission.settings.mode.value, engine.capacity,
         )
-        result = await engine.run(problem, episode_id=eid, resume_from=checkpoint)
-        config = submission.stored_config()
-        await sinks.drain()  # live segment writes land before the complete ones
-        if checkpointer is not None:
-            await checkpointer.finish()  # ... and no checkpoint lands after it
+        try:
+            result = await engine.run(problem, episode_id=eid, resume_from=checkpoint)
+            config = submission.stored_config()
+            await sinks.drain()  # live segment writes land before the final save
+            if checkpointer is not None:
+                await checkpointer.finish()  # ... and no checkpoint lands after it
+            live = self.writer.forget(eid)
+        finally:
+            self.writer.forget(eid)
         if entry_id is not None and not await self._still_owner(entry_id):
             raise LeaseLost(
                 f"episode {eid} ran to its end here, but another organizer claimed its submission {entry_id}; "
                 "leaving the result to it"
             )
-        await asyncio.to_thread(self._save, result, config)
+        await asyncio.to_thread(self._save, result, config, live)
         self.episodes_done += 1
         if hold.finished is not None:
             await sinks.emit(hold.finished)
         await sinks.drain()
+        self._expire(eid, result)
         log.info(
             "episode %s %s: answer=%r T=%d eta=%.3f forks=%d wall=%.3fs%s",
             eid, result.status, result.answer, result.latency, result.eta, result.forks, result.wall_time_s,
@@ -484,20 +531,21 @@ class OrganizerService:
         """Create (if missing) and mark the episode running. None if it is already finished; else the
         organizer's checkpoint of an interrupted run (if it has one) and whether it was running already."""
         from shared.store import repository
+        from shared.tasks import get_task
 
         checkpoint: SegmentRecord | None = None
+        capacity = submission.settings.resolved_capacity(get_task(submission.task).default_capacity)
         with self.session_factory() as session:
-            episode = repository.get_episode(session, submission.episode_id)
-            if episode is not None and repository.is_finished(episode):
+            before = repository.start_episode(
+                session, episode_id=submission.episode_id, problem=problem, mode=submission.settings.mode,
+                capacity=capacity, model_id=self.backend.model_id, config=submission.stored_config(),
+                model_version=self.backend.weight_version,
+            )  # fmt: skip
+            if before is not None and before.finished:
                 return None
-            was_running = episode is not None and episode.status == "running"
-            if episode is None:
-                self._create(session, submission, problem)
-            elif was_running and self.resume:
+            was_running = before is EpisodeStatus.RUNNING
+            if was_running and self.resume:
                 checkpoint = _checkpoint_of(repository.episode_segments(session, submission.episode_id))
-            repository.mark_running(
-                session, episode_id=submission.episode_id, model_version=self.backend.weight_version
-            )
         return checkpoint, was_running
 
     def _create(self, session: Any, submission: SubmitProblem, problem: Any) -> None:
@@ -516,8 +564,26 @@ class OrganizerService:
             config=submission.stored_config(),
         )
 
-    def _save(self, result: EpisodeResult, config: dict[str, Any]) -> None:
+    def _save(self, result: EpisodeResult, config: dict[str, Any], live: set[str] | None = None) -> None:
         from shared.store import repository
 
         with self.session_factory() as session:
-            repository.save_episode(session, result=result, config=config)
+            repository.store_episode(session, result=result, config=config, live_agents=live or ())
+
+    def _expire(self, episode_id: str, result: EpisodeResult) -> None:
+        """Let a finished episode's event and result streams and its workers' done-markers go after
+        ``stream_ttl_s`` (readers that come later get the stored episode)."""
+        if self.stream_ttl_s <= 0:
+            return
+        ttl = str(max(1, round(self.stream_ttl_s)))
+        batcher = self._batcher()
+        if batcher is None:
+            for stream in (events_stream(episode_id), results_stream(episode_id)):
+                task = asyncio.get_running_loop().create_task(self.bus.expire(stream, self.stream_ttl_s))
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())
+            return
+        batcher.fire("EXPIRE", events_stream(episode_id), ttl, urgent=False)
+        batcher.fire("EXPIRE", results_stream(episode_id), ttl, urgent=False)
+        for seg in result.segments:
+            if seg.role == "worker":
+                batcher.fire("EXPIRE", done_key(episode_id, seg.agent), ttl, urgent=False)

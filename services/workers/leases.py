@@ -12,6 +12,9 @@ and releases it when the message is acked or rejected; a daemon thread re-scores
 re-added). A dead worker's tags stop being renewed and its tasks are delivered again about one lease
 after its last heartbeat, by the next restore sweep of any live worker.
 
+The ack of ``asyncthink.run_worker`` waits for its run (see ``acknowledge``): the task only starts the
+run on the process's event loop, so the message stays unacked, held and renewed, until the outcome is out.
+
 Limits: this relies on the key layout of kombu's Redis transport (``unacked_index`` with the transport's
 ``global_keyprefix``), which ``make_app`` configures; a Redis outage longer than the lease stops the
 heartbeat, so tasks running through it may be delivered a second time afterwards (the done-markers of
@@ -109,6 +112,14 @@ class LeasedRequest(Request):  # type: ignore[misc]
             leases(self.task.app).release(str(self._lease_tag))
 
     def acknowledge(self) -> None:
+        """Ack when the task's run ends: at once for a task that ran in its thread, later for a worker
+        run that the task started on the process's event loop (``services.workers.tasks.InFlight``), whose
+        lease is renewed until then."""
+        from services.workers.tasks import in_flight
+
+        in_flight.when_done(str(self.id), self._acknowledge_now)
+
+    def _acknowledge_now(self) -> None:
         self._release_lease()
         super().acknowledge()
 

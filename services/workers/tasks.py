@@ -46,22 +46,34 @@ yardstick.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
+import random
 import threading
 import time
 import uuid
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from services.runtime import BusSink, open_service_backend
+from celery.signals import worker_shutting_down
+
+from services.runtime import EVENTS_MAXLEN, BusSink, open_service_backend
 from services.workers.app import REDIS_RETRY_S, app, task_limits
 from services.workers.tools import TOOL_NAMES, run_tool
-from shared.agents import AgentRunner, failed_outcome
+from shared.agents import AgentRunner, EventSink, ListSink, failed_outcome
 from shared.backends.base import ModelBackend
 from shared.config import Settings, get_settings
-from shared.messages import WorkerOutcome, WorkerTask, results_stream
+from shared.messages import (
+    EpisodeEvent,
+    WorkerOutcome,
+    WorkerTask,
+    claim_key,
+    done_key,
+    events_stream,
+    results_stream,
+)
 from shared.retry import REDIS_ERRORS, retry_async
 
 log = logging.getLogger(__name__)
@@ -69,20 +81,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DONE_TTL_S = 24 * 3600  # how long a done-marker (and so idempotency) lasts
-RESULTS_MAXLEN = 10_000  # approximate cap on one episode's result stream
+RESULTS_MAXLEN = 2 * 131_072  # approximate cap on one episode's result stream (two entries per fork: never reached)
 MAX_RETRIES = 5  # backend connection errors retried with backoff 1, 2, 4, 8, 16 s (jittered)
 # Python's connection errors (a backend's HTTP client) and the Redis client's own, which are not
 # subclasses of them (a Celery-level retry after the in-process Redis retries below ran out).
 RETRYABLE: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError, OSError, *REDIS_ERRORS)
-
-
-def done_key(episode_id: str, agent: str) -> str:
-    return f"asyncthink:worker-done:{episode_id}:{agent}"
-
-
-def claim_key(episode_id: str, agent: str) -> str:
-    """Held (with a short TTL the holder renews) by the one copy of a task that is computing it."""
-    return f"asyncthink:worker-claim:{episode_id}:{agent}"
 
 
 class WorkerRuntime:
@@ -104,6 +107,7 @@ class WorkerRuntime:
         self.claims: dict[str, str] = {}  # claim key -> the token this process holds it with
         self.bus, self.redis = self.call(self._connect())
         self.claim_script = self.redis.register_script(_CLAIM_LUA)
+        self.finish_script = self.redis.register_script(_FINISH_LUA)
         self._renewer = asyncio.run_coroutine_threadsafe(self._renew_claims_forever(), self.loop)
 
     async def _connect(self) -> tuple[Any, Any]:
@@ -165,11 +169,11 @@ def runtime() -> WorkerRuntime:
         return _runtime
 
 
-async def compute(rt: WorkerRuntime, task: WorkerTask, sink: BusSink | None = None) -> WorkerOutcome:
+async def compute(rt: WorkerRuntime, task: WorkerTask, sink: EventSink | None = None) -> WorkerOutcome:
     """Run the sub-query (no idempotency here): the model, a tool, or an unknown-endpoint error.
 
-    The worker's live events go through ``sink`` (background publishing: an event's XADD never sits
-    between the worker's last token and its outcome); the caller drains it after the outcome is out.
+    The worker's live events go to ``sink`` (by default a list that :func:`finish` publishes with the
+    outcome, in one round trip); a sink that publishes at once can be given instead.
     """
     if task.endpoint is None:
         from shared.tasks import get_task
@@ -188,32 +192,63 @@ def _redis(rt: WorkerRuntime, task: WorkerTask, what: str, fn: Any) -> Any:
     return retry_async(f"episode {task.episode_id} worker {task.agent}: {what}", fn, budget_s=REDIS_RETRY_S, logger=log)
 
 
-async def finish(rt: WorkerRuntime, task: WorkerTask, outcome: WorkerOutcome | None) -> str:
-    """Store ``outcome`` under the done-marker unless one is there; publish the stored one. Returns it.
+# KEYS: done-marker, result stream, claim, event stream. ARGV: the outcome ("" to republish the stored
+# one), done TTL, agent, result stream maxlen, claim token, event stream maxlen, stream TTL, then the
+# worker's events (JSON). Stores the outcome unless one is stored (first writer wins), publishes this
+# copy's events only if its outcome is the one stored, publishes the stored outcome, gives the streams a
+# TTL if they have none (so a stream a late worker recreates never lives forever), releases the claim if
+# this copy holds it, and returns the stored outcome (false: nothing stored to republish).
+_FINISH_LUA = """
+local stored
+local fresh = false
+if ARGV[1] == '' then
+  stored = redis.call('GET', KEYS[1])
+  if not stored then return false end
+else
+  local prev = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'GET', 'EX', tonumber(ARGV[2]))
+  if prev then stored = prev else stored = ARGV[1]; fresh = true end
+end
+if fresh then
+  for i = 8, #ARGV do
+    redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[6], '*', 'data', ARGV[i])
+  end
+  if #ARGV >= 8 then redis.call('EXPIRE', KEYS[4], tonumber(ARGV[7]), 'NX') end
+end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'agent', ARGV[3], 'data', stored)
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[7]), 'NX')
+if ARGV[5] ~= '' and redis.call('GET', KEYS[3]) == ARGV[5] then redis.call('DEL', KEYS[3]) end
+return stored
+"""
 
-    Both writes are retried through a short Redis outage (both are idempotent: ``SET NX GET`` returns
-    the outcome stored first, and the organizer drops a repeated outcome on the result stream)."""
-    key = done_key(task.episode_id, task.agent)
-    stored: str | None = None
-    if outcome is not None:
-        data = outcome.model_dump_json()
-        previous = await _redis(
-            rt, task, "storing the outcome", lambda: rt.redis.set(key, data, nx=True, ex=DONE_TTL_S, get=True)
-        )
-        stored = previous or data
-    else:
-        stored = await _redis(rt, task, "reading the stored outcome", lambda: rt.redis.get(key))
-        if stored is None:
-            raise LookupError(f"no done-marker for {key}")
-    await _redis(
-        rt,
-        task,
-        "publishing the outcome",
-        lambda: rt.bus.publish(
-            results_stream(task.episode_id), {"agent": task.agent, "data": stored}, maxlen=RESULTS_MAXLEN
-        ),
-    )
-    return stored
+
+async def finish(
+    rt: WorkerRuntime,
+    task: WorkerTask,
+    outcome: WorkerOutcome | None,
+    *,
+    events: list[EpisodeEvent] | None = None,
+    token: str = "",
+) -> str:
+    """Store ``outcome`` under the done-marker unless one is there; publish the stored one (and, when
+    this copy's outcome is the one stored, its ``events`` first); release this copy's claim. Returns
+    the stored outcome. ``outcome=None`` republishes the stored one (LookupError without one).
+
+    One round trip (:data:`_FINISH_LUA`), retried through a short Redis outage: it is idempotent
+    (``SET NX GET`` keeps the outcome stored first, and the organizer drops a repeated outcome)."""
+    keys = [
+        done_key(task.episode_id, task.agent), results_stream(task.episode_id),
+        claim_key(task.episode_id, task.agent), events_stream(task.episode_id),
+    ]  # fmt: skip
+    args = [
+        outcome.model_dump_json() if outcome is not None else "", DONE_TTL_S, task.agent, RESULTS_MAXLEN, token,
+        EVENTS_MAXLEN, DONE_TTL_S, *(e.model_dump_json() for e in events or ()),
+    ]  # fmt: skip
+    stored = await _redis(rt, task, "storing and publishing the outcome", lambda: rt.finish_script(keys=keys, args=args))
+    if stored is None:
+        raise LookupError(f"no done-marker for {keys[0]}")
+    if token:
+        rt.claims.pop(keys[2], None)
+    return str(stored)
 
 
 # KEYS: done-marker, claim, result stream; ARGV: token, claim TTL (s), agent, stream maxlen.
@@ -268,7 +303,7 @@ async def run_once(rt: WorkerRuntime, task: WorkerTask, *, final_attempt: bool, 
         await finish(rt, task, None)
         return
     try:
-        await _compute_and_finish(rt, task, final_attempt=final_attempt)
+        await _compute_and_finish(rt, task, final_attempt=final_attempt, token=token)
     finally:
         claim = claim_key(task.episode_id, task.agent)
         if rt.claims.pop(claim, None) is not None:
@@ -276,8 +311,8 @@ async def run_once(rt: WorkerRuntime, task: WorkerTask, *, final_attempt: bool, 
                 await rt.redis.delete(claim)
 
 
-async def _compute_and_finish(rt: WorkerRuntime, task: WorkerTask, *, final_attempt: bool) -> None:
-    sink = BusSink(rt.bus, background=True)
+async def _compute_and_finish(rt: WorkerRuntime, task: WorkerTask, *, final_attempt: bool, token: str = "") -> None:
+    sink = ListSink()  # the worker's events go out with its outcome, in one round trip
     cutoff = task_limits(rt.settings).worker_timeout_s
     deadline = asyncio.timeout(cutoff)
     try:
@@ -295,8 +330,73 @@ async def _compute_and_finish(rt: WorkerRuntime, task: WorkerTask, *, final_atte
     except Exception as exc:
         log.exception("episode %s worker %s failed", task.episode_id, task.agent)
         outcome = failed_outcome(task, f"{type(exc).__name__}: {exc}")
-    await finish(rt, task, outcome)
-    await sink.drain()
+    await finish(rt, task, outcome, events=sink.events, token=token)
+
+
+async def run_task(rt: WorkerRuntime, task: WorkerTask, *, token: str) -> None:
+    """:func:`run_once`, with backend connection errors retried in process (backoff 1, 2, 4, 8, 16 s,
+    jittered); the last attempt publishes an error outcome instead of raising."""
+    for attempt in range(MAX_RETRIES + 1):
+        try:
+            await run_once(rt, task, final_attempt=attempt >= MAX_RETRIES, token=token)
+            return
+        except RETRYABLE as exc:
+            delay = min(2**attempt, 60) * (0.5 + random.random() / 2)
+            log.warning(
+                "episode %s worker %s: %s; retry %d in %.1fs", task.episode_id, task.agent, exc, attempt + 1, delay
+            )
+            await asyncio.sleep(delay)
+
+
+class InFlight:
+    """The worker runs this process has started and not finished, by Celery task id: their messages are
+    acked when they finish (:class:`~services.workers.leases.LeasedRequest`), not when the task returns.
+
+    So a Celery thread only starts a run on the process's event loop and returns: a process holds as
+    many runs in flight as its prefetch allows (``-c`` x ``--prefetch-multiplier`` unacked messages),
+    not one per thread, and each run's message stays leased (and redelivered if this process dies)
+    until its outcome is published. Acks go through one thread of their own, in the order runs end.
+    """
+
+    def __init__(self) -> None:
+        self._runs: dict[str, concurrent.futures.Future[None]] = {}
+        self._lock = threading.Lock()
+        self._acker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncthink-ack")
+
+    def add(self, task_id: str, run: concurrent.futures.Future[None]) -> None:
+        with self._lock:
+            self._runs[task_id] = run
+        run.add_done_callback(lambda _f: self._discard(task_id, run))
+
+    def _discard(self, task_id: str, run: concurrent.futures.Future[None]) -> None:
+        with self._lock:
+            if self._runs.get(task_id) is run:
+                del self._runs[task_id]
+
+    def when_done(self, task_id: str, ack: Any) -> None:
+        """Call ``ack`` (from the ack thread) once the run of ``task_id`` ends; at once if none runs."""
+        with self._lock:
+            run = self._runs.get(task_id)
+        if run is None or run.done():
+            ack()
+            return
+        run.add_done_callback(lambda _f: self._acker.submit(ack))
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._runs)
+
+    def wait(self, timeout_s: float) -> int:
+        """Wait up to ``timeout_s`` for the runs in flight; returns how many are still running."""
+        with self._lock:
+            runs = list(self._runs.values())
+        concurrent.futures.wait(runs, timeout=timeout_s)
+        self._acker.shutdown(wait=True)
+        self._acker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="asyncthink-ack")
+        return sum(not r.done() for r in runs)
+
+
+in_flight = InFlight()
 
 
 @app.task(
@@ -309,18 +409,28 @@ async def _compute_and_finish(rt: WorkerRuntime, task: WorkerTask, *, final_atte
     Request="services.workers.leases:LeasedRequest",
 )
 def run_worker(self: Any, task_json: str) -> None:
-    """Run one forked sub-query (model or tool) and publish its outcome to the episode's result stream."""
+    """Start one forked sub-query (model or tool) on the process's event loop; its outcome goes to the
+    episode's result stream, and its message is acked when it has (see :class:`InFlight`)."""
     task = WorkerTask.model_validate_json(task_json)
     rt = runtime()
-    retries = int(self.request.retries or 0)
-    try:
-        if task.endpoint is None:
-            _ = rt.backend  # open it here, not on the shared loop (loading a model blocks)
-        rt.call(run_once(rt, task, final_attempt=retries >= MAX_RETRIES, token=self.request.id))
-    except RETRYABLE as exc:
-        countdown = min(2**retries, 60)
-        log.warning("episode %s worker %s: %s; retry %d in %ds", task.episode_id, task.agent, exc, retries + 1, countdown)
-        raise self.retry(exc=exc, countdown=countdown) from exc
+    if task.endpoint is None:
+        _ = rt.backend  # open it here, not on the shared loop (loading a model blocks)
+    task_id = str(self.request.id or uuid.uuid4().hex)
+    run = asyncio.run_coroutine_threadsafe(run_task(rt, task, token=task_id), rt.loop)
+    in_flight.add(task_id, run)
+
+
+@worker_shutting_down.connect
+def _finish_in_flight(**_: Any) -> None:
+    """A warm shutdown lets the runs in flight finish (and be acked) for up to the grace period, before
+    Celery closes the broker connection (which puts unacked messages back on their queues)."""
+    if not len(in_flight):
+        return
+    grace = float(os.environ.get("ASYNCTHINK_WORKER_SHUTDOWN_GRACE_S", "30"))
+    log.info("shutting down: waiting up to %.0fs for %d worker runs in flight", grace, len(in_flight))
+    left = in_flight.wait(grace)
+    if left:
+        log.warning("%d worker runs still in flight at shutdown: their tasks run again elsewhere", left)
 
 
 @app.task(name="asyncthink.echo", ignore_result=False)

@@ -59,7 +59,10 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class GenerateRequest:
-    input_ids: list[int]  # the whole prefix: prompt, earlier output and injected text
+    # The whole prefix: prompt, earlier output and injected text. The engine hands over its own growing
+    # list (no copy per call, which would cost time quadratic in an agent's length): it is not changed
+    # during the call, so a backend that keeps it past the call copies it.
+    input_ids: list[int]
     max_new_tokens: int
     stop_regex: str | None = None  # one pattern (alternation allowed), matched on the decoded output
     sampling: SamplingParams = field(default_factory=SamplingParams)
@@ -68,6 +71,10 @@ class GenerateRequest:
     # Called on the caller's event loop with each piece of decoded text as it is generated, by backends
     # that stream (the in-process transformers backend); others return the whole text at once.
     on_text: Callable[[str], None] | None = field(default=None, compare=False)
+    # Scheduling priority (larger: served first; shared.agents.PRIORITY_*): the organizer, then workers a
+    # join waits for, then the others. Sent to servers that schedule by it (SGLang's ``priority``); None:
+    # the server's default.
+    priority: int | None = None
 
 
 @dataclass(frozen=True)

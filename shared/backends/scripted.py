@@ -110,7 +110,9 @@ class ScriptedBackend(CodePoints):
             start = script_position(full, self.decode(request.input_ids))
         else:
             start = self._cursor.get(key, 0)
-            prompt = self._prompts.setdefault(key, self.decode(request.input_ids))
+            prompt = self._prompts.get(key)
+            if prompt is None:  # the first call's input is the prompt; later calls' inputs are not decoded
+                prompt = self._prompts[key] = self.decode(request.input_ids)
             full = self._text_for(agent, prompt)
         rest = full[start:]
         end, finish, matched = len(rest), FinishReason.EOS, None

@@ -9,6 +9,10 @@ Follows SGLang 0.5.23's native HTTP API as its sources define it; the parts used
   ``top_k``, ``sampling_seed`` and ``no_stop_trim: true`` are sent; ``no_stop_trim`` keeps the stop text
   in ``text``, and ``output_ids`` keep the stop tokens either way. The pattern is compiled here first, so
   an invalid one raises ``re.error`` in the caller instead of being sent.
+- *priority*: a request's :attr:`GenerateRequest.priority` (the critical path first: the organizer, then
+  workers a join waits for, then the others) goes as the top-level ``priority`` field, an int; SGLang
+  schedules by it when started with ``--enable-priority-scheduling`` (larger values first, its default;
+  ``--schedule-low-priority-values-first`` would invert the order) and ignores it otherwise.
 - *Non-streaming response*: ``output_ids``; ``meta_info.finish_reason`` mapped as
   ``stop`` with a string ``matched`` (which is the *pattern* for a regex) -> STOP, ``stop`` with an integer
   ``matched`` (a token id; only EOS, as no ``stop_token_ids`` are sent) -> EOS, ``length`` -> LENGTH,
@@ -215,10 +219,12 @@ class SGLangBackend(TokenizerCodec):
     async def generate(self, request: GenerateRequest) -> GenerateResult:
         if not request.input_ids:
             raise ValueError("input_ids cannot be empty (SGLang answers 400 for an empty prompt)")
-        body = {
+        body: dict[str, Any] = {
             "input_ids": [int(i) for i in request.input_ids],
             "sampling_params": self.sampling_params(request),
         }
+        if request.priority is not None:
+            body["priority"] = int(request.priority)
         order = (
             rendezvous_order(self.base_urls, request.session)
             if request.session is not None

@@ -13,7 +13,10 @@ taking it back. ``claim_stale`` therefore only ever takes entries whose owner st
 or stalled consumer, never a live one (the live one's deliveries never grow, so it is never
 dead-lettered for being slow).
 
-Plain ``read`` (no group) tails a stream from an id, for observers such as the SSE endpoint.
+Plain ``read`` (no group) tails a stream from an id, for observers such as the SSE endpoint;
+``read_many`` tails several at once (one blocking call for every episode an organizer runs).
+``backlog`` says how deep a group's queue is (entries not yet delivered, and delivered but not acked),
+for backpressure and autoscaling; ``expire`` lets a finished episode's streams go after a while.
 Field values are strings; structs travel as JSON in a ``data`` field.
 """
 
@@ -32,6 +35,19 @@ class Entry:
 
 def dead_letter_stream(stream: str) -> str:
     return f"{stream}:dead"
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """How deep a consumer group's queue is."""
+
+    lag: int  # entries not yet delivered to any consumer of the group
+    pending: int  # delivered and not yet acked (being processed)
+
+    @property
+    def total(self) -> int:
+        """Submitted and not yet done: waiting plus in progress."""
+        return self.lag + self.pending
 
 
 class Bus(Protocol):
@@ -69,6 +85,21 @@ class Bus(Protocol):
 
     async def read(self, stream: str, *, after: str = "0", count: int = 100, block_ms: int = 0) -> list[Entry]:
         """Entries after id ``after`` without a group (XREAD); ``block_ms`` > 0 waits for new ones."""
+        ...
+
+    async def read_many(
+        self, positions: dict[str, str], *, count: int = 100, block_ms: int = 0
+    ) -> list[tuple[str, Entry]]:
+        """``read`` over several streams at once (stream -> the id to read after): ``(stream, entry)``
+        pairs, at most ``count`` per stream; waits up to ``block_ms`` for the first new entry."""
+        ...
+
+    async def backlog(self, stream: str, group: str) -> Backlog:
+        """How many entries the group has not yet been handed, and how many it holds unacked."""
+        ...
+
+    async def expire(self, stream: str, seconds: float) -> None:
+        """Delete ``stream`` ``seconds`` from now (Redis EXPIRE: a later write does not cancel it)."""
         ...
 
     async def close(self) -> None: ...

@@ -22,7 +22,7 @@ import time
 from bisect import bisect_right
 from dataclasses import dataclass, field
 
-from shared.bus.base import Entry, dead_letter_stream
+from shared.bus.base import Backlog, Entry, dead_letter_stream
 
 IdTuple = tuple[int, int]
 
@@ -194,6 +194,38 @@ class InProcessBus:
                 return [Entry(format_id(i), dict(s.data[i]), 1) for i in found]
             if not await self._wait(s, deadline):
                 return []
+
+    async def read_many(
+        self, positions: dict[str, str], *, count: int = 100, block_ms: int = 0
+    ) -> list[tuple[str, Entry]]:
+        deadline = time.monotonic() + max(block_ms, 0) / 1000
+        while True:
+            out: list[tuple[str, Entry]] = []
+            waits: list[asyncio.Event] = []
+            for name, after in positions.items():
+                s = self._stream(name)
+                start = s.last_id if after == "$" else parse_id(after)
+                out += [(name, Entry(format_id(i), dict(s.data[i]), 1)) for i in s.after(start, count)]
+                waits.append(s.changed)
+            left = deadline - time.monotonic()
+            if out or left <= 0 or not waits:
+                return out
+            tasks = [asyncio.ensure_future(w.wait()) for w in waits]
+            try:
+                await asyncio.wait(tasks, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for t in tasks:
+                    t.cancel()
+
+    async def backlog(self, stream: str, group: str) -> Backlog:
+        s = self._streams.get(stream)
+        g = s.groups.get(group) if s else None
+        if s is None or g is None:
+            return Backlog(lag=0, pending=0)
+        return Backlog(lag=len(s.ids) - bisect_right(s.ids, g.last_delivered), pending=len(g.pending))
+
+    async def expire(self, stream: str, seconds: float) -> None:
+        asyncio.get_running_loop().call_later(max(seconds, 0.0), self._streams.pop, stream, None)
 
     @staticmethod
     async def _wait(s: _Stream, deadline: float) -> bool:

@@ -8,10 +8,13 @@ Celery are at-least-once) updates the stored row instead of adding a duplicate o
   ``(episode_id, agent)``, a model version by ``(model_id, version)``;
 * problems are **immutable**: an id is bound to the payload first stored under it; storing the same
   payload again reuses the row, another payload raises :class:`ProblemConflict` (nothing is written);
-* :func:`save_episode` writes the problem, the episode and all its segments in one transaction.
 * :func:`save_episode` writes the problem, the episode and all its segments in one transaction, and
   removes the segments of agents the result does not have, so an episode run twice (a redelivery)
-  keeps exactly one set of segments: the stored run's;
+  keeps exactly one set of segments: the stored run's. Segments already stored whole while the episode
+  ran (``live_agents``) are not written again: only their clock spans, known at the end, are updated;
+* :func:`save_segments` upserts many segments (of one or several episodes) in one statement, and
+  :func:`append_segment` appends to a stored segment's ids (PostgreSQL), so a writer that batches or
+  extends never rewrites what is stored;
 * :func:`mark_failed` ends an unfinished episode (a dead-lettered submission) without touching a
   finished one.
 
@@ -24,13 +27,13 @@ last write of a row wins, there is no version check between concurrent writers o
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from pydantic_core import to_jsonable_python
-from sqlalchemy import Table, delete, func, literal, select, update
+from sqlalchemy import Table, bindparam, delete, func, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -124,14 +127,26 @@ def _ts(unix: float) -> datetime | None:
     return datetime.fromtimestamp(unix, UTC) if unix > 0 else None
 
 
+_SEGMENT_COLUMNS: list[str] = []
+
+
 def _segment_values(episode_id: str, seg: SegmentRecord) -> dict[str, Any]:
-    columns = _table(Segment).c
-    values = {k: _no_nul(v) if isinstance(v, str) else v for k, v in seg.model_dump().items() if k in columns}
-    values["prompt_ids"] = [int(i) for i in seg.prompt_ids]
-    values["completion_ids"] = [int(i) for i in seg.completion_ids]
-    values["completion_mask"] = [int(m) for m in seg.completion_mask]
+    if not _SEGMENT_COLUMNS:
+        columns = _table(Segment).c
+        _SEGMENT_COLUMNS.extend(k for k in SegmentRecord.model_fields if k in columns)
+    values = {k: _no_nul(v) if isinstance(v := getattr(seg, k), str) else v for k in _SEGMENT_COLUMNS}
+    values["prompt_ids"] = _ints(seg.prompt_ids)
+    values["completion_ids"] = _ints(seg.completion_ids)
+    values["completion_mask"] = _ints(seg.completion_mask)
     values["episode_id"] = episode_id
     return values
+
+
+def _ints(values: Sequence[Any]) -> list[int]:
+    """Token ids as plain ints for JSON: a validated list of ints as it is (no copy), anything else converted."""
+    if type(values) is list and (not values or (type(values[0]) is int and type(values[-1]) is int)):
+        return values
+    return [int(v) for v in values]
 
 
 def _upsert_segments(session: Session, episode_id: str, segments: Sequence[SegmentRecord]) -> None:
@@ -252,6 +267,47 @@ def mark_running(
     return _fresh_episode(session, episode_id)
 
 
+def start_episode(
+    session: Session,
+    *,
+    episode_id: str,
+    problem: Problem,
+    mode: Mode | str,
+    capacity: int,
+    model_id: str,
+    config: dict[str, Any] | None = None,
+    model_version: str | None = None,
+    commit: bool = True,
+) -> EpisodeStatus | None:
+    """An organizer takes an episode: mark it ``running`` (creating it first if it was never stored) in
+    one transaction of plain statements, and return the status it had before (None: created here). A
+    finished episode is left as it is (its status is returned: the caller skips it)."""
+    t = _table(Episode)
+    with _writing(session, commit):
+        before = session.execute(select(t.c.status).where(t.c.id == episode_id)).scalar_one_or_none()
+        if before is not None and EpisodeStatus(before).finished:
+            return EpisodeStatus(before)
+        now = utcnow()
+        if before is None:
+            pk = _problem_pk(session, problem)
+            stmt = _insert(session, Episode).values(
+                id=episode_id, problem_pk=pk, task=problem.task, mode=str(Mode(mode)), capacity=capacity,
+                model_id=model_id, model_version=model_version, status=EpisodeStatus.RUNNING.value,
+                config=_json(config or {}), created_at=now, started_at=now,
+            )  # fmt: skip
+            session.execute(stmt.on_conflict_do_nothing(index_elements=["id"]))
+        else:
+            values: dict[str, Any] = {
+                "status": EpisodeStatus.RUNNING.value,
+                "started_at": func.coalesce(t.c.started_at, literal(now, UTCDateTime())),
+            }
+            if model_version is not None:
+                values["model_version"] = model_version
+            unfinished = (EpisodeStatus.PENDING.value, EpisodeStatus.RUNNING.value)
+            session.execute(update(t).where(t.c.id == episode_id, t.c.status.in_(unfinished)).values(**values))
+    return None if before is None else EpisodeStatus(before)
+
+
 def mark_failed(session: Session, *, episode_id: str, error: str, commit: bool = True) -> bool:
     """End an unfinished (``pending`` or ``running``) episode as ``failed`` with ``error``; a finished
     one is left as it is. Returns whether the episode was changed (e.g. a dead-lettered submission)."""
@@ -282,18 +338,91 @@ def save_segment(
     return row
 
 
+def save_segments(session: Session, *, rows: Sequence[tuple[str, SegmentRecord]], commit: bool = True) -> None:
+    """Store many ``(episode_id, segment)`` rows in one statement; an ``(episode_id, agent)`` stored
+    already is replaced. Every episode must exist."""
+    if not rows:
+        return
+    values = [_segment_values(eid, seg) for eid, seg in rows]
+    with _writing(session, commit):
+        stmt = _insert(session, Segment)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["episode_id", "agent"],
+            set_={k: stmt.excluded[k] for k in values[0] if k not in ("episode_id", "agent")},
+        )
+        session.execute(stmt, values)
+
+
+def append_segment(
+    session: Session,
+    *,
+    episode_id: str,
+    agent: str,
+    stored: int,
+    ids: Sequence[int],
+    mask: Sequence[int],
+    text: str,
+    generated_tokens: int,
+    commit: bool = True,
+) -> bool:
+    """Append ``ids``, ``mask`` and ``text`` to a stored segment that holds exactly ``stored`` ids now,
+    and set its ``generated_tokens``. False (nothing written) when the row is not as expected, or on a
+    database that cannot append to a JSON array in place (SQLite): the caller then writes it whole."""
+    import json
+
+    from sqlalchemy import text as sql
+
+    if session.get_bind().dialect.name != "postgresql":
+        return False
+    with _writing(session, commit):
+        result = session.execute(
+            sql(
+                "UPDATE segments SET completion_ids = completion_ids || CAST(:ids AS jsonb), "
+                "completion_mask = completion_mask || CAST(:mask AS jsonb), text = text || :text, "
+                "generated_tokens = :gen WHERE episode_id = :e AND agent = :a "
+                "AND jsonb_array_length(completion_ids) = :n"
+            ),
+            {
+                "ids": json.dumps([int(i) for i in ids]),
+                "mask": json.dumps([int(m) for m in mask]),
+                "text": text,
+                "gen": generated_tokens,
+                "e": episode_id,
+                "a": agent,
+                "n": stored,
+            },
+        )
+    return bool(getattr(result, "rowcount", 0))
+
+
 def save_episode(
     session: Session,
     *,
     result: EpisodeResult,
     config: dict[str, Any] | None = None,
+    live_agents: Collection[str] = (),
     commit: bool = True,
 ) -> Episode:
+    """:func:`store_episode`, then the stored episode, reloaded."""
+    store_episode(session, result=result, config=config, live_agents=live_agents, commit=commit)
+    return _fresh_episode(session, result.episode_id)
+
+
+def store_episode(
+    session: Session,
+    *,
+    result: EpisodeResult,
+    config: dict[str, Any] | None = None,
+    live_agents: Collection[str] = (),
+    commit: bool = True,
+) -> None:
     """Store a finished episode: the problem, the episode row and every segment, in one transaction.
 
     Creates the episode if it was never created (embedded runs) or completes the pending/running row;
     ``created_at``, ``started_at`` and (unless ``config`` is given) ``config`` of an existing row are
-    kept. Calling it twice with the same result stores the same rows.
+    kept. Calling it twice with the same result stores the same rows. ``live_agents``: agents whose
+    segments were stored whole while the episode ran (with this run's ids): only their clock spans are
+    written here.
     """
     walls = [s.wall_start for s in result.segments if s.wall_start > 0]
     ends = [s.wall_end for s in result.segments if s.wall_end > 0]
@@ -356,8 +485,20 @@ def save_episode(
         agents = [s.agent for s in result.segments]
         seg = _table(Segment)
         session.execute(delete(seg).where(seg.c.episode_id == result.episode_id, seg.c.agent.not_in(agents)))
-        _upsert_segments(session, result.episode_id, result.segments)
-    return _fresh_episode(session, result.episode_id)
+        live = set(live_agents)
+        _upsert_segments(session, result.episode_id, [s for s in result.segments if s.agent not in live])
+        spans = [
+            {"b_e": result.episode_id, "b_a": s.agent, "b_cs": s.clock_start, "b_ce": s.clock_end}
+            for s in result.segments
+            if s.agent in live
+        ]
+        if spans:
+            session.execute(
+                update(seg)
+                .where(seg.c.episode_id == bindparam("b_e"), seg.c.agent == bindparam("b_a"))
+                .values(clock_start=bindparam("b_cs"), clock_end=bindparam("b_ce")),
+                spans,
+            )
 
 
 def get_episode(session: Session, episode_id: str) -> Episode | None:

@@ -281,3 +281,51 @@ async def test_redis_connection_error_names_url_and_fix() -> None:
 def test_redact_hides_password_only() -> None:
     assert redact("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
     assert redact("redis://u:p@h:1/2") == "redis://u:***@h:1/2"
+
+
+# -- issue 19: several streams in one read, queue depth, expiry ----------------------------------------------
+
+
+async def test_read_many_reads_every_stream_after_its_own_id(bus_case: BusUnderTest) -> None:
+    bus = bus_case.bus
+    a, b, empty = bus_case.stream("a"), bus_case.stream("b"), bus_case.stream("none")
+    a1 = await bus.publish(a, {"n": "a1"})
+    await bus.publish(a, {"n": "a2"})
+    await bus.publish(b, {"n": "b1"})
+    got = await bus.read_many({a: a1, b: "0", empty: "0"})
+    assert sorted((s, e.fields["n"]) for s, e in got) == [(a, "a2"), (b, "b1")]
+    assert await bus.read_many({a: "$", b: "$"}, block_ms=50) == []
+
+
+async def test_read_many_blocks_until_any_stream_gets_an_entry(bus_case: BusUnderTest) -> None:
+    bus = bus_case.bus
+    a, b = bus_case.stream("a"), bus_case.stream("b")
+    reading = asyncio.create_task(bus.read_many({a: "0", b: "0"}, block_ms=3000))
+    await asyncio.sleep(0.1)
+    assert not reading.done()
+    await bus.publish(b, {"n": "late"})
+    got = await asyncio.wait_for(reading, 3)
+    assert [(s, e.fields["n"]) for s, e in got] == [(b, "late")]
+
+
+async def test_backlog_counts_waiting_and_pending_entries(bus_case: BusUnderTest) -> None:
+    bus, s = bus_case.bus, bus_case.stream()
+    await bus.ensure_group(s, "g")
+    for i in range(5):
+        await bus.publish(s, {"i": str(i)})
+    depth = await bus.backlog(s, "g")
+    assert (depth.lag, depth.pending, depth.total) == (5, 0, 5)
+    taken = await bus.read_group(s, "g", "c1", count=2, block_ms=0)
+    await bus.ack(s, "g", taken[0].id)
+    depth = await bus.backlog(s, "g")
+    assert (depth.lag, depth.pending, depth.total) == (3, 1, 4)
+    assert (await bus.backlog(bus_case.stream("nothing"), "g")).total == 0
+
+
+async def test_expire_lets_a_stream_go(bus_case: BusUnderTest) -> None:
+    bus, s = bus_case.bus, bus_case.stream()
+    await bus.publish(s, {"n": "1"})
+    await bus.expire(s, 1)
+    assert len(await bus.read(s)) == 1
+    await asyncio.sleep(1.3)
+    assert await bus.read(s) == []

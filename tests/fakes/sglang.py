@@ -3,7 +3,8 @@
 The fake (an ASGI app behind ``httpx.ASGITransport``; it lives under ``tests/``, never on a default path)
 follows SGLang 0.5.23's HTTP API as its sources define it: ``/generate`` needs exactly one of ``text`` /
 ``input_ids`` / ``input_embeds``, rejects unknown or wrongly typed ``sampling_params`` keys with
-``400 {"error": str}``, reports ``finish_reason`` as SGLang's server does (a regex stop's
+``400 {"error": str}``, takes an optional integer ``priority`` (recorded in ``priorities``; a value of
+another type is a 400, as SGLang's request schema says), reports ``finish_reason`` as SGLang's server does (a regex stop's
 ``matched`` is the pattern, EOS's is a token id), counts ``cached_tokens`` from a per-replica prefix
 cache, and blocks while paused; ``/pause_generation`` and ``/continue_generation`` answer 400 without a
 JSON body; ``/update_weights_from_disk`` applies the cache-flush rule of an ``in_place`` pause;
@@ -94,6 +95,7 @@ class Replica:
     token_delay_s: float = 0.0  # > 0: seconds per token, and pauses reach requests in flight
     running: int = 0  # /generate requests generating now (in-flight mode)
     update_delay_s: float = 0.0  # seconds /update_weights_from_disk takes (loading the weights)
+    priorities: list[int | None] = field(default_factory=list)  # each /generate's top-level ``priority``
 
     def cached(self, ids: list[int]) -> int:
         best = 0
@@ -174,6 +176,10 @@ class FakeSGLang:
             return bad_request("Input should be a valid list")
         if not ids:
             return JSONResponse({"error": {"message": "input_ids cannot be empty."}}, 400)
+        priority = body.get("priority")
+        if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
+            return JSONResponse({"error": f"invalid type: `{priority!r}`, expected i64"}, 400)
+        rep.priorities.append(priority)
         sp = body.get("sampling_params") or {}
         for key, value in sp.items():
             if key not in SAMPLING_KEYS:

@@ -243,10 +243,14 @@ def test_the_organizer_liveness_probe_reads_its_heartbeat(k8s_objects: list[dict
 def test_workers_autoscale_and_migrations_run_as_a_job(k8s_objects: list[dict[str, Any]]) -> None:
     deployments = by_kind(k8s_objects, "Deployment")
     hpas = by_kind(k8s_objects, "HorizontalPodAutoscaler")
-    assert {h["spec"]["scaleTargetRef"]["name"] for h in hpas.values()} == {"worker-model", "worker-tool"}
+    # issue 19: organizers scale too, and every HPA scales on the load (an external metric the gateway
+    # exports: episodes in flight, worker queue depth), with CPU only beside it
+    assert {h["spec"]["scaleTargetRef"]["name"] for h in hpas.values()} == {"organizer", "worker-model", "worker-tool"}
     for h in hpas.values():
         target = deployments[h["spec"]["scaleTargetRef"]["name"]]
         assert target["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]["cpu"]
+        external = [m["external"]["metric"]["name"] for m in h["spec"]["metrics"] if m["type"] == "External"]
+        assert external and set(external) <= {"asyncthink_episodes_in_flight", "asyncthink_worker_queue_depth"}
     [job] = by_kind(k8s_objects, "Job").values()
     assert job["spec"]["template"]["spec"]["containers"][0]["command"] == ["asyncthink", "db", "upgrade"]
 

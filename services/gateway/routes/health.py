@@ -1,5 +1,8 @@
 """``/healthz`` (the process answers), ``/readyz`` (database and bus reachable) and ``/metrics``.
 
+``/metrics`` refreshes the scaling gauges first (docs/scaling.md): episodes queued and in flight on the
+problems stream, and the depth of each Celery queue (Redis only; a failed look leaves the last values).
+
 ``/readyz`` probes each dependency with a timeout (``probe_timeout_s``): the database with
 ``SELECT 1`` through the gateway's session factory, the bus with ``ping()`` where the bus has one
 (Redis) or an empty non-blocking read otherwise. The 503 body names each failed dependency and the kind
@@ -29,6 +32,24 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["operations"])
 
 READY_PROBE_STREAM = "asyncthink:gateway:readyz"
+WORKER_QUEUES = ("model", "tool", "human")
+
+
+async def refresh_scaling_gauges(state: GatewayState) -> None:
+    """Set the gauges an autoscaler reads; a failure is logged and the last values stay."""
+    from services.gateway.submission import backlog
+    from services.workers.dispatch import QueueLayout
+
+    try:
+        await backlog(state, fresh=True)
+        lengths = getattr(state.bus, "list_lengths", None)
+        if lengths is not None:
+            layout = QueueLayout()
+            for queue in WORKER_QUEUES:
+                keys = [layout.key(queue, step) for step in layout.steps]
+                state.metrics.worker_queue_depth.labels(queue).set(sum(await lengths(keys)))
+    except Exception as exc:
+        log.warning("refreshing the scaling gauges failed: %s", exc)
 
 
 class Health(BaseModel):
@@ -95,5 +116,6 @@ async def readyz(state: StateDep) -> Response:
     response_class=Response,
     responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format."}},
 )
-async def metrics(collectors: MetricsDep, _: AdminKey) -> Response:
+async def metrics(collectors: MetricsDep, state: StateDep, _: AdminKey) -> Response:
+    await refresh_scaling_gauges(state)
     return Response(collectors.render(), media_type=CONTENT_TYPE_LATEST)

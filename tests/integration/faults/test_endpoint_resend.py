@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from services.workers.endpoint import CeleryWorkerEndpoint
 from shared.bus.inprocess import InProcessBus
 from shared.messages import SegmentRecord, WorkerOutcome, WorkerTask, results_stream
@@ -66,3 +68,39 @@ async def test_a_started_task_is_not_sent_again_however_long_it_runs() -> None:
         await endpoint.close()
     assert outcome.returned == "7"
     assert len(app.sent) == 1 and endpoint.resent == 0
+
+
+class QueuedCelery(FakeCelery):
+    """Every task waits ``queued_s`` in the queue before a worker starts it (issue 19)."""
+
+    def __init__(self, *args: Any, queued_s: float, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.queued_s = queued_s
+
+    async def _work(self, task: WorkerTask, token: str) -> None:
+        await asyncio.sleep(self.queued_s)
+        await super()._work(task, token)
+
+
+async def test_the_worker_timeout_runs_from_the_start_not_from_the_send() -> None:
+    bus = InProcessBus()
+    app = QueuedCelery(bus, asyncio.get_running_loop(), lose=0, work_s=0.1, queued_s=0.5)
+    endpoint = CeleryWorkerEndpoint(bus, app, read_block_ms=100, resend_after_s=5.0, queue_timeout_s=2.0)
+    task = _task().model_copy(update={"worker_timeout_s": 0.3})  # shorter than the time queued
+    try:
+        outcome = await asyncio.wait_for(endpoint.run(task), 5)
+    finally:
+        await endpoint.close()
+    assert outcome.returned == "7"
+
+
+async def test_a_task_no_worker_starts_times_out_after_the_queue_timeout() -> None:
+    bus = InProcessBus()
+    app = FakeCelery(bus, asyncio.get_running_loop(), lose=10, work_s=0.0)  # every send vanishes
+    endpoint = CeleryWorkerEndpoint(bus, app, read_block_ms=100, resend_after_s=0.2, queue_timeout_s=0.5)
+    try:
+        with pytest.raises(TimeoutError, match="no worker started it"):
+            await asyncio.wait_for(endpoint.run(_task()), 5)
+    finally:
+        await endpoint.close()
+    assert endpoint.resent >= 1

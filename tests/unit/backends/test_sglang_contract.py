@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
+from shared.agents import PRIORITY_AWAITED
 from shared.backends.base import FinishReason, GenerateRequest, ModelBackend, SamplingParams
 from shared.backends.sglang import (
     SGLangBackend,
@@ -127,6 +128,21 @@ async def test_request_body_is_tokens_and_accepted_sampling_keys_only(cluster: C
     await b.generate(req(b, stop_regex=None))
     body = cluster.calls(host, "/generate")[-1][2]
     assert set(body["sampling_params"]) == {"max_new_tokens", "temperature", "top_p", "top_k", "no_stop_trim"}
+
+
+async def test_priority_goes_as_the_top_level_field(cluster: Cluster) -> None:
+    """Issue 19: the critical path first. A request's priority reaches SGLang's ``priority`` (an int at the
+    top level of /generate); a request without one sends none (the server's default)."""
+    b = cluster.backend
+    host = b.replica_for("episode-1").split("//")[1].split(":")[0]
+    await b.generate(req(b, priority=PRIORITY_AWAITED))
+    await b.generate(req(b))
+    bodies = [body for _, _, body in cluster.calls(host, "/generate")]
+    assert bodies[0]["priority"] == PRIORITY_AWAITED and "priority" not in bodies[1]
+    assert cluster.fake.replica(host).priorities == [PRIORITY_AWAITED, None]
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=cluster.fake.app), base_url=R1) as c:
+        r = await c.post("/generate", json={"input_ids": [1, 2], "priority": "high"})
+        assert r.status_code == 400 and "expected i64" in r.json()["error"]
 
 
 async def test_stop_keeps_the_stop_text_and_its_tokens(cluster: Cluster) -> None:
