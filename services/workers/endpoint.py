@@ -59,8 +59,8 @@ from urllib.parse import urlsplit
 
 from kombu.exceptions import OperationalError
 
-from services.workers.tools import TOOL_NAMES
 from services.workers.dispatch import AWAITED_PRIORITY, FORK_PRIORITY, PROMOTE_LUA, QueueLayout, task_message
+from services.workers.tools import TOOL_NAMES
 from shared.agents import PRIORITY_AWAITED
 from shared.bus.base import Bus
 from shared.messages import SegmentRecord, WorkerOutcome, WorkerTask, results_stream

@@ -313,6 +313,7 @@ async def run_once(rt: WorkerRuntime, task: WorkerTask, *, final_attempt: bool, 
 
 async def _compute_and_finish(rt: WorkerRuntime, task: WorkerTask, *, final_attempt: bool, token: str = "") -> None:
     sink = ListSink()  # the worker's events go out with its outcome, in one round trip
+    started = time.monotonic()
     cutoff = task_limits(rt.settings).worker_timeout_s
     deadline = asyncio.timeout(cutoff)
     try:
@@ -331,6 +332,11 @@ async def _compute_and_finish(rt: WorkerRuntime, task: WorkerTask, *, final_atte
         log.exception("episode %s worker %s failed", task.episode_id, task.agent)
         outcome = failed_outcome(task, f"{type(exc).__name__}: {exc}")
     await finish(rt, task, outcome, events=sink.events, token=token)
+    log.info(
+        "episode %s worker %s (%s): %s, %d tokens in %.2fs",
+        task.episode_id, task.agent, task.endpoint or "model", outcome.error or "returned",
+        sum(seg.generated_tokens for seg in outcome.segments), time.monotonic() - started,
+    )
 
 
 async def run_task(rt: WorkerRuntime, task: WorkerTask, *, token: str) -> None:
