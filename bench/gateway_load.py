@@ -165,6 +165,7 @@ def _flush_redis(setup: Setup) -> None:
     if setup.name == "distributed":
         import redis
 
+        print(f"flushing the Redis database {setup.redis_url} (--redis-url)", file=sys.stderr)
         client = redis.Redis.from_url(setup.redis_url)
         client.flushdb()
         client.close()

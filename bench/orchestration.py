@@ -241,6 +241,7 @@ async def run_distributed(args: argparse.Namespace, tmp: Path) -> tuple[SetupRes
     from shared.bus.redis_streams import RedisStreamsBus
     from shared.store import db
 
+    print(f"flushing the Redis database {args.redis_url} (--redis-url) for the distributed part", file=sys.stderr)
     redis.Redis.from_url(args.redis_url).flushdb()
     admin = make_url(args.pg_url)
     conninfo = f"host={admin.host} port={admin.port or 5432} user={admin.username} dbname={admin.database}"

@@ -278,6 +278,7 @@ class Stack:
 
         from shared.store import db
 
+        print(f"flushing the Redis database {self.args.redis_url} (--redis-url)", file=sys.stderr)
         r = redis.Redis.from_url(self.args.redis_url)
         r.flushdb()
         r.close()
