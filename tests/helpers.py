@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import pytest
@@ -56,3 +57,23 @@ async def redis_bus_or_skip(url: str, **options: Any) -> Any:
             pytest.fail(f"CI is set but Redis is unreachable; CI must start it. {exc}")
         pytest.skip(f"Redis unreachable (set CI=1 to make this a failure): {exc}")
     return bus
+
+
+@contextlib.contextmanager
+def recorded_connects() -> Iterator[list[dict[str, Any]]]:
+    """The driver keyword arguments of every database connection attempted inside the block, by any
+    SQLAlchemy engine: how a test checks that a connection is tried once, with a timeout, without
+    timing it."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    seen: list[dict[str, Any]] = []
+
+    def record(dialect: Any, conn_rec: Any, cargs: Any, cparams: dict[str, Any]) -> None:
+        seen.append(dict(cparams))
+
+    event.listen(Engine, "do_connect", record)
+    try:
+        yield seen
+    finally:
+        event.remove(Engine, "do_connect", record)
