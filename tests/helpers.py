@@ -77,3 +77,25 @@ def recorded_connects() -> Iterator[list[dict[str, Any]]]:
         yield seen
     finally:
         event.remove(Engine, "do_connect", record)
+
+
+async def until_redis_blocked(client: Any, readers: Iterable[Any], count: int = 1, timeout_s: float = 10.0) -> None:
+    """Return once ``count`` clients of ``client``'s database are blocked in XREAD/XREADGROUP on the server
+    (``CLIENT LIST``, polled every 10 ms): the precondition of a test about blocked reads, checked instead of
+    slept for. Fails when one of the ``readers`` (tasks) returns first, or after ``timeout_s``."""
+    import asyncio
+
+    db = str(client.connection_pool.connection_kwargs.get("db", 0))
+    readers = list(readers)
+    blocked = 0
+    for _ in range(int(timeout_s / 0.01)):
+        for task in readers:
+            assert not task.done(), f"a read returned before it blocked: {task.result()}"
+        clients = await client.client_list()
+        blocked = sum(
+            c["db"] == db and "b" in c["flags"] and c["cmd"] in ("xread", "xreadgroup") for c in clients
+        )
+        if blocked >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{blocked} of {count} reads blocked in Redis after {timeout_s} s")

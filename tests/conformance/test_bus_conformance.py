@@ -18,6 +18,7 @@ import pytest
 from shared.bus.base import dead_letter_stream
 from shared.bus.redis_streams import BusConnectionError, RedisStreamsBus, redact
 from tests.conformance.conftest import MAX_DELIVERIES, BusUnderTest
+from tests.helpers import until_redis_blocked
 
 
 def _id(entry_id: str) -> tuple[int, int]:
@@ -59,15 +60,8 @@ async def until_blocked(case: BusUnderTest, reader: asyncio.Task[Any]) -> None:
     loop bring it there; it must not have returned.
     """
     if isinstance(case.bus, RedisStreamsBus):
-        db = str(case.bus.client.connection_pool.connection_kwargs.get("db", 0))
-        for _ in range(1000):
-            assert not reader.done(), f"the read returned before it blocked: {reader.result()}"
-            clients = await case.bus.client.client_list()
-            blocked = [c for c in clients if c["db"] == db and "b" in c["flags"]]
-            if any(c["cmd"] in ("xread", "xreadgroup") for c in blocked):
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError("the read never blocked in Redis (10 s)")
+        await until_redis_blocked(case.bus.client, [reader])
+        return
     for _ in range(5):
         await asyncio.sleep(0)
     assert not reader.done(), f"the read returned before it blocked: {reader.result()}"
