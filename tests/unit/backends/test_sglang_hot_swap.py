@@ -210,7 +210,6 @@ async def test_a_failed_pause_still_sends_continue(served: Any, tokenizer_dir: P
 
 async def test_a_stale_response_does_not_undo_the_clients_swap(served: Any) -> None:
     fake, backend = served
-    rep = fake.replica("r1")
     await backend.check_server()
     running = asyncio.create_task(
         backend.generate(GenerateRequest(backend.encode("Find 3+4 please"), 64, session="e"))
