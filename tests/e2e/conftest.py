@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.stack import Stack, start_stack
+from tests.missing import missing
 from tests.unit.gateway.conftest import free_port
 
 CHROMIUM = os.environ.get("ASYNCTHINK_CHROMIUM", "/usr/bin/chromium")
@@ -28,9 +29,7 @@ REDIS_URL = os.environ.get("ASYNCTHINK_E2E_REDIS_URL", "redis://127.0.0.1:6379/0
 
 
 def _missing(what: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"CI is set but {what}; CI must provide it (.ci/run installs chromium)")
-    pytest.skip(f"{what} (with CI set this is a failure)")
+    missing(what, "pip install -e '.[test]' for playwright, apt-get install chromium (.ci/run does both)")
 
 
 @pytest.fixture(scope="module")
