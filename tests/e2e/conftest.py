@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.stack import Stack, start_stack
+from tests.helpers import REDIS_HINT
 from tests.missing import missing
 from tests.unit.gateway.conftest import free_port
 
@@ -28,8 +29,11 @@ CHROMIUM_ARGS = [
 REDIS_URL = os.environ.get("ASYNCTHINK_E2E_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
-def _missing(what: str) -> None:
-    missing(what, "pip install -e '.[test]' for playwright, apt-get install chromium (.ci/run does both)")
+BROWSER_HINT = "pip install -e '.[test]' (playwright) and apt-get install chromium, or set ASYNCTHINK_CHROMIUM"
+
+
+def _missing(what: str, install: str = BROWSER_HINT) -> None:
+    missing(what, install)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +45,7 @@ def browser() -> Iterator[Any]:
     except ImportError:
         _missing("playwright is not installed")
     if not (os.path.exists(CHROMIUM) or shutil.which(CHROMIUM)):
-        _missing(f"no chromium at {CHROMIUM} (apt-get install chromium)")
+        _missing(f"no chromium at {CHROMIUM}")
     pw = sync_playwright().start()
     try:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
@@ -61,7 +65,7 @@ def stack(postgres_url: str) -> Iterator[Stack]:
     try:
         client.ping()
     except redis.RedisError as exc:
-        _missing(f"Redis at {REDIS_URL} is unreachable: {exc}")
+        _missing(f"Redis at {REDIS_URL} is unreachable: {exc}", REDIS_HINT)
     finally:
         client.close()
     running, stop = start_stack(postgres_url, REDIS_URL, free_port())
@@ -77,7 +81,7 @@ def postgres_url() -> Iterator[str]:
     try:
         check_connection(POSTGRES_ADMIN_URL, connect_timeout=3)
     except StoreUnavailable as exc:
-        _missing(f"PostgreSQL is unreachable: {exc}")
+        _missing(f"PostgreSQL is unreachable: {exc}", "start it, or point ASYNCTHINK_TEST_POSTGRES_URL at a server")
     import secrets
 
     from sqlalchemy import create_engine, text
