@@ -66,6 +66,45 @@ def test_synth_writes_traces_of_the_first_training_problems_only(synthed: Path) 
     assert set(stats) == {"summary", "lengths"}
 
 
+def _expected(teacher_class: type, capacity: int, seed: int, vocab_size: int = 512) -> dict[str, object]:
+    """What synth must write, computed with the library: the traces are deterministic (the recipe's
+    claim that ``data/`` need not be committed)."""
+    from trainer.synth.dataset import length_stats, synthesize, token_counter
+
+    task = CountdownTask()
+    problems = task.problems(recipe.build_parser().get_default("problems"), 4)
+    result = synthesize(teacher_class(task, capacity=capacity), problems, asyncthink=True, sequential=True, seed=seed)
+    counter = token_counter("train", result.records, vocab_size=vocab_size, seed=seed)
+    return {
+        "async": [r.to_json() for r in result.records if r.kind != "sequential"],
+        "seq": [r.to_json() for r in result.records if r.kind == "sequential"],
+        "lengths": json.loads(json.dumps(length_stats(result.records, counter, capacity))),
+    }
+
+
+def _written(work: Path) -> dict[str, object]:
+    data = work / "data"
+    return {
+        "async": [r.to_json() for r in read_jsonl(data / "async.jsonl")],
+        "seq": [r.to_json() for r in read_jsonl(data / "seq.jsonl")],
+        "lengths": json.loads((data / "stats.json").read_text())["lengths"],
+    }
+
+
+def test_synth_writes_what_the_chosen_teacher_gives_at_the_chosen_capacity_and_seed(
+    synthed: Path, tmp_path: Path
+) -> None:
+    from trainer.synth.search_teacher import SearchTeacher
+    from trainer.synth.teacher import CountdownTeacher
+
+    assert _written(synthed) == _expected(SearchTeacher, capacity=2, seed=0)  # the defaults: search, c = 2
+    run(tmp_path, "synth", "--trace-format", "paths", "--capacity", "3", "--seed", "5")
+    written = _written(tmp_path)
+    assert written == _expected(CountdownTeacher, capacity=3, seed=5)
+    assert {r["capacity"] for r in written["async"]} == {3}  # type: ignore[union-attr,index]
+    assert written["seq"] != _written(synthed)["seq"]  # another teacher writes other traces
+
+
 def test_synth_is_skipped_when_its_traces_are_there(synthed: Path) -> None:
     data = synthed / "data"
     before = {f.name: f.read_bytes() for f in data.iterdir()}
@@ -73,6 +112,11 @@ def test_synth_is_skipped_when_its_traces_are_there(synthed: Path) -> None:
     assert {f.name: f.read_bytes() for f in data.iterdir()} == before
     assert [c["ok"] for c in ledger["stages"]["synth"]["calls"]][-1] is True
     assert ledger["runs"] == {}  # synth trains nothing
+    # one of the two files gone (an interrupted synth): it runs again, and writes the same bytes
+    (data / "seq.jsonl").unlink()
+    (data / "stats.json").unlink()
+    run(synthed, "synth")
+    assert {f.name: f.read_bytes() for f in data.iterdir()} == before
 
 
 # ------------------------------------------------------------------------------------------ sft, resume
