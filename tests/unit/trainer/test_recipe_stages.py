@@ -103,6 +103,8 @@ def test_synth_writes_what_the_chosen_teacher_gives_at_the_chosen_capacity_and_s
     assert written == _expected(CountdownTeacher, capacity=3, seed=5)
     assert {r["capacity"] for r in written["async"]} == {3}  # type: ignore[union-attr,index]
     assert written["seq"] != _written(synthed)["seq"]  # another teacher writes other traces
+    run(tmp_path / "c3", "synth", "--capacity", "3")  # the search teacher at c = 3 (the default is 2)
+    assert _written(tmp_path / "c3") == _expected(SearchTeacher, capacity=3, seed=0)
 
 
 def test_synth_is_skipped_when_its_traces_are_there(synthed: Path) -> None:
