@@ -4,7 +4,7 @@
 #   .ci/validate_deploy.sh              every step
 #   .ci/validate_deploy.sh STEP ...     only these: compose | compose-schema | k8s
 #
-# Steps and the tools they use (each found on PATH or in the project's virtualenv):
+# Steps and the tools they use (each found on PATH or in the project's virtualenv, or $PYTHON's):
 #   compose         Debian's docker-compose (apt-get install docker-compose): `config -q` for no profile,
 #                   --profile cpu and --profile gpu (interpolation, merge keys, depends_on conditions)
 #   compose-schema  check-jsonschema (PyPI) against the Compose Specification schema it vendors
@@ -17,7 +17,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-PY=.venv/bin/python
+PY=${PYTHON:-.venv/bin/python}  # the tests pass their own interpreter (a worktree may have no .venv)
 [ -x "$PY" ] || PY=python3
 K8S_VERSION=${K8S_VERSION:-1.32.0}
 # compose.yaml requires these (no defaults, so a deployment never runs with a known secret)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from typing import Any
 
-import pytest
-
 from shared.protocol import Fork, Join, Role, parse
+from tests.missing import missing
 from trainer.synth.records import Episode, TraceRecord
+
+REDIS_HINT = "start it: redis-server --daemonize yes --port 6379 (apt-get install redis-server)"
 
 
 def corrupt_episode(ep: Episode, nth: int, wrong_answer: str) -> None:
@@ -52,7 +53,47 @@ async def redis_bus_or_skip(url: str, **options: Any) -> Any:
         await bus.ping()
     except BusConnectionError as exc:
         await bus.close()
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set but Redis is unreachable; CI must start it. {exc}")
-        pytest.skip(f"Redis unreachable (set CI=1 to make this a failure): {exc}")
+        missing(f"Redis is unreachable: {exc}", REDIS_HINT)
     return bus
+
+
+@contextlib.contextmanager
+def recorded_connects() -> Iterator[list[dict[str, Any]]]:
+    """The driver keyword arguments of every database connection attempted inside the block, by any
+    SQLAlchemy engine: how a test checks that a connection is tried once, with a timeout, without
+    timing it."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    seen: list[dict[str, Any]] = []
+
+    def record(dialect: Any, conn_rec: Any, cargs: Any, cparams: dict[str, Any]) -> None:
+        seen.append(dict(cparams))
+
+    event.listen(Engine, "do_connect", record)
+    try:
+        yield seen
+    finally:
+        event.remove(Engine, "do_connect", record)
+
+
+async def until_redis_blocked(client: Any, readers: Iterable[Any], count: int = 1, timeout_s: float = 10.0) -> None:
+    """Return once ``count`` clients of ``client``'s database are blocked in XREAD/XREADGROUP on the server
+    (``CLIENT LIST``, polled every 10 ms): the precondition of a test about blocked reads, checked instead of
+    slept for. Fails when one of the ``readers`` (tasks) returns first, or after ``timeout_s``."""
+    import asyncio
+
+    db = str(client.connection_pool.connection_kwargs.get("db", 0))
+    readers = list(readers)
+    blocked = 0
+    for _ in range(int(timeout_s / 0.01)):
+        for task in readers:
+            assert not task.done(), f"a read returned before it blocked: {task.result()}"
+        clients = await client.client_list()
+        blocked = sum(
+            c["db"] == db and "b" in c["flags"] and c["cmd"] in ("xread", "xreadgroup") for c in clients
+        )
+        if blocked >= count:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{blocked} of {count} reads blocked in Redis after {timeout_s} s")

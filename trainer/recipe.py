@@ -34,8 +34,9 @@ the bf16 weights, with the KL reference, if any, reset to that start). ``minutes
 per run its training minutes (what the equal-minutes rule compares), steps and every session; per stage
 every call's wall minutes, failed ones included. Commit ``--work`` without ``data/`` and ``scratch/``.
 
-A failing stage is logged and the recipe goes on with what it has. ``tests/unit/trainer/test_recipe.py``
-runs every stage at toy size on the CPU (the ``test`` preset, a handful of problems, seconds per run).
+A failing stage is logged and the recipe goes on with what it has; an unknown stage is refused before any
+stage runs. ``tests/unit/trainer/test_recipe.py`` runs every stage at toy size on the CPU (the ``test``
+preset, a handful of problems, seconds per run); ``test_recipe_stages.py`` checks them one at a time.
 """
 
 from __future__ import annotations
@@ -423,12 +424,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages:  # refused before any stage runs, not after hours of the earlier ones
+        p.error(f"unknown stage {unknown[0]!r}; choose from {sorted(STAGES)}" if unknown else "no stage given")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    for stage in [s.strip() for s in args.stages.split(",") if s.strip()]:
-        if stage not in STAGES:
-            p.error(f"unknown stage {stage!r}; choose from {sorted(STAGES)}")
+    for stage in stages:
         _timed(work, stage, STAGES[stage], args)
     return 0
 

@@ -1,14 +1,15 @@
 """One conformance suite for every Bus implementation (in-process and Redis Streams).
 
 Each test runs once per implementation (see ``conftest.py``); the Redis run is marked ``integration``
-and uses a key prefix of its own that is deleted afterwards. Time-based cases use idle thresholds of
-~100 ms so the suite stays fast.
+and uses a key prefix of its own that is deleted afterwards. Idle-time cases use thresholds of ~100 ms
+so the suite stays fast; their sleeps are what they test (an entry must sit idle that long) and can only
+run longer under load, which never turns a check vacuous. Blocking reads are never timed: a case first
+waits until the read is seen blocked (:func:`until_blocked`), then checks what it returns.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Coroutine
 from typing import Any
 
@@ -17,6 +18,7 @@ import pytest
 from shared.bus.base import dead_letter_stream
 from shared.bus.redis_streams import BusConnectionError, RedisStreamsBus, redact
 from tests.conformance.conftest import MAX_DELIVERIES, BusUnderTest
+from tests.helpers import until_redis_blocked
 
 
 def _id(entry_id: str) -> tuple[int, int]:
@@ -46,38 +48,57 @@ async def test_read_of_missing_stream_is_empty(bus_case: BusUnderTest) -> None:
     assert await bus_case.bus.read(bus_case.stream("nothing"), after="0") == []
 
 
-async def assert_wakes_on_publish(bus: Any, stream: str, blocking_read: Coroutine[Any, Any, list[Any]]) -> None:
-    """A blocking read waits while the stream has nothing new, then returns within a second of a publish."""
+BLOCK_MS = 60_000  # a read that wakes on a publish returns long before this; one that does not, never does
+WOKEN_S = 30  # ... so a reader that has not returned this long after the publish failed to wake
+
+
+async def until_blocked(case: BusUnderTest, reader: asyncio.Task[Any]) -> None:
+    """Return once ``reader`` waits inside the bus: the precondition of every case about a blocked read.
+
+    Redis: the server lists a blocked XREAD/XREADGROUP client in this test's database (polled every 10 ms,
+    failing after 10 s). In-process: the read has no I/O before it waits, so a few turns of the event
+    loop bring it there; it must not have returned.
+    """
+    if isinstance(case.bus, RedisStreamsBus):
+        await until_redis_blocked(case.bus.client, [reader])
+        return
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not reader.done(), f"the read returned before it blocked: {reader.result()}"
+
+
+async def assert_wakes_on_publish(
+    case: BusUnderTest, stream: str, blocking_read: Coroutine[Any, Any, list[Any]]
+) -> None:
+    """A read blocked for a minute (``BLOCK_MS``) returns the entry a publish adds while it waits."""
     reader = asyncio.create_task(blocking_read)
-    await asyncio.sleep(0.1)
-    assert not reader.done()
-    t0 = time.monotonic()
-    await bus.publish(stream, {"n": "1"})
-    got = await asyncio.wait_for(reader, 2)
+    await until_blocked(case, reader)
+    await case.bus.publish(stream, {"n": "1"})
+    got = await asyncio.wait_for(reader, WOKEN_S)
     assert [e.fields["n"] for e in got] == ["1"]
-    assert time.monotonic() - t0 < 1.0
 
 
 async def test_blocking_read_wakes_on_publish(bus_case: BusUnderTest) -> None:
     bus, s = bus_case.bus, bus_case.stream()
     first = await bus.publish(s, {"n": "0"})
-    await assert_wakes_on_publish(bus, s, bus.read(s, after=first, block_ms=3000))
+    await assert_wakes_on_publish(bus_case, s, bus.read(s, after=first, block_ms=BLOCK_MS))
 
 
 async def test_blocking_read_from_dollar_sees_only_new(bus_case: BusUnderTest) -> None:
     bus, s = bus_case.bus, bus_case.stream()
     await bus.publish(s, {"n": "old"})
-    reader = asyncio.create_task(bus.read(s, after="$", block_ms=3000))
-    await asyncio.sleep(0.1)
+    reader = asyncio.create_task(bus.read(s, after="$", block_ms=BLOCK_MS))
+    await until_blocked(bus_case, reader)
     await bus.publish(s, {"n": "new"})
-    assert [e.fields["n"] for e in await asyncio.wait_for(reader, 2)] == ["new"]
+    assert [e.fields["n"] for e in await asyncio.wait_for(reader, WOKEN_S)] == ["new"]
 
 
 async def test_blocking_read_times_out_empty(bus_case: BusUnderTest) -> None:
+    """The read is seen waiting (not answering at once), then gives up with nothing: never timed."""
     bus, s = bus_case.bus, bus_case.stream()
-    t0 = time.monotonic()
-    assert await bus.read(s, after="0", block_ms=150) == []
-    assert 0.1 <= time.monotonic() - t0 < 2.0
+    reader = asyncio.create_task(bus.read(s, after="0", block_ms=1000))
+    await until_blocked(bus_case, reader)
+    assert await asyncio.wait_for(reader, 10) == []
 
 
 async def test_ensure_group_is_idempotent_and_start_dollar_skips_history(bus_case: BusUnderTest) -> None:
@@ -121,7 +142,7 @@ async def test_group_delivers_each_entry_to_one_consumer(bus_case: BusUnderTest)
 async def test_blocking_read_group_wakes_on_publish(bus_case: BusUnderTest) -> None:
     bus, s = bus_case.bus, bus_case.stream()
     await bus.ensure_group(s, "g")
-    await assert_wakes_on_publish(bus, s, bus.read_group(s, "g", "c1", block_ms=3000))
+    await assert_wakes_on_publish(bus_case, s, bus.read_group(s, "g", "c1", block_ms=BLOCK_MS))
 
 
 async def test_ack_removes_from_pending(bus_case: BusUnderTest) -> None:
@@ -132,7 +153,6 @@ async def test_ack_removes_from_pending(bus_case: BusUnderTest) -> None:
     got = await bus.read_group(s, "g", "a", block_ms=0)
     assert await bus.ack(s, "g", got[0].id, got[1].id) == 2
     assert await bus.ack(s, "g", got[0].id) == 0  # already acked
-    await asyncio.sleep(0.05)
     claimed = await bus.claim_stale(s, "g", "b", min_idle_ms=0)
     assert [e.id for e in claimed] == [got[2].id]  # only the unacked one is still pending
     assert await bus.ack(s, "g", got[2].id) == 1
@@ -300,11 +320,10 @@ async def test_read_many_reads_every_stream_after_its_own_id(bus_case: BusUnderT
 async def test_read_many_blocks_until_any_stream_gets_an_entry(bus_case: BusUnderTest) -> None:
     bus = bus_case.bus
     a, b = bus_case.stream("a"), bus_case.stream("b")
-    reading = asyncio.create_task(bus.read_many({a: "0", b: "0"}, block_ms=3000))
-    await asyncio.sleep(0.1)
-    assert not reading.done()
+    reading = asyncio.create_task(bus.read_many({a: "0", b: "0"}, block_ms=BLOCK_MS))
+    await until_blocked(bus_case, reading)
     await bus.publish(b, {"n": "late"})
-    got = await asyncio.wait_for(reading, 3)
+    got = await asyncio.wait_for(reading, WOKEN_S)
     assert [(s, e.fields["n"]) for s, e in got] == [(b, "late")]
 
 
@@ -327,5 +346,5 @@ async def test_expire_lets_a_stream_go(bus_case: BusUnderTest) -> None:
     await bus.publish(s, {"n": "1"})
     await bus.expire(s, 1)
     assert len(await bus.read(s)) == 1
-    await asyncio.sleep(1.3)
+    await asyncio.sleep(1.3)  # what is tested: the stream outlives its 1 s no longer (a sleep only runs long)
     assert await bus.read(s) == []

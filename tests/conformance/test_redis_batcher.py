@@ -19,7 +19,7 @@ from redis.exceptions import ResponseError
 
 from shared.bus.redis_streams import RedisStreamsBus
 from tests.conformance.conftest import REDIS_URL
-from tests.helpers import redis_bus_or_skip
+from tests.helpers import redis_bus_or_skip, until_redis_blocked
 
 pytestmark = pytest.mark.integration
 
@@ -43,8 +43,8 @@ def key(bus: RedisStreamsBus, name: str) -> str:
 
 async def test_a_small_pool_waits_instead_of_failing(bus: RedisStreamsBus) -> None:
     s = key(bus, "s")
-    blockers = [asyncio.create_task(bus.read(key(bus, f"idle{i}"), block_ms=400)) for i in range(2)]
-    await asyncio.sleep(0.05)  # two of the three connections now wait in XREAD
+    blockers = [asyncio.create_task(bus.read(key(bus, f"idle{i}"), block_ms=3000)) for i in range(2)]
+    await until_redis_blocked(bus.client, blockers, count=2)  # two of the three connections wait in XREAD
     ids = await asyncio.gather(*(bus.publish(s, {"i": str(i)}) for i in range(200)))
     assert len(set(ids)) == 200 and len(await bus.read(s, count=1000)) == 200
     assert await asyncio.gather(*blockers) == [[], []]
@@ -78,16 +78,19 @@ async def test_batcher_makes_callers_wait_when_full(bus: RedisStreamsBus) -> Non
 
 async def test_an_event_waits_for_company_but_not_past_its_delay(bus: RedisStreamsBus) -> None:
     batcher = bus.batcher()
-    batcher.delay_s = 0.2
+    batcher.delay_s = 60.0  # far longer than the test: only company can send the event
     s = key(bus, "s")
     lazy = await batcher.call("XADD", s, "*", "kind", "event", urgent=False)
-    await asyncio.sleep(0.05)
-    assert not lazy.done()  # held for company
+    for _ in range(10):  # the sender has run and chosen to wait
+        await asyncio.sleep(0)
+    assert not lazy.done() and batcher.batches == 0  # held for company
     urgent = await batcher.call("XADD", s, "*", "kind", "task")
-    await asyncio.wait_for(asyncio.gather(lazy, urgent), 1.0)
+    await asyncio.wait_for(asyncio.gather(lazy, urgent), 10)
     assert batcher.batches == 1  # sent together, with the urgent one
+    batcher.delay_s = 0.2
     alone = await batcher.call("XADD", s, "*", "kind", "event", urgent=False)
-    await asyncio.wait_for(alone, 1.0)  # no company: sent after the delay
+    await asyncio.wait_for(alone, 10)  # no company: sent after its delay
+    assert batcher.batches == 2 and len(await bus.read(s)) == 3
 
 
 async def test_batcher_retries_through_a_broken_connection(bus: RedisStreamsBus) -> None:
@@ -103,8 +106,8 @@ async def test_stream_reader_reads_many_streams(bus: RedisStreamsBus) -> None:
     reader = bus.stream_reader()
     a, b = key(bus, "a"), key(bus, "b")
     try:
-        reading = asyncio.create_task(reader.read_many({a: "0", b: "0"}, block_ms=2000))
-        await asyncio.sleep(0.05)
+        reading = asyncio.create_task(reader.read_many({a: "0", b: "0"}, block_ms=30_000))
+        await until_redis_blocked(bus.client, [reading])
         await bus.publish(a, {"n": "1", "m": "x"})
         got = await asyncio.wait_for(reading, 3)
         assert [(s, e.fields) for s, e in got] == [(a, {"n": "1", "m": "x"})]

@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 
 from tests.e2e.stack import Stack, start_stack
+from tests.helpers import REDIS_HINT
+from tests.missing import missing
 from tests.unit.gateway.conftest import free_port
 
 CHROMIUM = os.environ.get("ASYNCTHINK_CHROMIUM", "/usr/bin/chromium")
@@ -27,10 +29,11 @@ CHROMIUM_ARGS = [
 REDIS_URL = os.environ.get("ASYNCTHINK_E2E_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
-def _missing(what: str) -> None:
-    if os.environ.get("CI"):
-        pytest.fail(f"CI is set but {what}; CI must provide it (.ci/run installs chromium)")
-    pytest.skip(f"{what} (with CI set this is a failure)")
+BROWSER_HINT = "pip install -e '.[test]' (playwright) and apt-get install chromium, or set ASYNCTHINK_CHROMIUM"
+
+
+def _missing(what: str, install: str = BROWSER_HINT) -> None:
+    missing(what, install)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +45,7 @@ def browser() -> Iterator[Any]:
     except ImportError:
         _missing("playwright is not installed")
     if not (os.path.exists(CHROMIUM) or shutil.which(CHROMIUM)):
-        _missing(f"no chromium at {CHROMIUM} (apt-get install chromium)")
+        _missing(f"no chromium at {CHROMIUM}")
     pw = sync_playwright().start()
     try:
         browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
@@ -62,7 +65,7 @@ def stack(postgres_url: str) -> Iterator[Stack]:
     try:
         client.ping()
     except redis.RedisError as exc:
-        _missing(f"Redis at {REDIS_URL} is unreachable: {exc}")
+        _missing(f"Redis at {REDIS_URL} is unreachable: {exc}", REDIS_HINT)
     finally:
         client.close()
     running, stop = start_stack(postgres_url, REDIS_URL, free_port())
@@ -78,7 +81,7 @@ def postgres_url() -> Iterator[str]:
     try:
         check_connection(POSTGRES_ADMIN_URL, connect_timeout=3)
     except StoreUnavailable as exc:
-        _missing(f"PostgreSQL is unreachable: {exc}")
+        _missing(f"PostgreSQL is unreachable: {exc}", "start it, or point ASYNCTHINK_TEST_POSTGRES_URL at a server")
     import secrets
 
     from sqlalchemy import create_engine, text

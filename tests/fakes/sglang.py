@@ -23,7 +23,9 @@ requests already generating, as SGLang's pause modes do: ``abort`` ends them at 
 finish ``abort`` and their partial output (the pause answers once none is left), ``in_place`` freezes
 them until ``/continue_generation`` and ``retract`` does too, counting ``num_retractions``; tokens
 generated after a weight update carry the new version, and ``meta_info.weight_versions`` lists the
-spans per version (``weight_version`` is the last token's). ``running`` counts requests generating now.
+spans per version (``weight_version`` is the last token's). ``running`` counts requests generating now,
+``live`` holds each one's input and output ids so far, and ``held`` counts new requests waiting out a
+pause: tests wait on these (a request has produced k tokens; a request is held) instead of sleeping.
 
 Used by ``tests/unit/backends/test_sglang_contract.py`` and the backend conformance suite.
 """
@@ -94,6 +96,8 @@ class Replica:
     generated: int = 0  # output ids answered so far
     token_delay_s: float = 0.0  # > 0: seconds per token, and pauses reach requests in flight
     running: int = 0  # /generate requests generating now (in-flight mode)
+    live: list[tuple[list[int], list[int]]] = field(default_factory=list)  # (input ids, output ids so far) of each
+    held: int = 0  # new /generate requests waiting for /continue_generation now
     update_delay_s: float = 0.0  # seconds /update_weights_from_disk takes (loading the weights)
     priorities: list[int | None] = field(default_factory=list)  # each /generate's top-level ``priority``
 
@@ -155,7 +159,11 @@ class FakeSGLang:
         if err:
             return err
         if rep.paused:  # new requests block until /continue_generation (SGLang's pause semantics)
-            await rep.resumed.wait()
+            rep.held += 1
+            try:
+                await rep.resumed.wait()
+            finally:
+                rep.held -= 1
         if rep.delay_s:
             await asyncio.sleep(rep.delay_s)
         if rep.fail_next_status:
@@ -214,6 +222,7 @@ class FakeSGLang:
         versions: list[str] = []  # the version that produced each output id
         retractions = 0
         rep.running += 1
+        rep.live.append((ids, out))
         try:
             for tok in script:
                 if len(out) >= max_new:
@@ -238,6 +247,7 @@ class FakeSGLang:
                     break
         finally:
             rep.running -= 1
+            rep.live.remove((ids, out))
         return self._answer(rep, sp, ids, out, versions, finish, cached, retractions)
 
     def _answer(

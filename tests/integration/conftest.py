@@ -17,6 +17,9 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from shared.store.db import StoreUnavailable, check_connection, normalize_url
+from tests.missing import missing
+
+PG_HINT = "start it: pg_ctlcluster <version> main start (apt-get install postgresql)"
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "ASYNCTHINK_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -28,12 +31,7 @@ def require_postgres(url: str = POSTGRES_ADMIN_URL) -> None:
     try:
         check_connection(url, connect_timeout=3)
     except StoreUnavailable as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set but PostgreSQL is unreachable; CI must start it. {exc}")
-        pytest.skip(
-            "PostgreSQL unreachable (point ASYNCTHINK_TEST_POSTGRES_URL at a server; with CI set this "
-            f"is a failure): {exc}"
-        )
+        missing(f"PostgreSQL is unreachable: {exc}", f"{PG_HINT}, or point ASYNCTHINK_TEST_POSTGRES_URL at a server")
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ import uuid
 
 import pytest
 
-from shared.messages import EpisodeEvent, SubmitProblem
+from shared.messages import ORGANIZER_GROUP, PROBLEMS_STREAM, EpisodeEvent, SubmitProblem
 from shared.protocol import join_result
 from shared.store import repository
 from tests.scenarios.conftest import Setup
@@ -123,6 +123,20 @@ async def _idle(setup: Setup, timeout_s: float = 5.0) -> None:
     raise AssertionError("the organizer is still busy")
 
 
+async def _backlog(setup: Setup) -> int:
+    """Submissions not yet read, plus those read and not yet acked, in the organizers' group."""
+    return (await setup.bus.backlog(PROBLEMS_STREAM, ORGANIZER_GROUP)).total
+
+
+async def _until_consumed(setup: Setup, backlog: int, timeout_s: float = 10.0) -> None:
+    """Wait until the organizers' backlog is back to ``backlog``: what was published since is read and acked."""
+    for _ in range(int(timeout_s / 0.02)):
+        if await _backlog(setup) <= backlog:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"the organizer did not consume the submission in {timeout_s} s")
+
+
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: s.name)
 async def test_scenario(setup: Setup, scenario: Scenario) -> None:
     episode_id = f"{scenario.name}--{uuid.uuid4().hex[:12]}"
@@ -156,9 +170,11 @@ async def test_redelivered_submission_is_not_run_again(setup: Setup) -> None:
     first = await setup.events_until_finished(episode_id)
     await _idle(setup)
     done_before = setup.service.episodes_done
+    backlog = await _backlog(setup)
     await setup.submit(submission)  # a duplicate delivery
+    assert await _backlog(setup) == backlog + 1  # waiting, or read and not yet acked
     assert await setup.service.handle(submission) is None  # and a direct re-run: skipped
-    await asyncio.sleep(0.3)  # the organizer reads the duplicate within its 200 ms read block
+    await _until_consumed(setup, backlog)  # the organizer has read the duplicate and acked it: handled
     await _idle(setup)
     assert setup.service.episodes_done == done_before
     again = await setup.events_until_finished(episode_id)

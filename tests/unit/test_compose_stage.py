@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from tests.missing import require_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGE = ROOT / ".ci" / "compose_stage.sh"
@@ -81,9 +82,8 @@ def test_the_stand_ins_carry_the_names_the_stack_uses() -> None:
 def unprivileged() -> list[str]:
     if os.geteuid() != 0:
         return []
-    if shutil.which("setpriv") is None:
-        pytest.skip("running as root without setpriv: cannot run the stage unprivileged")
-    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    setpriv = require_tool("setpriv", "running as root, the stage runs unprivileged through setpriv: apt-get install util-linux")
+    return [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
 
 
 @pytest.mark.parametrize("required", [False, True])

@@ -2,21 +2,27 @@
 
 Validation runs ``.ci/validate_deploy.sh`` step by step (Debian's ``docker-compose config``, the Compose
 Specification schema through check-jsonschema, ``kubectl kustomize`` + kubernetes-validate). A step
-whose tool is missing is skipped with the script's reason (exit 77), unless
-``ASYNCTHINK_REQUIRE_DEPLOY_TOOLS=1``, which makes it fail. The structural checks read the YAML with
-PyYAML and need nothing else.
+whose tool is missing is skipped with the script's reason and install hint (exit 77), or fails where ``CI``
+is set (``tests/missing.py``; the script itself fails with ``ASYNCTHINK_REQUIRE_DEPLOY_TOOLS=1``). The
+rendered overlays need kubectl, the same way. The structural checks read the YAML with PyYAML and need
+nothing else.
 """
 
 from __future__ import annotations
 
-import shutil
+import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from tests.missing import missing, require_tool
+
+# kubectl >= 1.27 bundles kustomize v5; Debian/Ubuntu: the Kubernetes apt repository's kubectl package
+KUBECTL_INSTALL = "install kubectl >= 1.27 (https://kubernetes.io/docs/tasks/tools/; apt-get install kubectl)"
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / ".ci" / "validate_deploy.sh"
 INFRA = {"postgres", "redis", "migrate", "sglang"}  # every other compose service is an app service
@@ -24,10 +30,11 @@ READY = {"service_healthy", "service_completed_successfully"}
 
 
 def run_step(step: str) -> None:
-    proc = subprocess.run(["bash", str(SCRIPT), step], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    env = {**os.environ, "PYTHON": sys.executable}  # the script finds the PyPI tools in this interpreter
+    proc = subprocess.run(["bash", str(SCRIPT), step], cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
     out = proc.stdout + proc.stderr
-    if proc.returncode == 77:
-        pytest.skip(" / ".join(line for line in out.splitlines() if line.startswith("SKIP")))
+    if proc.returncode == 77:  # each SKIP line names the tool and how to install it
+        missing(" / ".join(line for line in out.splitlines() if line.startswith("SKIP")), "install what it names")
     assert proc.returncode == 0, out
 
 
@@ -275,13 +282,11 @@ def test_overlays_point_the_model_at_the_right_backend() -> None:
     assert not [line for line in cpu if "sglang" in line.lower() and not line.lstrip().startswith("#")]
 
 
-@pytest.mark.skipif(
-    shutil.which("kubectl") is None, reason="kubectl not installed: rendered overlays not checked"
-)
 def test_rendered_overlays_set_the_model() -> None:
+    kubectl = require_tool("kubectl", KUBECTL_INSTALL)
     for overlay, expected in (("cpu", "/app/models/"), ("gpu", "sglang:http://sglang:30000")):
         out = subprocess.run(
-            ["kubectl", "kustomize", str(ROOT / "k8s" / "overlays" / overlay)],
+            [kubectl, "kustomize", str(ROOT / "k8s" / "overlays" / overlay)],
             capture_output=True, text=True, check=True, timeout=120,
         ).stdout  # fmt: skip
         objects = [d for d in yaml.safe_load_all(out) if d]

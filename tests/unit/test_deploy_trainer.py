@@ -2,18 +2,20 @@
 
 Checkpoints must be readable at the same path (/checkpoints) by the trainer and by every process that
 loads weights, or a published version could not be loaded; these checks read the YAML with PyYAML
-(rendered overlays need kubectl and are skipped without it).
+(rendered overlays need kubectl: skipped without it, a failure where ``CI`` is set).
 """
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from tests.missing import require_tool
+from tests.unit.test_deploy_files import KUBECTL_INSTALL
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -74,9 +76,9 @@ def test_k8s_base_has_the_trainer_and_a_shared_checkpoints_claim() -> None:
         assert spec["volumes"][0]["persistentVolumeClaim"]["claimName"] == "checkpoints"
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed: rendered overlays not checked")
 def test_the_gpu_overlay_trains_on_a_gpu_and_sglang_reads_the_checkpoints() -> None:
-    out = subprocess.run(["kubectl", "kustomize", str(ROOT / "k8s" / "overlays" / "gpu")], capture_output=True,
+    kubectl = require_tool("kubectl", KUBECTL_INSTALL)
+    out = subprocess.run([kubectl, "kustomize", str(ROOT / "k8s" / "overlays" / "gpu")], capture_output=True,
                          text=True, check=True, timeout=120).stdout  # fmt: skip
     deployments = {o["metadata"]["name"]: o for o in yaml.safe_load_all(out) if o and o["kind"] == "Deployment"}
     trainer = deployments["trainer"]["spec"]["template"]["spec"]
@@ -85,7 +87,7 @@ def test_the_gpu_overlay_trains_on_a_gpu_and_sglang_reads_the_checkpoints() -> N
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1 and trainer["tolerations"]
     sglang = deployments["sglang"]["spec"]["template"]["spec"]
     assert any(m["mountPath"] == "/checkpoints" for m in sglang["containers"][0]["volumeMounts"])
-    cpu = subprocess.run(["kubectl", "kustomize", str(ROOT / "k8s" / "overlays" / "cpu")], capture_output=True,
+    cpu = subprocess.run([kubectl, "kustomize", str(ROOT / "k8s" / "overlays" / "cpu")], capture_output=True,
                          text=True, check=True, timeout=120).stdout  # fmt: skip
     cpu_trainer = next(o for o in yaml.safe_load_all(cpu) if o and o["kind"] == "Deployment" and o["metadata"]["name"] == "trainer")
     assert "cuda" not in cpu_trainer["spec"]["template"]["spec"]["containers"][0]["command"]

@@ -7,12 +7,13 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from services.organizer.__main__ import parse_args
-from services.organizer.heartbeat import age_s, beat, check, main, run_heartbeat
+from services.organizer.heartbeat import beat, check, main, run_heartbeat
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,26 +31,40 @@ def test_a_fresh_file_is_alive_a_stale_or_missing_one_is_not(tmp_path: Path) -> 
     assert main([str(path), "--max-age", "300"]) == 0
 
 
+async def until(condition: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
+    """Poll ``condition`` every 10 ms; fail after ``timeout_s`` naming ``what`` never happened."""
+    for _ in range(int(timeout_s / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{what} (not within {timeout_s} s)")
+
+
 async def test_the_heartbeat_keeps_the_file_fresh_and_removes_it_when_cancelled(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "hb"
     task = asyncio.create_task(run_heartbeat(path, interval_s=0.05))
-    await asyncio.sleep(0.02)
-    first = path.stat().st_mtime_ns
-    await asyncio.sleep(0.15)
-    assert path.stat().st_mtime_ns > first  # rewritten, not just created
-    age = age_s(path)
-    assert age is not None and age < 1
+    await until(path.exists, "the heartbeat file was never written")
+    first = path.read_text()
+    await until(lambda: path.read_text() != first, "the heartbeat file was never rewritten")
+    assert float(path.read_text()) > float(first)  # a later time, not just another write of the same
+    assert check(path, max_age_s=60)[0] is True
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     assert not path.exists()
     assert not list(path.parent.iterdir())  # no temporary file left behind
 
 
-async def test_an_unwritable_file_does_not_stop_the_heartbeat(tmp_path: Path) -> None:
+async def test_an_unwritable_file_does_not_stop_the_heartbeat(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     path = tmp_path / "hb"
     path.mkdir()  # a directory where the file should be: every write fails
     task = asyncio.create_task(run_heartbeat(path, interval_s=0.01))
-    await asyncio.sleep(0.05)
+
+    def failures() -> int:
+        return sum("cannot write the heartbeat file" in r.getMessage() for r in caplog.records)
+
+    await until(lambda: failures() >= 3, "the heartbeat did not keep trying after a failed write")
     assert not task.done()
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)

@@ -2,18 +2,31 @@
 
 from __future__ import annotations
 
-import time
+import pytest
 
+import shared.tools
 from services.workers.tools import MAX_RETURN_CHARS, evaluate_arithmetic, run_tool
 from shared.messages import WorkerTask
+from shared.tools import MAX_EXPRESSIONS, MAX_QUERY_CHARS
 
 
-def test_python_tool_checks_its_limits_before_splitting() -> None:
-    query = "1+1;" * 2_500_000  # 10 MB
-    start = time.perf_counter()
+def test_python_tool_checks_its_limits_before_splitting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 10 MB query is refused on its length alone: the splitter never reads it (counted, not timed)."""
+    split: list[int] = []
+    real_parts = shared.tools._parts
+
+    def counting_parts(text: str, limit: int = MAX_EXPRESSIONS) -> list[str]:
+        split.append(len(text))
+        return real_parts(text, limit)
+
+    monkeypatch.setattr(shared.tools, "_parts", counting_parts)
+    query = "1+1;" * 2_500_000  # 4 chars x 2.5 M = 10 MB
     returned, error = evaluate_arithmetic(query)
-    assert time.perf_counter() - start < 0.05
     assert error == "tool_error" and len(returned) < 300
+    assert returned.startswith(f"[python: the query is {len(query)} characters; at most {MAX_QUERY_CHARS}")
+    assert split == []
+    assert evaluate_arithmetic("1+1;2*3") == ("1+1 = 2; 2*3 = 6", None)
+    assert split == [7]  # the spy does see a split: the empty list above is not for want of looking
 
 
 def test_python_tool_error_does_not_echo_the_whole_expression() -> None:

@@ -14,11 +14,13 @@ class Recording(StoreCheckpoint):
     def __init__(self, **kw: object) -> None:
         super().__init__(lambda: None, "ep", **kw)  # type: ignore[arg-type]
         self.written: list[int] = []
-        self.gate = threading.Event()
+        self.started = threading.Event()  # a write has begun (set in the writer's thread)
+        self.gate = threading.Event()  # a write finishes only once this is set
         self.gate.set()
 
     def _save(self, segment: SegmentRecord) -> None:
-        self.gate.wait(5)
+        self.started.set()
+        assert self.gate.wait(10), "the test never released the held write"
         self.written.append(segment.generated_tokens)
 
 
@@ -27,34 +29,44 @@ def seg(tokens: int) -> SegmentRecord:
                          completion_mask=[1] * tokens)
 
 
+async def settled(cp: Recording) -> None:
+    """Wait until the background writer has taken every checkpoint it was handed and stopped (not a sleep:
+    once it has stopped, nothing more can be written until the next checkpoint)."""
+    writer = cp._writer
+    assert writer is not None, "no writer was started"
+    await asyncio.wait_for(asyncio.shield(writer), 10)
+
+
 async def test_only_the_latest_checkpoint_is_written_after_the_delay() -> None:
     cp = Recording(delay_s=0.05, min_new_tokens=10)
     for n in (40, 50, 60):
         await cp.checkpoint("ep", seg(n))
     await cp.checkpoint("other", seg(99))  # another episode's: ignored
-    await asyncio.sleep(0.2)
+    assert cp.written == []  # nothing before the delay
+    await settled(cp)
     assert cp.written == [60]
     await cp.checkpoint("ep", seg(65))  # 5 new tokens: not worth a write
-    await cp.checkpoint("ep", seg(66))
-    await asyncio.sleep(0.2)
+    await cp.checkpoint("ep", seg(66))  # 6 new: neither
+    await settled(cp)
     assert cp.written == [60]
-    await cp.checkpoint("ep", seg(80))
-    await asyncio.sleep(0.2)
-    assert cp.written == [60, 80]
+    await cp.checkpoint("ep", seg(80))  # 20 new since the 60 written
+    await settled(cp)
+    assert cp.written == [60, 80] and cp.saved == 2
 
 
 async def test_finish_drops_a_pending_checkpoint_and_waits_for_one_being_written() -> None:
     cp = Recording(delay_s=0.05, min_new_tokens=1)
     await cp.checkpoint("ep", seg(10))
     await cp.finish()  # before the delay: never written
-    await asyncio.sleep(0.15)
-    assert cp.written == []
+    assert cp._writer is not None and cp._writer.done()  # the writer is gone: nothing can come later
+    assert cp.written == [] and not cp.started.is_set()
     cp.gate.clear()
     await cp.checkpoint("ep", seg(20))
-    await asyncio.sleep(0.1)  # the write has started and is held
+    assert await asyncio.to_thread(cp.started.wait, 10)  # the write has started and is held
     finishing = asyncio.create_task(cp.finish())
-    await asyncio.sleep(0.05)
-    assert not finishing.done()
+    for _ in range(5):  # let finish run up to its wait
+        await asyncio.sleep(0)
+    assert not finishing.done() and cp.written == []
     cp.gate.set()
-    await asyncio.wait_for(finishing, 2)
+    await asyncio.wait_for(finishing, 10)
     assert cp.written == [20]

@@ -67,6 +67,15 @@ def _outcomes(direct: redis.Redis, stream: str) -> list[Any]:
     return [e for e in direct.xrange(stream) if "data" in e[1]]
 
 
+def _started(direct: redis.Redis, stream: str) -> int:
+    """How many times a worker has started the task (its ``started`` notices)."""
+    return sum("started" in f for _, f in direct.xrange(stream))
+
+
+def _ms(entry_id: str) -> int:
+    return int(entry_id.split("-")[0])
+
+
 def _send(app: Any, task: WorkerTask) -> None:
     app.send_task("asyncthink.run_worker", args=[task.model_dump_json()], queue="model", ignore_result=True)
 
@@ -92,18 +101,17 @@ def test_a_killed_workers_task_is_delivered_again_within_seconds(
         wait_worker_ready(app, first.start())
         _send(app, task)
         _wait_for("the first worker takes the task", 10, lambda: direct.zcard("unacked_index") >= 1, first)
-        time.sleep(1.0)  # mid-way through its ~4 s of decoding
-        first.kill9()
-        killed_at = time.monotonic()
+        _wait_for("the first worker starts decoding", 10, lambda: _started(direct, stream) == 1, first)
+        first.kill9()  # mid-way through its ~4 s of decoding: it has started and not answered
         assert _outcomes(direct, stream) == []
         wait_worker_ready(app, second.start())
-        took = _wait_for("the outcome after the kill", 45, lambda: len(_outcomes(direct, stream)) >= 1, second)
-        since_kill = time.monotonic() - killed_at
+        # within seconds: lease (2 s) + a restore sweep (1 s) + ~4 s of decoding + the second worker's start;
+        # 45 s is the generous bound past which the old one-hour visibility is what happened
+        _wait_for("the outcome after the kill", 45, lambda: len(_outcomes(direct, stream)) >= 1, second)
         (entry,) = _outcomes(direct, stream)
         outcome = WorkerOutcome.model_validate_json(entry[1]["data"])
         assert outcome.returned == "x" and outcome.error is None
-        # lease (2 s) + a restore sweep (1 s) + ~4 s of decoding, plus the second worker's start
-        assert since_kill < 30, f"redelivered {since_kill:.1f}s after the kill ({took:.1f}s after the restart)"
+        assert _started(direct, stream) == 2  # delivered again: the second worker started it over
     finally:
         first.kill9()
         second.stop()
@@ -121,7 +129,12 @@ def test_a_task_longer_than_its_lease_runs_once_on_a_live_worker(
         wait_worker_ready(app, worker.start())
         _send(app, task)
         _wait_for("the outcome", 30, lambda: len(_outcomes(direct, stream)) >= 1, worker)
-        time.sleep(2 * LEASE_S + 1.5)  # a second delivery would have published by now... or be running
+        # the precondition: the task outlived its lease (stream ids are the server's milliseconds), so a lease
+        # that was not renewed would have expired while it ran
+        (started_id,) = [i for i, f in direct.xrange(stream) if "started" in f]
+        (outcome_id, _) = _outcomes(direct, stream)[0]
+        assert _ms(outcome_id) - _ms(started_id) > LEASE_S * 1000
+        time.sleep(2 * LEASE_S + 1.5)  # what is tested: a second delivery would have published by now
         assert len(_outcomes(direct, stream)) == 1, "the task was delivered again while its worker was alive"
         assert sum("started" in f for _, f in direct.xrange(stream)) == 1  # and computed once
         assert "already done, republishing" not in worker.log_tail(200_000)

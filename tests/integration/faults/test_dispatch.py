@@ -61,6 +61,17 @@ def test_the_message_is_what_send_task_writes(faults_redis: str) -> None:
         direct.close()
 
 
+async def _until(read: Any, wanted: int, timeout_s: float = 20.0) -> int:
+    """Poll ``read()`` every 20 ms until it gives ``wanted``; fail after ``timeout_s`` with the last value."""
+    value = read()
+    for _ in range(int(timeout_s / 0.02)):
+        if value == wanted:
+            return int(value)
+        await asyncio.sleep(0.02)
+        value = read()
+    raise AssertionError(f"{value} after {timeout_s} s, wanted {wanted}")
+
+
 async def _run_through_a_worker(faults_redis: str, tmp_path: Path) -> Any:
     from services.workers.app import make_app
     from services.workers.endpoint import CeleryWorkerEndpoint
@@ -80,10 +91,11 @@ async def _run_through_a_worker(faults_redis: str, tmp_path: Path) -> Any:
         # the scenario suite's slow worker decodes for about 4 s; two of them on one thread, at once
         episodes = [f"worker_timeout--{uuid.uuid4().hex[:12]}" for _ in range(2)]
         runs = [asyncio.create_task(endpoint.run(_task(e))) for e in episodes]
-        await asyncio.sleep(2.0)
         direct = redis.Redis.from_url(faults_redis)
-        held = direct.zcard("unacked_index")  # both runs in flight on one thread, each message leased
-        direct.close()
+        try:  # both runs in flight on one thread, each message leased (polled: the first takes about 4 s)
+            held = await _until(lambda: direct.zcard("unacked_index"), 2)
+        finally:
+            direct.close()
         outcomes = await asyncio.wait_for(asyncio.gather(*runs), 30)
         return held, outcomes, endpoint.sent
     finally:
@@ -123,7 +135,7 @@ async def _promote(faults_redis: str) -> tuple[list[Any], list[Any], int]:
     episode = f"ep-{uuid.uuid4().hex[:8]}"
     try:
         runs = [asyncio.create_task(endpoint.run(_task(episode, str(i)))) for i in (1, 2, 3)]
-        await asyncio.sleep(0.3)
+        await _until(lambda: endpoint.sent, 3)  # all three pushed to the queue
         endpoint.awaited(_task(episode, "2"))  # the organizer waits at <JOIN-2>
         await bus.batcher().drain()
         front = await bus.client.lrange(layout.key(queue, AWAITED_PRIORITY), 0, -1)

@@ -76,9 +76,11 @@ async def _run(faults_redis: str, faults_pg_url: str, tmp_path: Path) -> dict[st
             assert asyncio.get_running_loop().time() < deadline, f"{service.episodes_done} of {EPISODES} done"
             assert run.done() is False, run
             await asyncio.sleep(0.2)
-        await asyncio.sleep(1.0)  # the worker's own events are written with its outcome, before it
+        # the worker's own events are written with its outcome, before it; the organizer's may still be
+        # queued: stop (which drains the running episodes), then send whatever the batcher still holds
         stop.set()
         await asyncio.wait_for(run, 30)
+        await asyncio.wait_for(bus.batcher().drain(), 30)
         return {"ids": ids, "service": service, "batcher": bus.batcher(), "endpoint": endpoint}
     finally:
         stop.set()

@@ -100,7 +100,8 @@ def test_the_checkpoint_writer_is_lazy(store: StoreUnderTest) -> None:
         ids, mask = list(range(50)), [1] * 50
         for n in (10, 20, 30, 40, 50):  # superseded before the delay: only the last is materialized
             await cp.checkpoint("ep-lazy", _snapshot(ids, mask, n))
-        await asyncio.sleep(0.3)
+        assert cp._writer is not None
+        await asyncio.wait_for(asyncio.shield(cp._writer), 30)  # it took the last one, wrote it, and stopped
         await cp.finish()
         return cp.saved
 

@@ -392,7 +392,14 @@ async def test_generate_waits_while_paused(cluster: Cluster) -> None:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=cluster.fake.app), base_url=url) as c:
         assert (await c.post("/pause_generation", json={"mode": "retract"})).status_code == 200
         task = asyncio.create_task(b.generate(req(b)))
-        await asyncio.sleep(0.2)
+        rep = cluster.fake.replica(httpx.URL(url).host)
+        for _ in range(1000):  # until the request reached the replica and waits there (10 s at most)
+            if rep.held == 1:
+                break
+            assert not task.done(), task.result()
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the request never reached the paused replica")
         assert not task.done()
         assert (await c.post("/continue_generation", json={})).status_code == 200
     assert (await asyncio.wait_for(task, 2)).finish is FinishReason.STOP

@@ -93,17 +93,20 @@ async def served(tokenizer_dir: Path) -> AsyncIterator[tuple[FakeSGLang, Recordi
     await backend.aclose()
 
 
-async def _when_worker_is_generating(fake: FakeSGLang, tokens: int = 4) -> None:
-    """Wait until worker 1's request has been generating for about ``tokens`` tokens."""
+async def _until_generated(fake: FakeSGLang, tokens: int, prompt_prefix: str = "") -> None:
+    """Wait until a request whose prompt starts with ``prompt_prefix`` is generating and has produced
+    ``tokens`` output ids (polled every 5 ms; fails after 10 s)."""
     rep = fake.replica("r1")
-    for _ in range(500):
-        if any(p == "/generate" and fake.tok.decode(b["input_ids"]).startswith("W ") for _, p, b in rep.calls):
-            break
+    for _ in range(2000):
+        if any(fake.tok.decode(ids).startswith(prompt_prefix) and len(out) >= tokens for ids, out in rep.live):
+            return
         await asyncio.sleep(0.005)
-    else:
-        raise AssertionError("the worker never asked for tokens")
-    await asyncio.sleep(tokens * rep.token_delay_s)
-    assert rep.running >= 1
+    raise AssertionError(f"no request starting {prompt_prefix!r} generated {tokens} tokens in 10 s")
+
+
+async def _when_worker_is_generating(fake: FakeSGLang, tokens: int = 4) -> None:
+    """Wait until worker 1's request has produced ``tokens`` tokens and is still generating."""
+    await _until_generated(fake, tokens, prompt_prefix="W ")
 
 
 async def test_a_request_across_an_in_place_swap_reports_both_versions(served: Any) -> None:
@@ -111,7 +114,7 @@ async def test_a_request_across_an_in_place_swap_reports_both_versions(served: A
     rep = fake.replica("r1")
     request = GenerateRequest(backend.encode("Find 3+4 please"), 64, stop_regex=ORGANIZER_STOP_REGEX, session="e")
     running = asyncio.create_task(backend.generate(request))
-    await asyncio.sleep(6 * rep.token_delay_s)
+    await _until_generated(fake, 6)
     await backend.hot_swap("/ckpt/v2", weight_version="v2", pause_mode="in_place", flush_timeout_s=0)
     result = await running
     assert result.weight_version == "v2"  # the version of its last token
@@ -169,7 +172,7 @@ async def test_a_failed_update_still_continues_generation(served: Any) -> None:
     running = asyncio.create_task(
         backend.generate(GenerateRequest(backend.encode("Find 3+4 please"), 64, session="e"))
     )
-    await asyncio.sleep(4 * rep.token_delay_s)
+    await _until_generated(fake, 4)
     with pytest.raises(WeightUpdateError, match="repository not found"):
         await backend.hot_swap("/ckpt/missing", weight_version="bad", pause_mode="in_place", flush_timeout_s=0)
     assert [p for _, p, _ in rep.calls if p != "/generate"] == [
@@ -207,12 +210,11 @@ async def test_a_failed_pause_still_sends_continue(served: Any, tokenizer_dir: P
 
 async def test_a_stale_response_does_not_undo_the_clients_swap(served: Any) -> None:
     fake, backend = served
-    rep = fake.replica("r1")
     await backend.check_server()
     running = asyncio.create_task(
         backend.generate(GenerateRequest(backend.encode("Find 3+4 please"), 64, session="e"))
     )
-    await asyncio.sleep(3 * rep.token_delay_s)
+    await _until_generated(fake, 3)
     await backend.hot_swap("/ckpt/v2", weight_version="v2", pause_mode="in_place", flush_timeout_s=0)
     await running
     assert backend.weight_version == "v2"

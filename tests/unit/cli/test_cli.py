@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from cli import main
+from shared.store.db import DEFAULT_CONNECT_TIMEOUT_S
+from tests.helpers import recorded_connects
 
 
 def run_cli(*args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -20,14 +21,17 @@ def run_cli(*args: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, s
 
 
 def test_help_is_instant_and_lists_the_verbs() -> None:
-    t0 = time.monotonic()
+    """Instant: ``--help`` imports none of the heavy packages (checked by name, not timed)."""
     proc = subprocess.run([sys.executable, "-m", "cli", "--help"], capture_output=True, text=True, check=True)
-    assert time.monotonic() - t0 < 5
     for verb in ("solve", "eval", "trace", "serve", "db", "model"):
         assert verb in proc.stdout
-    probe = "import sys; from cli import build_parser; build_parser(); print(sorted({'torch', 'transformers', 'sqlalchemy'} & set(sys.modules)))"
+    probe = (
+        "import contextlib, sys\nfrom cli import main\nwith contextlib.redirect_stdout(None):\n"
+        "    with contextlib.suppress(SystemExit): main(['--help'])\n"
+        "print(sorted({'torch', 'transformers', 'sqlalchemy'} & set(sys.modules)), 'argparse' in sys.modules)"
+    )
     heavy = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip()
-    assert heavy == "[]"
+    assert heavy == "[] True"  # argparse: the probe did get as far as parsing
 
 
 def test_unknown_task(capsys: pytest.CaptureFixture[str]) -> None:
@@ -53,12 +57,12 @@ def test_missing_model_directory(capsys: pytest.CaptureFixture[str], tmp_path: P
 
 
 def test_unreachable_database(capsys: pytest.CaptureFixture[str], tiny_model_dir: Path) -> None:
-    t0 = time.monotonic()
-    code, _, err = run_cli("eval", "-n", "1", "--model", str(tiny_model_dir),
-                           "--db", "postgresql+psycopg://postgres@127.0.0.1:1/none", capsys=capsys)
+    with recorded_connects() as attempts:
+        code, _, err = run_cli("eval", "-n", "1", "--model", str(tiny_model_dir),
+                               "--db", "postgresql+psycopg://postgres@127.0.0.1:1/none", capsys=capsys)
     assert code == 2
     assert "127.0.0.1:1" in err
-    assert time.monotonic() - t0 < 15
+    assert [a.get("connect_timeout") for a in attempts] == [DEFAULT_CONNECT_TIMEOUT_S]  # tried once, bounded
 
 
 def test_solve_prints_answer_trace_and_metrics(capsys: pytest.CaptureFixture[str], tiny_model_dir: Path) -> None:

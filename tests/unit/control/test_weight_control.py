@@ -55,6 +55,15 @@ async def _until(predicate: Any, timeout: float = 5.0) -> None:
     raise AssertionError("condition not met in time")
 
 
+async def _until_present(publisher: FleetPublisher, processes: set[str], timeout: float = 5.0) -> None:
+    """Wait until the listeners named have sent a heartbeat the publisher sees."""
+    for _ in range(int(timeout / 0.01)):
+        if await publisher.present_organizers() == processes:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{processes} never present: {await publisher.present_organizers()}")
+
+
 async def test_a_listener_loads_published_versions_and_reports_failures() -> None:
     bus = InProcessBus()
     backend = Local()
@@ -127,8 +136,7 @@ async def test_fleet_publisher_swaps_sglang_then_the_organizers_read_the_version
     listener.start()
     try:
         publisher = FleetPublisher(bus=bus, sglang=trainer_client, timeout_s=5, pause_mode="retract")
-        await asyncio.sleep(0.1)  # the listener sends its first heartbeat
-        assert await publisher.present_organizers() == {"org-1"}
+        await _until_present(publisher, {"org-1"})  # the listener sends its first heartbeat
         report: PublishReport = await publisher.publish(LoadWeights(version="v2", path="/ckpt/v2"))
         assert report.ok, report.summary()
         by_kind = {(r.kind, r.process): r for r in report.replies}
@@ -158,10 +166,10 @@ async def test_an_organizer_that_does_not_answer_is_missing() -> None:
     backend = Local()
     listener = WeightControlListener(bus, backend, process="org-gone", block_ms=50)
     listener.start()
-    await asyncio.sleep(0.1)
-    await listener.close()  # it sent a heartbeat, then died
     local = Local()
     publisher = FleetPublisher(bus=bus, local=[local], timeout_s=0.5)
+    await _until_present(publisher, {"org-gone"})
+    await listener.close()  # it sent a heartbeat, then died
     report = await publisher.publish(LoadWeights(version="v2", path="/ckpt/v2"))
     assert not report.ok and report.missing == ["org-gone"]
     assert [r.kind for r in report.replies] == ["local"] and local.weight_version == "v2"

@@ -141,10 +141,12 @@ async def test_an_episode_that_answers_without_joining_cancels_the_task(sessions
     script = {"organizer": "<FORK-1@human>Anything?</FORK-1><ANSWER>no need</ANSWER>"}
     await engine(ScriptedBackend(script), endpoint).run(PROBLEM, episode_id="e5")
     row = await task_of(sessions, "e5")
-    for _ in range(100):
+    for _ in range(500):  # polled every 20 ms, 10 s at most
         with sessions() as s:
             if people.get_task(s, row.id).status == "cancelled":  # type: ignore[union-attr]
                 break
         await asyncio.sleep(0.02)
+    else:
+        raise AssertionError("the task was never cancelled")
     with sessions() as s:
         assert [a.action for a in people.audit(s, task_id=row.id)] == ["created", "cancelled"]

@@ -2,32 +2,48 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 from sqlalchemy import inspect, text
 
-from shared.store.db import StoreUnavailable, check_connection, make_engine, mask_url, migrate, normalize_url
+from shared.store.db import (
+    DEFAULT_CONNECT_TIMEOUT_S,
+    StoreUnavailable,
+    check_connection,
+    make_engine,
+    mask_url,
+    migrate,
+    normalize_url,
+)
+from tests.helpers import recorded_connects
 
 UNREACHABLE = "postgresql+psycopg://asyncthink:s3cret@127.0.0.1:1/asyncthink"
 
 
 def test_unreachable_postgres_error_is_clear_and_fast() -> None:
-    t0 = time.monotonic()
-    with pytest.raises(StoreUnavailable) as info:
+    """Fast: one connection attempt, with libpq's connect_timeout set (counted, not timed)."""
+    with recorded_connects() as attempts, pytest.raises(StoreUnavailable) as info:
         check_connection(UNREACHABLE)
-    assert time.monotonic() - t0 < 5.0
+    assert [a.get("connect_timeout") for a in attempts] == [DEFAULT_CONNECT_TIMEOUT_S]
     msg = str(info.value)
     assert "127.0.0.1:1" in msg and "s3cret" not in msg and "***" in msg
     assert "PostgreSQL running" in msg and "DATABASE_URL" in msg
 
 
 def test_migrate_on_unreachable_database_raises_store_unavailable() -> None:
-    t0 = time.monotonic()
-    with pytest.raises(StoreUnavailable, match="127.0.0.1:1"):
+    with recorded_connects() as attempts, pytest.raises(StoreUnavailable, match="127.0.0.1:1"):
         migrate(UNREACHABLE)
-    assert time.monotonic() - t0 < 5.0
+    assert [a.get("connect_timeout") for a in attempts] == [DEFAULT_CONNECT_TIMEOUT_S]  # once, bounded
+
+
+def test_connect_timeout_reaches_the_driver_at_least_2_s() -> None:
+    for asked, sent in ((1, 2), (2, 2), (7, 7)):  # libpq reads values below 2 as 2: max(2, asked)
+        engine = make_engine(UNREACHABLE, connect_timeout=asked)
+        with recorded_connects() as attempts, pytest.raises(Exception, match="127.0.0.1"):
+            engine.connect()
+        engine.dispose()
+        assert [a["connect_timeout"] for a in attempts] == [sent]
 
 
 def test_sqlite_path_that_cannot_be_created(tmp_path: Path) -> None:

@@ -10,14 +10,17 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from tests.missing import require_module
 from trainer.rollout import SlotEngineConfig, attention
 
-pytest.importorskip("triton")  # tests/conftest.py sets TRITON_INTERPRET=1 before anything imports it
+TRITON_INSTALL = "pip install -e '.[test]' (triton is a test extra on Linux x86_64)"
 
 
 @pytest.fixture
 def interpreted() -> Iterator[None]:
-    """A kernel defined under the interpreter (the kernel is defined on first use and cached)."""
+    """A kernel defined under the interpreter (the kernel is defined on first use and cached); tests/conftest.py
+    sets TRITON_INTERPRET=1 before anything imports triton."""
+    require_module("triton", TRITON_INSTALL)
     if os.environ["TRITON_INTERPRET"] != "1":
         pytest.skip("TRITON_INTERPRET is set to something else")
     attention._kernel.cache_clear()

@@ -11,6 +11,8 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from shared.backends.base import FinishReason, GenerateRequest, GenerateResult, ModelBackend, SamplingParams
+from tests.missing import require_module
+from tests.unit.trainer.test_decode_attention import TRITON_INSTALL
 from trainer.rollout import SlotEngine, SlotEngineBackend, SlotEngineConfig, qwen2
 from trainer.rollout.sampling import SampleMode, sample
 from trainer.rollout.stops import trigger_chars
@@ -390,7 +392,7 @@ def test_linear_context_buckets(model: Qwen2ForCausalLM, tok: TableTokenizer) ->
 
 
 def test_greedy_with_the_varlen_kernel_matches_generate(model: Qwen2ForCausalLM, tok: TableTokenizer) -> None:
-    pytest.importorskip("triton")
+    require_module("triton", TRITON_INSTALL)
     if os.environ.get("TRITON_INTERPRET") != "1":  # tests/conftest.py sets it: the kernel on CPU tensors
         pytest.skip("the Triton kernel needs TRITON_INTERPRET=1 on CPU")
     eng = _engine(model, tok, eos_token_ids=[], decode_attention="varlen")
