@@ -1,0 +1,735 @@
+"""The organizer service through its consume loop: :meth:`OrganizerService.run_forever` reads every
+submission from the in-process bus and stores into a migrated SQLite file, with the scripted backend.
+
+What each submission must come to, read back from the bus (pending entries, streams), the store and the
+log: a malformed or invalid submission is acked and logged (its stored episode stays ``pending``); a
+finished episode delivered again is acked without running again; a worker that raises is recorded in
+the stored trace; an interrupted episode resumes from its checkpoint or runs again; leases, dead
+letters, bus failures, backpressure, the concurrency limit and shutdown behave as the module says.
+Nothing here needs a server; the same wiring against Redis is in ``tests/integration``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.organizer.service import (
+    DEAD_LETTERS,
+    InvalidSubmission,
+    OrganizerService,
+    default_consumer_name,
+)
+from shared.backends.scripted import ScriptedBackend
+from shared.bus.base import Entry
+from shared.bus.inprocess import InProcessBus
+from shared.episode import EpisodeSettings
+from shared.messages import (
+    ORGANIZER_GROUP,
+    PROBLEMS_STREAM,
+    EpisodeEvent,
+    SegmentRecord,
+    SubmitProblem,
+    WorkerOutcome,
+    WorkerTask,
+    events_stream,
+)
+from shared.store import db, repository
+from shared.tasks import get_task
+
+PAYLOAD = {"numbers": [1, 2, 3, 4], "target": 10, "n_solutions": 2}
+ANSWER = "<ANSWER>1+2+3+4; 2*3+4</ANSWER>"  # 31 tokens, both solutions correct
+LOG = "services.organizer.service"
+
+
+# ----------------------------------------------------------------------------- the parts
+class Store:
+    def __init__(self, url: str) -> None:
+        self.engine = db.make_engine(url)
+        self.factory = db.session_factory(self.engine)
+
+    def episode(self, episode_id: str) -> Any:
+        with self.factory() as session:
+            return repository.get_episode(session, episode_id)
+
+    def segments(self, episode_id: str) -> dict[str, Any]:
+        with self.factory() as session:
+            return {s.agent: s for s in repository.episode_segments(session, episode_id)}
+
+    def create(self, episode_id: str, *, running: bool = False, mode: str = "sequential") -> None:
+        problem = get_task("countdown").problem_from_payload(PAYLOAD, "p")
+        with self.factory() as session:
+            repository.create_episode(
+                session, episode_id=episode_id, problem=problem, mode=mode, capacity=2, model_id="scripted"
+            )
+            if running:
+                repository.mark_running(session, episode_id=episode_id)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Any:
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    db.migrate(url)
+    s = Store(url)
+    yield s
+    s.engine.dispose()
+
+
+def submission(episode_id: str | None = None, **settings: Any) -> SubmitProblem:
+    return SubmitProblem(
+        episode_id=episode_id or f"ep-{uuid.uuid4().hex[:10]}", task="countdown", problem_id="p",
+        payload=PAYLOAD, settings=EpisodeSettings(**({"mode": "sequential"} | settings)),
+    )  # fmt: skip
+
+
+async def publish(bus: InProcessBus, sub: SubmitProblem | dict[str, str]) -> str:
+    fields = {"data": sub.model_dump_json()} if isinstance(sub, SubmitProblem) else sub
+    return await bus.publish(PROBLEMS_STREAM, fields)
+
+
+def make_service(bus: InProcessBus, store: Store, backend: Any = None, **kw: Any) -> OrganizerService:
+    options: dict[str, Any] = {
+        "consumer_name": "o1",
+        "read_block_ms": 20,
+        "claim_idle_ms": 400,
+        "shutdown_grace_s": 5,
+    }
+    options.update(kw)
+    return OrganizerService(
+        bus,
+        store.factory,
+        backend or ScriptedBackend({"organizer": ANSWER}),
+        endpoints=options.pop("endpoints", {}),
+        **options,
+    )
+
+
+@contextlib.asynccontextmanager
+async def running(service: OrganizerService) -> AsyncIterator[asyncio.Event]:
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run_forever(stop))
+    try:
+        yield stop
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+async def until(predicate: Callable[[], Any], what: str, timeout_s: float = 15.0) -> None:
+    """Wait for a condition (checked every 10 ms); fail with ``what`` after a generous timeout."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def settled(bus: InProcessBus, service: OrganizerService) -> bool:
+    """Every submission read (no lag), none pending and nothing running (and the group exists: the
+    service made it)."""
+    stream = bus._streams.get(PROBLEMS_STREAM)
+    if stream is None or ORGANIZER_GROUP not in stream.groups:
+        return False
+    backlog = await bus.backlog(PROBLEMS_STREAM, ORGANIZER_GROUP)
+    return backlog.lag == 0 and backlog.pending == 0 and service.in_progress == 0
+
+
+async def until_settled(bus: InProcessBus, service: OrganizerService, what: str) -> None:
+    flag = {"ok": False}
+
+    async def check() -> None:
+        flag["ok"] = await settled(bus, service)
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 15
+    while True:
+        await check()
+        if flag["ok"]:
+            return
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def events(bus: InProcessBus, episode_id: str) -> list[EpisodeEvent]:
+    return [
+        EpisodeEvent.model_validate_json(e.fields["data"]) for e in await bus.read(events_stream(episode_id))
+    ]
+
+
+def messages(caplog: pytest.LogCaptureFixture, level: int | None = None) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == LOG and (level is None or r.levelno == level)]
+
+
+# ----------------------------------------------------------------------------- submissions that cannot run
+@pytest.mark.parametrize("fields", [{"data": "{not json"}, {"data": '{"episode_id": "e"}'}, {"other": "x"}])
+async def test_a_malformed_submission_is_acked_and_logged(
+    store: Store, fields: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, LOG)
+    bus = InProcessBus()
+    service = make_service(bus, store)
+    async with running(service):
+        entry_id = await publish(bus, fields)
+        await until_settled(bus, service, "the malformed submission to be acked")
+    assert bus.pending_count(PROBLEMS_STREAM, ORGANIZER_GROUP) == 0
+    (line,) = [m for m in messages(caplog, logging.ERROR) if "malformed" in m]
+    assert line.startswith(f"dropping malformed submission {entry_id}: ")
+    assert service.episodes_done == 0
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ({"task": "no-such-task"}, "no-such-task"),  # get_task: KeyError
+        ({"payload": {"numbers": [1, 2], "n_solutions": 2}}, "target"),  # the task rejects the payload
+        ({"settings": EpisodeSettings(mode="sequential", capacity=1, worker_timeout_s=5)}, None),  # valid
+    ],
+)
+async def test_an_invalid_submission_is_acked_logged_and_its_episode_stays_pending(
+    store: Store, change: dict[str, Any], why: str | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, LOG)
+    bus = InProcessBus()
+    sub = submission().model_copy(update=change)
+    store.create(sub.episode_id)  # the gateway stored it before submitting
+    service = make_service(bus, store)
+    async with running(service):
+        entry_id = await publish(bus, sub)
+        await until_settled(bus, service, "the submission to be acked")
+    assert bus.pending_count(PROBLEMS_STREAM, ORGANIZER_GROUP) == 0
+    dropped = [m for m in messages(caplog, logging.ERROR) if m.startswith("dropping submission")]
+    if why is None:  # the control: a valid submission runs
+        assert dropped == [] and store.episode(sub.episode_id).status == "completed"
+        return
+    (line,) = dropped
+    assert line.startswith(f"dropping submission {entry_id} of episode {sub.episode_id}: ") and why in line
+    assert store.episode(sub.episode_id).status == "pending"
+    assert service.episodes_done == 0
+
+
+def test_problem_of_an_invalid_submission_raises_invalid_submission() -> None:
+    with pytest.raises(InvalidSubmission, match="no-such-task"):
+        OrganizerService._problem(submission().model_copy(update={"task": "no-such-task"}))
+    with pytest.raises(InvalidSubmission):
+        OrganizerService._problem(submission().model_copy(update={"payload": {"target": 3}}))
+
+
+# ----------------------------------------------------------------------------- one episode, end to end
+async def test_an_episode_is_run_stored_published_and_acked(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, LOG)
+    bus = InProcessBus()
+    backend = ScriptedBackend({"organizer": ANSWER})
+    service = make_service(bus, store, backend, stream_ttl_s=0)
+    sub = submission(capacity=1)
+    async with running(service):
+        await publish(bus, sub)  # not stored before: written straight to the stream
+        await until(lambda: service.episodes_done == 1, "the episode")
+        await until_settled(bus, service, "the ack")
+    ep = store.episode(sub.episode_id)
+    # sequential, c = 1: T = 31, η = 1, R_A = 1, R_η = min(1/1, 0.75)/0.75 = 1, R = 1 + 0.2 = 1.2
+    assert (ep.status, ep.answer, ep.latency, ep.capacity) == ("completed", "1+2+3+4; 2*3+4", 31, 1)
+    assert (ep.accuracy, ep.reward_concurrency, ep.reward_total) == (1.0, 1.0, pytest.approx(1.2))
+    assert store.segments(sub.episode_id)["organizer"].text == ANSWER
+    kinds = [event.kind for event in await events(bus, sub.episode_id)]
+    assert kinds[0] == "started" and kinds[-1] == "finished" and kinds.count("finished") == 1
+    assert backend.calls == 1
+    lines = messages(caplog, logging.INFO)
+    assert f"episode {sub.episode_id} started: task countdown, mode sequential, capacity 1" in lines
+    assert any(m.startswith(f"episode {sub.episode_id} completed: answer='1+2+3+4; 2*3+4' T=31 eta=1.000 forks=0")
+               for m in lines), lines  # fmt: skip
+    assert service.episodes_resumed == service.episodes_rerun == 0
+
+
+async def test_a_finished_episode_delivered_again_is_acked_and_not_run_again(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, LOG)
+    bus = InProcessBus()
+    backend = ScriptedBackend({"organizer": ANSWER})
+    service = make_service(bus, store, backend)
+    sub = submission()
+    async with running(service):
+        await publish(bus, sub)
+        await until(lambda: service.episodes_done == 1, "the episode")
+        await until_settled(bus, service, "the first ack")
+        stored = store.episode(sub.episode_id)
+        await publish(bus, sub)  # at-least-once: the same submission again
+        await until_settled(bus, service, "the redelivered submission to be acked")
+    assert service.episodes_done == 1 and backend.calls == 1  # not run again
+    again = store.episode(sub.episode_id)
+    assert (again.status, again.finished_at, again.answer) == ("completed", stored.finished_at, stored.answer)
+    skipped = f"episode {sub.episode_id} already finished in the store; skipping the redelivered submission"
+    assert messages(caplog, logging.INFO).count(skipped) == 1
+
+
+async def test_a_second_submission_of_a_running_episode_waits_for_it_then_is_acked(store: Store) -> None:
+    bus = InProcessBus()
+    backend = ScriptedBackend({"organizer": ANSWER}, tokens_per_s=100.0)  # 0.3 s
+    service = make_service(bus, store, backend)
+    sub = submission()
+    async with running(service):
+        await publish(bus, sub)
+        await publish(bus, sub)
+        await until(lambda: service.in_progress == 2, "both submissions to be taken")
+        await until(lambda: service.episodes_done == 1, "the episode")
+        await until_settled(bus, service, "both acks")
+    assert service.episodes_done == 1 and backend.calls == 1
+
+
+class Exploding:
+    """A worker endpoint that raises (a broken tool, not a timeout)."""
+
+    def __init__(self) -> None:
+        self.tasks: list[WorkerTask] = []
+
+    async def run(self, task: WorkerTask) -> WorkerOutcome:
+        self.tasks.append(task)
+        raise RuntimeError("worker exploded")
+
+
+async def test_a_worker_that_raises_is_recorded_and_the_episode_goes_on(store: Store) -> None:
+    bus = InProcessBus()
+    org = "<FORK-1>q</FORK-1><JOIN-1>" + ANSWER
+    exploding = Exploding()
+    service = make_service(bus, store, ScriptedBackend({"organizer": org}), endpoints={None: exploding})
+    sub = submission(mode="asyncthink", capacity=2)
+    async with running(service):
+        await publish(bus, sub)
+        await until(lambda: service.episodes_done == 1, "the episode")
+        await until_settled(bus, service, "the ack")
+    assert [t.query for t in exploding.tasks] == ["q"]
+    ep = store.episode(sub.episode_id)
+    assert (ep.status, ep.answer, ep.error) == ("completed", "1+2+3+4; 2*3+4", None)
+    segs = store.segments(sub.episode_id)
+    assert segs["1"].error == "failed: worker exploded"
+    # the organizer is handed the failure as the join's result
+    assert "<JOIN-1>[worker 1 failed: worker exploded]</JOIN-1>" in segs["organizer"].text
+    # the failed worker decoded nothing: T = the organizer's 18 + 8 + 31 = 57 tokens, η = 1
+    assert (ep.latency, ep.eta) == (57, 1.0)
+
+
+async def test_a_backend_that_fails_ends_the_episode_failed_and_acked(store: Store) -> None:
+    bus = InProcessBus()
+    service = make_service(bus, store, ScriptedBackend({"someone": "x"}))  # no script for the organizer
+    sub = submission()
+    async with running(service):
+        await publish(bus, sub)
+        await until(lambda: service.episodes_done == 1, "the episode")
+        await until_settled(bus, service, "the ack")
+    ep = store.episode(sub.episode_id)
+    assert ep.status == "failed" and "no script for agent 'organizer'" in ep.error
+
+
+class FailingStore:
+    """A session factory whose sessions cannot be opened (the database is down)."""
+
+    def __call__(self) -> Any:
+        raise ConnectionError("database down (test)")
+
+
+async def test_an_episode_whose_processing_raises_stays_pending_for_redelivery(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, LOG)
+    bus = InProcessBus()
+    service = OrganizerService(bus, FailingStore(), ScriptedBackend({"organizer": ANSWER}), endpoints={},
+                               consumer_name="o1", read_block_ms=20, claim_idle_ms=60_000)  # fmt: skip
+    sub = submission()
+    async with running(service):
+        entry_id = await publish(bus, sub)
+        await until(lambda: any("left pending" in m for m in messages(caplog)), "the failure")
+        await until(lambda: service.in_progress == 0, "the task to end")
+    assert bus.pending_count(PROBLEMS_STREAM, ORGANIZER_GROUP) == 1
+    assert f"episode {sub.episode_id} (entry {entry_id}) failed; left pending for redelivery" in messages(
+        caplog
+    )
+
+
+# ----------------------------------------------------------------------------- interrupted episodes
+PREFIX = "<ANSWER>1+2+3"  # what an organizer that died had decoded (13 tokens)
+
+
+def save_checkpoint(store: Store, episode_id: str, text: str = PREFIX) -> None:
+    ids = [ord(c) for c in text]
+    seg = SegmentRecord(agent="organizer", role="organizer", text=text, completion_ids=ids,
+                        completion_mask=[1] * len(ids), generated_tokens=len(ids))  # fmt: skip
+    with store.factory() as session:
+        repository.save_segment(session, episode_id=episode_id, segment=seg)
+
+
+@pytest.mark.parametrize("resume", [True, False])
+async def test_an_interrupted_episode_resumes_from_its_checkpoint_or_runs_again(
+    store: Store, resume: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, LOG)
+    bus = InProcessBus()
+    backend = ScriptedBackend({"organizer": ANSWER}, resumable=True)
+    service = make_service(bus, store, backend, resume=resume)
+    sub = submission()
+    store.create(sub.episode_id, running=True)
+    save_checkpoint(store, sub.episode_id)
+    async with running(service):
+        await publish(bus, sub)
+        await until(lambda: service.episodes_done == 1, "the episode")
+        await until_settled(bus, service, "the ack")
+    ep = store.episode(sub.episode_id)
+    assert (ep.status, ep.answer) == ("completed", "1+2+3+4; 2*3+4")
+    (started,) = [e for e in await events(bus, sub.episode_id) if e.kind == "started"]
+    warnings = messages(caplog, logging.WARNING)
+    if resume:
+        assert (service.episodes_resumed, service.episodes_rerun) == (1, 0)
+        assert started.data["resumed_tokens"] == 13
+        assert (f"episode {sub.episode_id} resumed: the organizer continues from 13 tokens it had decoded "
+                "(0 joined results in its prefix) instead of from its prompt") in warnings  # fmt: skip
+    else:
+        assert (service.episodes_resumed, service.episodes_rerun) == (0, 1)
+        assert "resumed_tokens" not in started.data
+        assert (f"episode {sub.episode_id} was left running by an organizer that stopped; running it again "
+                "from the start") in warnings  # fmt: skip
+
+
+async def test_a_running_episode_without_checkpoint_runs_again(store: Store) -> None:
+    bus = InProcessBus()
+    service = make_service(bus, store)
+    sub = submission()
+    store.create(sub.episode_id, running=True)
+    save_checkpoint(store, sub.episode_id, "")  # an organizer row with no ids is no checkpoint
+    async with running(service):
+        await publish(bus, sub)
+        await until(lambda: service.episodes_done == 1, "the episode")
+    assert (service.episodes_resumed, service.episodes_rerun) == (0, 1)
+    assert store.episode(sub.episode_id).status == "completed"
+
+
+# ----------------------------------------------------------------------------- leases and dead organizers
+async def test_a_dead_organizers_submission_is_claimed_and_run(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, LOG)
+    bus = InProcessBus()
+    await bus.ensure_group(PROBLEMS_STREAM, ORGANIZER_GROUP)
+    sub = submission()
+    entry_id = await publish(bus, sub)
+    (entry,) = await bus.read_group(PROBLEMS_STREAM, ORGANIZER_GROUP, "dead", block_ms=0)  # never acked
+    service = make_service(bus, store, claim_idle_ms=200)
+    async with running(service):
+        await until(lambda: service.episodes_done == 1, "the claimed episode")
+        await until_settled(bus, service, "the ack")
+    assert store.episode(sub.episode_id).status == "completed"
+    assert f"claimed submission {entry_id} of a dead organizer (idle over 200 ms; delivery 2)" in messages(
+        caplog, logging.WARNING
+    )
+
+
+async def test_an_organizer_that_lost_its_lease_stops_and_leaves_the_entry(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, LOG)
+    bus = InProcessBus()
+    service = make_service(bus, store, ScriptedBackend({"organizer": ANSWER * 20}, tokens_per_s=100.0),
+                           claim_idle_ms=200)  # fmt: skip
+    sub = submission()
+    async with running(service):
+        entry_id = await publish(bus, sub)
+        await until(lambda: service.in_progress == 1, "the episode to start")
+        # another organizer takes the entry over, as if this one had stalled past its lease
+        (taken,) = await bus.claim_stale(PROBLEMS_STREAM, ORGANIZER_GROUP, "rescuer", min_idle_ms=0)
+        assert taken.id == entry_id
+        await until(lambda: service.in_progress == 0, "the lost episode to stop")
+        assert service.leases_lost == 1 and service.episodes_done == 0
+        assert bus.pending_count(PROBLEMS_STREAM, ORGANIZER_GROUP) == 1  # the rescuer's, not acked
+    assert store.episode(sub.episode_id).status == "running"  # left to the new owner
+    assert any(
+        m.startswith(f"organizer o1 lost the lease of submission {entry_id}") for m in messages(caplog)
+    )
+
+
+async def test_a_run_that_ends_after_its_lease_was_lost_is_not_stored(store: Store) -> None:
+    bus = InProcessBus()
+    await bus.ensure_group(PROBLEMS_STREAM, ORGANIZER_GROUP)
+    service = make_service(bus, store)
+    sub = submission()
+    await publish(bus, sub)
+    (entry,) = await bus.read_group(PROBLEMS_STREAM, ORGANIZER_GROUP, "o1", block_ms=0)
+    await bus.claim_stale(PROBLEMS_STREAM, ORGANIZER_GROUP, "other", min_idle_ms=0)
+    from services.organizer.service import LeaseLost
+
+    with pytest.raises(LeaseLost, match=f"another organizer claimed its submission {entry.id}"):
+        await service.handle(sub, entry_id=entry.id)
+    assert store.episode(sub.episode_id).status == "running" and service.episodes_done == 0
+
+
+async def test_a_long_episode_keeps_its_lease(store: Store) -> None:
+    bus = InProcessBus(max_deliveries=1)
+    # 31 tokens at 40/s: about 0.8 s, four lease periods of 200 ms; a lost lease would stop it
+    service = make_service(
+        bus, store, ScriptedBackend({"organizer": ANSWER}, tokens_per_s=40.0), claim_idle_ms=200
+    )
+    sub = submission()
+    async with running(service):
+        await publish(bus, sub)
+        await until(lambda: service.episodes_done == 1, "the episode")
+        await until_settled(bus, service, "the ack")
+    assert service.leases_lost == 0
+    assert await bus.read(DEAD_LETTERS, after="0") == []
+
+
+async def test_a_dead_lettered_submission_fails_its_episode(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, LOG)
+    bus = InProcessBus(max_deliveries=1)
+    await bus.ensure_group(PROBLEMS_STREAM, ORGANIZER_GROUP)
+    sub, unknown, broken = (
+        submission(),
+        submission(),
+        submission().model_copy(update={"task": "no-such-task"}),
+    )
+    store.create(sub.episode_id, running=True)
+    store.create(broken.episode_id, running=True)
+    for s in (sub, unknown, broken):
+        await publish(bus, s)
+    await publish(bus, {"data": "garbage"})
+    await bus.read_group(PROBLEMS_STREAM, ORGANIZER_GROUP, "died", count=10, block_ms=0)  # delivered once
+    service = make_service(bus, store, claim_idle_ms=200)
+    async with running(service):
+        await until(lambda: service.dead_letters_failed == 3, "the dead letters")
+        await until(lambda: any("holds no valid submission" in m for m in messages(caplog)), "the garbage")
+        backlog = await bus.backlog(DEAD_LETTERS, ORGANIZER_GROUP)
+        await until(lambda: backlog.pending == 0, "the dead letters to be acked")
+    for s in (sub, unknown, broken):
+        ep = store.episode(s.episode_id)
+        assert ep.status == "failed", s.episode_id
+        assert (
+            ep.error == "dead-lettered after 1 deliveries: organizers died 1 times while running this episode"
+        )
+    assert service.episodes_done == 0
+    assert any(
+        m.startswith(f"episode {sub.episode_id} failed: its submission ")
+        for m in messages(caplog, logging.ERROR)
+    )
+    assert (await bus.backlog(DEAD_LETTERS, ORGANIZER_GROUP)).pending == 0
+
+
+# ----------------------------------------------------------------------------- a bus that fails
+class FlakyBus(InProcessBus):
+    """The in-process bus with calls that fail a given number of times (Redis going away)."""
+
+    def __init__(self, **fails: int) -> None:
+        super().__init__()
+        self.fails = fails
+        self.calls: dict[str, int] = {}
+
+    def _maybe_fail(self, name: str) -> None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+        if self.fails.get(name, 0) > 0:
+            self.fails[name] -= 1
+            raise ConnectionError(f"{name}: Redis down (test)")
+
+    async def read_group(self, *args: Any, **kw: Any) -> list[Entry]:
+        if args[0] == PROBLEMS_STREAM:
+            self._maybe_fail("read_group")
+        return await super().read_group(*args, **kw)
+
+    async def ack(self, *args: Any) -> int:
+        self._maybe_fail("ack")
+        return await super().ack(*args)
+
+    async def renew(self, *args: Any) -> list[str]:
+        self._maybe_fail("renew")
+        return await super().renew(*args)
+
+    async def claim_stale(self, *args: Any, **kw: Any) -> list[Entry]:
+        self._maybe_fail("claim_stale")
+        return await super().claim_stale(*args, **kw)
+
+
+async def test_a_failed_read_is_retried(store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, LOG)
+    bus = FlakyBus(read_group=1)
+    service = make_service(bus, store)
+    sub = submission()
+    async with running(service):
+        await publish(bus, sub)
+        await until(lambda: service.episodes_done == 1, "the episode after the failed read")
+        await until_settled(bus, service, "the ack")
+    assert f"reading {PROBLEMS_STREAM} failed: read_group: Redis down (test); retrying in 1 s" in messages(
+        caplog
+    )
+
+
+async def test_an_ack_is_retried_through_a_short_outage(store: Store) -> None:
+    bus = FlakyBus(ack=2)
+    service = make_service(bus, store)
+    async with running(service):
+        await publish(bus, submission())
+        await until(lambda: service.episodes_done == 1, "the episode")
+        await until_settled(bus, service, "the ack after two failures")
+    assert bus.calls["ack"] == 3
+
+
+async def test_a_failed_renewal_keeps_the_episode_and_claims_wait(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, LOG)
+    bus = FlakyBus(renew=1)
+    await bus.ensure_group(PROBLEMS_STREAM, ORGANIZER_GROUP)
+    service = make_service(
+        bus, store, ScriptedBackend({"organizer": ANSWER}, tokens_per_s=100.0), claim_idle_ms=200
+    )
+    await publish(bus, submission())
+    (entry,) = await bus.read_group(PROBLEMS_STREAM, ORGANIZER_GROUP, "o1", block_ms=0)
+    service._start(entry)
+    assert await service.renew_leases() is False  # Redis could not be asked
+    assert await service._may_claim() is False  # and no sweep right after a failure
+    assert "organizer o1: renewing 1 leases failed: renew: Redis down (test)" in messages(
+        caplog, logging.WARNING
+    )
+    assert await service.renew_leases() is True
+    await until(lambda: service.in_progress == 0, "the episode")
+    assert service.episodes_done == 1 and service.leases_lost == 0
+    assert await service.renew_leases() is True  # nothing to renew
+
+
+async def test_a_failed_lease_check_before_storing_stores_anyway(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, LOG)
+    bus = FlakyBus(renew=1)
+    service = make_service(bus, store)
+    assert await service._still_owner("1-0") is True
+    assert any(m.startswith("checking the lease of 1-0 failed") for m in messages(caplog, logging.WARNING))
+
+
+async def test_a_failed_dead_letter_read_is_logged(store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, LOG)
+    bus = FlakyBus(claim_stale=1)
+    await bus.ensure_group(DEAD_LETTERS, ORGANIZER_GROUP)
+    service = make_service(bus, store)
+    await service._reap_dead_letters()
+    assert f"reading {DEAD_LETTERS} failed: claim_stale: Redis down (test)" in messages(
+        caplog, logging.WARNING
+    )
+
+
+# ----------------------------------------------------------------------------- limits
+async def test_at_most_max_concurrent_episodes_run_at_once(store: Store) -> None:
+    bus = InProcessBus()
+    service = make_service(bus, store, ScriptedBackend({"organizer": ANSWER}, tokens_per_s=100.0),
+                           max_concurrent_episodes=1)  # fmt: skip
+    first, second = submission(), submission()
+    async with running(service):
+        await publish(bus, first)
+        await publish(bus, second)
+        await until(lambda: service.in_progress == 1, "the first episode")
+        assert (await bus.backlog(PROBLEMS_STREAM, ORGANIZER_GROUP)).lag == 1  # the second waits unread
+        await until(lambda: service.episodes_done == 2, "both episodes")
+    assert store.episode(second.episode_id).status == "completed"
+
+
+async def test_no_submission_is_taken_while_writes_lag(store: Store) -> None:
+    bus = InProcessBus()
+    service = make_service(bus, store, max_write_backlog=-1)  # a backlog of 0 already counts as lagging
+    async with running(service):
+        await publish(bus, submission())
+        await until(lambda: service.backpressure_waits >= 3, "three postponed reads")
+        assert (await bus.backlog(PROBLEMS_STREAM, ORGANIZER_GROUP)).lag == 1
+    assert service.episodes_done == 0
+
+
+async def test_shutdown_cancels_episodes_past_the_grace_and_leaves_them_pending(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, LOG)
+    bus = InProcessBus()
+    service = make_service(
+        bus, store, ScriptedBackend({"organizer": ANSWER}, tokens_per_s=5.0), shutdown_grace_s=0.1
+    )
+    async with running(service):
+        await publish(bus, submission())
+        await until(lambda: service.in_progress == 1, "the episode to start")
+    assert service.in_progress == 0 and service.episodes_done == 0
+    assert bus.pending_count(PROBLEMS_STREAM, ORGANIZER_GROUP) == 1
+    assert "organizer o1: 1 episodes cancelled at shutdown, left for redelivery" in messages(
+        caplog, logging.WARNING
+    )
+    assert "organizer o1 stopping: waiting up to 0s for 1 episodes" in messages(caplog, logging.INFO)
+
+
+async def test_shutdown_lets_a_running_episode_finish_within_the_grace(store: Store) -> None:
+    bus = InProcessBus()
+    service = make_service(
+        bus, store, ScriptedBackend({"organizer": ANSWER}, tokens_per_s=100.0), shutdown_grace_s=10
+    )
+    async with running(service):
+        await publish(bus, submission())
+        await until(lambda: service.in_progress == 1, "the episode to start")
+    assert service.episodes_done == 1
+    assert bus.pending_count(PROBLEMS_STREAM, ORGANIZER_GROUP) == 0
+
+
+async def test_streams_expire_after_the_ttl(store: Store) -> None:
+    bus = InProcessBus()
+    service = make_service(bus, store, stream_ttl_s=0.05)
+    sub = submission()
+    async with running(service):
+        await publish(bus, sub)
+        await until(lambda: service.episodes_done == 1, "the episode")
+        await until(lambda: events_stream(sub.episode_id) not in bus._streams, "the events stream to expire")
+
+
+async def test_streams_stay_without_a_ttl(store: Store) -> None:
+    bus = InProcessBus()
+    service = make_service(bus, store, stream_ttl_s=0)
+    sub = submission()
+    async with running(service):
+        await publish(bus, sub)
+        await until(lambda: service.episodes_done == 1, "the episode")
+        await asyncio.sleep(0)
+    assert events_stream(sub.episode_id) in bus._streams
+
+
+# ----------------------------------------------------------------------------- settings
+def test_settings_are_validated_with_the_fix_named(store: Store) -> None:
+    bus = InProcessBus()
+    with pytest.raises(ValueError, match="max_concurrent_episodes must be >= 1, got 0"):
+        make_service(bus, store, max_concurrent_episodes=0)
+    with pytest.raises(
+        ValueError, match=r"renew_every_ms \(300\) must be at most half of claim_idle_ms \(400\)"
+    ):
+        make_service(bus, store, claim_idle_ms=400, renew_every_ms=300)
+    with pytest.raises(ValueError, match="renew_every_ms"):
+        make_service(bus, store, claim_idle_ms=400, renew_every_ms=0)
+    assert (
+        make_service(bus, store, claim_idle_ms=400, renew_every_ms=200).renew_every_ms == 200
+    )  # exactly half
+    assert make_service(bus, store, claim_idle_ms=3).renew_every_ms == 1  # a quarter, never 0
+
+
+def test_defaults() -> None:
+    service = OrganizerService(InProcessBus(), FailingStore(), ScriptedBackend({}), endpoints={})
+    assert service.consumer_name == default_consumer_name()
+    assert default_consumer_name().startswith("organizer-")
+    assert (service.max_concurrent_episodes, service.claim_idle_ms, service.renew_every_ms) == (
+        64,
+        10_000,
+        2500,
+    )
+    assert (service.read_block_ms, service.shutdown_grace_s, service.resume) == (1000, 30.0, True)
+    assert (service.stream_ttl_s, service.max_write_backlog, service.worker_timeout_cap_s) == (
+        3600.0,
+        5000,
+        None,
+    )
+    assert (service.in_progress, service.write_backlog, service.episodes_done) == (0, 0, 0)
