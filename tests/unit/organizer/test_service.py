@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -122,7 +123,12 @@ async def running(service: OrganizerService) -> AsyncIterator[asyncio.Event]:
         await asyncio.wait_for(task, 30)
 
 
-async def until(predicate: Callable[[], Any], what: str, timeout_s: float = 15.0) -> None:
+# How long a test waits for a condition before failing: generous by default; mutation runs lower it
+# (a mutant that breaks the wiring then fails sooner, not later).
+WAIT_S = float(os.environ.get("ASYNCTHINK_TEST_WAIT_S", "15"))
+
+
+async def until(predicate: Callable[[], Any], what: str, timeout_s: float = WAIT_S) -> None:
     """Wait for a condition (checked every 10 ms); fail with ``what`` after a generous timeout."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
@@ -149,7 +155,7 @@ async def until_settled(bus: InProcessBus, service: OrganizerService, what: str)
         flag["ok"] = await settled(bus, service)
 
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + 15
+    deadline = loop.time() + WAIT_S
     while True:
         await check()
         if flag["ok"]:
@@ -491,35 +497,40 @@ async def test_a_dead_lettered_submission_fails_its_episode(
     caplog.set_level(logging.INFO, LOG)
     bus = InProcessBus(max_deliveries=1)
     await bus.ensure_group(PROBLEMS_STREAM, ORGANIZER_GROUP)
-    sub, unknown, broken = (
-        submission(),
-        submission(),
-        submission().model_copy(update={"task": "no-such-task"}),
-    )
+    sub, unknown = submission(), submission()  # stored running / never stored
+    broken = submission().model_copy(update={"task": "no-such-task"})  # stored running, cannot run
+    never_stored = submission().model_copy(update={"task": "no-such-task"})  # nothing to fail
     store.create(sub.episode_id, running=True)
     store.create(broken.episode_id, running=True)
-    for s in (sub, unknown, broken):
+    first = await publish(bus, sub)
+    for s in (unknown, broken, never_stored):
         await publish(bus, s)
-    await publish(bus, {"data": "garbage"})
+    garbage = [await publish(bus, {"data": "garbage"}), await publish(bus, {"other": "x"})]
     await bus.read_group(PROBLEMS_STREAM, ORGANIZER_GROUP, "died", count=10, block_ms=0)  # delivered once
     service = make_service(bus, store, claim_idle_ms=200)
     async with running(service):
         await until(lambda: service.dead_letters_failed == 3, "the dead letters")
-        await until(lambda: any("holds no valid submission" in m for m in messages(caplog)), "the garbage")
-        backlog = await bus.backlog(DEAD_LETTERS, ORGANIZER_GROUP)
-        await until(lambda: backlog.pending == 0, "the dead letters to be acked")
+        await until(
+            lambda: sum("holds no valid submission" in m for m in messages(caplog)) == 2, "the garbage"
+        )
+        await until(
+            lambda: bus.pending_count(DEAD_LETTERS, ORGANIZER_GROUP) == 0, "the dead letters to be acked"
+        )
+    error = "dead-lettered after 1 deliveries: organizers died 1 times while running this episode"
     for s in (sub, unknown, broken):
         ep = store.episode(s.episode_id)
-        assert ep.status == "failed", s.episode_id
-        assert (
-            ep.error == "dead-lettered after 1 deliveries: organizers died 1 times while running this episode"
-        )
+        assert (ep.status, ep.error) == ("failed", error), s.episode_id
+    assert store.episode(never_stored.episode_id) is None
     assert service.episodes_done == 0
-    assert any(
-        m.startswith(f"episode {sub.episode_id} failed: its submission ")
-        for m in messages(caplog, logging.ERROR)
+    dead = {e.fields["dead_id"]: e.id for e in await bus.read(DEAD_LETTERS, after="0")}
+    for entry_id in garbage:
+        assert f"dead letter {dead[entry_id]} holds no valid submission; dropped" in messages(
+            caplog, logging.ERROR
+        )
+    assert f"episode {sub.episode_id} failed: its submission {first} was {error}" in messages(
+        caplog, logging.ERROR
     )
-    assert (await bus.backlog(DEAD_LETTERS, ORGANIZER_GROUP)).pending == 0
+    assert not any("handling dead letter" in m for m in messages(caplog))
 
 
 # ----------------------------------------------------------------------------- a bus that fails
@@ -733,3 +744,15 @@ def test_defaults() -> None:
         None,
     )
     assert (service.in_progress, service.write_backlog, service.episodes_done) == (0, 0, 0)
+
+
+def test_a_dead_letter_without_its_delivery_count_still_fails_its_episode(store: Store) -> None:
+    service = make_service(InProcessBus(), store)
+    sub = submission()
+    service._fail_dead_letter(Entry("5-0", {"data": sub.model_dump_json()}, 1))  # not stored before: created
+    ep = store.episode(sub.episode_id)
+    error = "dead-lettered after ? deliveries: organizers died ? times while running this episode"
+    assert (ep.status, ep.error) == ("failed", error)
+    assert service.dead_letters_failed == 1
+    service._fail_dead_letter(Entry("6-0", {"data": sub.model_dump_json()}, 1))  # already failed: unchanged
+    assert service.dead_letters_failed == 1
