@@ -41,6 +41,7 @@ from shared.messages import (
     WorkerOutcome,
     WorkerTask,
     events_stream,
+    results_stream,
 )
 from shared.store import db, repository
 from shared.tasks import get_task
@@ -694,10 +695,14 @@ async def test_streams_expire_after_the_ttl(store: Store) -> None:
     bus = InProcessBus()
     service = make_service(bus, store, stream_ttl_s=0.05)
     sub = submission()
+    await bus.publish(results_stream(sub.episode_id), {"agent": "1", "started": "1"})  # as a worker does
     async with running(service):
         await publish(bus, sub)
         await until(lambda: service.episodes_done == 1, "the episode")
         await until(lambda: events_stream(sub.episode_id) not in bus._streams, "the events stream to expire")
+        await until(
+            lambda: results_stream(sub.episode_id) not in bus._streams, "the results stream to expire"
+        )
 
 
 async def test_streams_stay_without_a_ttl(store: Store) -> None:
@@ -756,3 +761,92 @@ def test_a_dead_letter_without_its_delivery_count_still_fails_its_episode(store:
     assert service.dead_letters_failed == 1
     service._fail_dead_letter(Entry("6-0", {"data": sub.model_dump_json()}, 1))  # already failed: unchanged
     assert service.dead_letters_failed == 1
+
+
+# ----------------------------------------------------------------------------- Redis's command batcher
+class RecordingBatcher:
+    """Stands in for the Redis bus's command batcher: records every command, answers each at once."""
+
+    def __init__(self) -> None:
+        self.commands: list[tuple[tuple[Any, ...], bool]] = []
+        self.backlog = 0
+
+    async def call(self, *args: Any, urgent: bool = True) -> asyncio.Future[Any]:
+        return self.fire(*args, urgent=urgent)
+
+    def fire(self, *args: Any, urgent: bool = True) -> asyncio.Future[Any]:
+        self.commands.append((args, urgent))
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_result(1)
+        return fut
+
+    def flush(self) -> None:
+        return None
+
+
+class BatchingBus(InProcessBus):
+    """The in-process bus with a command batcher, as the Redis bus has."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.recorder = RecordingBatcher()
+
+    def batcher(self) -> RecordingBatcher:
+        return self.recorder
+
+
+@pytest.mark.parametrize(("ttl_s", "ttl"), [(90.4, "90"), (0.3, "1")])  # rounded, at least 1 s
+async def test_with_a_batcher_events_and_expiries_go_through_it(store: Store, ttl_s: float, ttl: str) -> None:
+    from shared.messages import done_key
+
+    bus = BatchingBus()
+    org = "<FORK-1>q</FORK-1><JOIN-1>" + ANSWER
+    backend = ScriptedBackend({"organizer": org, "1": "<RETURN>7</RETURN>"})
+    service = make_service(bus, store, backend, stream_ttl_s=ttl_s)
+    sub = submission(mode="asyncthink")
+    async with running(service):
+        await publish(bus, sub)
+        await until(lambda: service.episodes_done == 1, "the episode")
+        await until_settled(bus, service, "the ack")
+    eid = sub.episode_id
+    commands = bus.recorder.commands
+    expiries = [(args[1:], urgent) for args, urgent in commands if args[0] == "EXPIRE"]
+    assert expiries == [
+        ((events_stream(eid), ttl), False),
+        ((results_stream(eid), ttl), False),
+        ((done_key(eid, "1"), ttl), False),  # the worker's done-marker
+    ]
+    kinds = [json_kind(args) for args, _ in commands if args[0] == "XADD"]
+    assert kinds[0] == "started" and kinds[-1] == "finished"
+    assert events_stream(eid) not in bus._streams  # nothing went around the batcher
+
+
+def json_kind(args: tuple[Any, ...]) -> str:
+    return str(EpisodeEvent.model_validate_json(args[-1]).kind)
+
+
+async def test_a_batcher_backlog_counts_as_lagging_writes(store: Store) -> None:
+    bus = BatchingBus()
+    bus.recorder.backlog = 6
+    service = make_service(bus, store, max_write_backlog=5)
+    assert service.write_backlog == 6
+    async with running(service):
+        await publish(bus, submission())
+        await until(lambda: service.backpressure_waits >= 2, "postponed reads")
+        assert service.episodes_done == 0
+        bus.recorder.backlog = 5  # at the limit: reads again
+        await until(lambda: service.episodes_done == 1, "the episode")
+
+
+async def test_the_stored_episode_keeps_the_submissions_settings(store: Store) -> None:
+    bus = InProcessBus(max_deliveries=1)
+    service = make_service(bus, store)
+    ran, dead = submission(worker_budget=77), submission(worker_budget=78)
+    async with running(service):
+        await publish(bus, ran)
+        await until(lambda: service.episodes_done == 1, "the episode")
+    service._fail_dead_letter(Entry("7-0", {"data": dead.model_dump_json(), "dead_deliveries": "5"}, 1))
+    assert store.episode(ran.episode_id).config == ran.stored_config()
+    assert store.episode(ran.episode_id).config["worker_budget"] == 77
+    assert store.episode(dead.episode_id).config == dead.stored_config()
+    assert store.episode(dead.episode_id).error.startswith("dead-lettered after 5 deliveries")
