@@ -15,8 +15,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,11 +76,18 @@ class Store:
                 repository.mark_running(session, episode_id=episode_id)
 
 
+@pytest.fixture(scope="module")
+def migrated(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A migrated SQLite file, made once: each test copies it (migrating costs more than most tests)."""
+    path = tmp_path_factory.mktemp("organizer") / "migrated.db"
+    db.migrate(f"sqlite:///{path}")
+    return path
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> Any:
-    url = f"sqlite:///{tmp_path / 'store.db'}"
-    db.migrate(url)
-    s = Store(url)
+def store(tmp_path: Path, migrated: Path) -> Any:
+    shutil.copyfile(migrated, tmp_path / "store.db")
+    s = Store(f"sqlite:///{tmp_path / 'store.db'}")
     yield s
     s.engine.dispose()
 
@@ -136,6 +144,16 @@ async def until(predicate: Callable[[], Any], what: str, timeout_s: float = WAIT
     while not predicate():
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def until_true(check: Callable[[], Awaitable[bool]], what: str) -> None:
+    """Wait for an async ``check()`` to return True (every 10 ms; fail after ``WAIT_S``)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT_S
+    while not await check():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {WAIT_S}s waiting for {what}")
         await asyncio.sleep(0.01)
 
 
@@ -256,6 +274,10 @@ async def test_an_episode_is_run_stored_published_and_acked(
     assert any(m.startswith(f"episode {sub.episode_id} completed: answer='1+2+3+4; 2*3+4' T=31 eta=1.000 forks=0")
                for m in lines), lines  # fmt: skip
     assert service.episodes_resumed == service.episodes_rerun == 0
+    assert lines[0] == (
+        "organizer o1 consuming asyncthink:problems (group organizers, up to 64 episodes at once, "
+        "lease 400 ms renewed every 100 ms)"
+    )
 
 
 async def test_a_finished_episode_delivered_again_is_acked_and_not_run_again(
@@ -429,7 +451,8 @@ async def test_a_dead_organizers_submission_is_claimed_and_run(
     sub = submission()
     entry_id = await publish(bus, sub)
     (entry,) = await bus.read_group(PROBLEMS_STREAM, ORGANIZER_GROUP, "dead", block_ms=0)  # never acked
-    service = make_service(bus, store, claim_idle_ms=200)
+    # reads block for at most a renewal period (50 ms), not read_block_ms, so the sweep comes in time
+    service = make_service(bus, store, claim_idle_ms=200, read_block_ms=60_000)
     async with running(service):
         await until(lambda: service.episodes_done == 1, "the claimed episode")
         await until_settled(bus, service, "the ack")
@@ -456,9 +479,20 @@ async def test_an_organizer_that_lost_its_lease_stops_and_leaves_the_entry(
         await until(lambda: service.in_progress == 0, "the lost episode to stop")
         assert service.leases_lost == 1 and service.episodes_done == 0
         assert bus.pending_count(PROBLEMS_STREAM, ORGANIZER_GROUP) == 1  # the rescuer's, not acked
-    assert store.episode(sub.episode_id).status == "running"  # left to the new owner
+    ep = store.episode(sub.episode_id)  # left to the new owner, as this organizer started it
+    assert (ep.status, ep.capacity, ep.mode, ep.model_id, ep.model_version) == (
+        "running",
+        2,
+        "sequential",
+        "scripted",
+        "scripted",
+    )
+    assert ep.config == sub.stored_config()
     assert any(
-        m.startswith(f"organizer o1 lost the lease of submission {entry_id}") for m in messages(caplog)
+        m
+        == f"organizer o1 lost the lease of submission {entry_id} (another organizer claimed it after this one "
+        "stalled past 200 ms); stopping its episode here"
+        for m in messages(caplog)
     )
 
 
@@ -604,7 +638,8 @@ async def test_a_failed_renewal_keeps_the_episode_and_claims_wait(
     (entry,) = await bus.read_group(PROBLEMS_STREAM, ORGANIZER_GROUP, "o1", block_ms=0)
     service._start(entry)
     assert await service.renew_leases() is False  # Redis could not be asked
-    assert await service._may_claim() is False  # and no sweep right after a failure
+    assert await service._may_claim() is False  # and no sweep right after a failure ...
+    await until_true(service._may_claim, "claims to resume")  # ... until Redis answered for half a lease
     assert "organizer o1: renewing 1 leases failed: renew: Redis down (test)" in messages(
         caplog, logging.WARNING
     )
@@ -758,6 +793,7 @@ def test_a_dead_letter_without_its_delivery_count_still_fails_its_episode(store:
     ep = store.episode(sub.episode_id)
     error = "dead-lettered after ? deliveries: organizers died ? times while running this episode"
     assert (ep.status, ep.error) == ("failed", error)
+    assert (ep.capacity, ep.mode, ep.model_id, ep.task) == (2, "sequential", "scripted", "countdown")
     assert service.dead_letters_failed == 1
     service._fail_dead_letter(Entry("6-0", {"data": sub.model_dump_json()}, 1))  # already failed: unchanged
     assert service.dead_letters_failed == 1
@@ -850,3 +886,52 @@ async def test_the_stored_episode_keeps_the_submissions_settings(store: Store) -
     assert store.episode(ran.episode_id).config["worker_budget"] == 77
     assert store.episode(dead.episode_id).config == dead.stored_config()
     assert store.episode(dead.episode_id).error.startswith("dead-lettered after 5 deliveries")
+
+
+async def test_finished_is_published_only_once_the_episode_is_stored(store: Store) -> None:
+    bus = InProcessBus()
+    service = make_service(bus, store)
+    sub = submission()
+    seen: list[tuple[str, str | None]] = []
+
+    async def watch() -> None:  # a client: on each event, what the store says
+        after = "0"
+        while not seen or seen[-1][0] != "finished":
+            for entry in await bus.read(events_stream(sub.episode_id), after=after, block_ms=1000):
+                after = entry.id
+                kind = str(EpisodeEvent.model_validate_json(entry.fields["data"]).kind)
+                ep = store.episode(sub.episode_id)
+                seen.append((kind, ep.status if ep is not None else None))
+
+    watcher = asyncio.create_task(watch())
+    async with running(service):
+        await publish(bus, sub)
+        await asyncio.wait_for(watcher, WAIT_S)
+    assert seen[0][0] == "started"
+    assert seen[-1] == ("finished", "completed")
+    assert [k for k, _ in seen].count("finished") == 1
+
+
+def test_only_a_partial_organizer_segment_is_a_checkpoint(store: Store) -> None:
+    from services.organizer.service import _checkpoint_of
+
+    eid = "ep-checkpoints"
+    store.create(eid, running=True)
+    ids = [ord(c) for c in PREFIX]
+
+    def save(**kw: Any) -> None:
+        seg = SegmentRecord(text=PREFIX, completion_ids=ids, completion_mask=[1] * len(ids), **kw)
+        with store.factory() as session:
+            repository.save_segment(session, episode_id=eid, segment=seg)
+
+    def rows() -> list[Any]:
+        with store.factory() as session:
+            return list(repository.episode_segments(session, eid))
+
+    save(agent="1", role="worker", fork_id=1, parent="organizer")  # a worker's ids: not the organizer's
+    assert _checkpoint_of(rows()) is None
+    save(agent="organizer", role="organizer", wall_end=5.0)  # finished (wall_end set): not partial
+    assert _checkpoint_of(rows()) is None
+    save(agent="organizer", role="organizer")
+    checkpoint = _checkpoint_of(rows())
+    assert checkpoint is not None and checkpoint.completion_ids == ids and checkpoint.agent == "organizer"
