@@ -1,0 +1,119 @@
+"""The engine's episode plumbing that the reward and scenario tests do not pin: the sampling each agent
+gets, parallel thinking's traces (their clocks, the trace the timeline comes from, format errors when
+no trace answers), the spans of workers that never decoded, and the configuration helpers."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from shared.backends.base import GenerateRequest, GenerateResult, SamplingParams
+from shared.backends.scripted import ScriptedBackend
+from shared.engine import Engine, EngineConfig, EpisodeResult
+from shared.episode import EpisodeSettings
+from shared.messages import EpisodeStatus, WorkerOutcome, WorkerTask
+from shared.metrics import Decode, Timeline
+from shared.rewards import RewardConfig
+from shared.tasks import get_task
+from shared.tasks.base import Mode
+
+PAYLOAD = {"numbers": [1, 2, 3, 4], "target": 10, "n_solutions": 2}
+ANSWER = "<ANSWER>1+2+3+4; 2*3+4</ANSWER>"  # 31 tokens
+
+
+class Recording(ScriptedBackend):
+    """The scripted backend, keeping every request."""
+
+    def __init__(self, script: dict[str, str]) -> None:
+        super().__init__(script)
+        self.requests: list[GenerateRequest] = []
+
+    async def generate(self, request: GenerateRequest) -> GenerateResult:
+        self.requests.append(request)
+        return await super().generate(request)
+
+
+def run(backend: Any, **settings: Any) -> EpisodeResult:
+    task = get_task("countdown")
+    problem = task.problem_from_payload(PAYLOAD, "p")
+    endpoints = settings.pop("endpoints", None)
+    engine = Engine(backend, task, EngineConfig(worker_budget=64, **settings), endpoints=endpoints)
+    return asyncio.run(engine.run(problem, episode_id="ep"))
+
+
+def test_sampling_seed_is_derived_from_the_episode_seed_and_a_salt() -> None:
+    config = EngineConfig(temperature=0.7, top_p=0.9, seed=3)
+    assert config.sampling(5) == SamplingParams(temperature=0.7, top_p=0.9, seed=3 * 1_000_003 + 5)
+    assert config.sampling() == SamplingParams(temperature=0.7, top_p=0.9, seed=3_000_009)
+    assert EngineConfig(temperature=0.7).sampling(5) == SamplingParams(temperature=0.7, top_p=1.0, seed=None)
+
+
+def test_engine_config_of_episode_settings() -> None:
+    settings = EpisodeSettings(mode=Mode.SEQUENTIAL, capacity=3, worker_budget=77, seed=9)
+    rewards = RewardConfig(format_error_reward=-0.3)
+    config = EngineConfig.of(settings, rewards)
+    assert (config.mode, config.capacity, config.worker_budget, config.seed) == (Mode.SEQUENTIAL, 3, 77, 9)
+    assert config.rewards == rewards
+    assert EngineConfig.of(settings).rewards == RewardConfig()
+    assert EngineConfig.of(settings).episode_settings() == settings
+
+
+def test_parallel_traces_are_salted_one_to_k_and_share_the_episode() -> None:
+    backend = Recording({"trace-1": ANSWER, "trace-2": "ab" + ANSWER})
+    result = run(backend, mode=Mode.PARALLEL, parallel_k=2, seed=4, temperature=0.5)
+    assert result.episode_id == "ep" and result.status is EpisodeStatus.COMPLETED
+    by_seed = sorted(r.sampling.seed for r in backend.requests)
+    assert by_seed == [4 * 1_000_003 + 1, 4 * 1_000_003 + 2]  # trace k: salt k
+    assert {r.session for r in backend.requests} == {"ep"}
+    assert {r.sampling.temperature for r in backend.requests} == {0.5}
+    # each trace decodes from clock 0; the timeline is the longest trace's (33 tokens)
+    assert [(s.agent, s.clock_start, s.clock_end) for s in result.segments] == [
+        ("trace-1", 0, 31),
+        ("trace-2", 0, 33),
+    ]
+    assert result.timeline == Timeline.of(Decode(33))
+    assert result.format_errors == []
+
+
+def test_organizer_sampling_uses_salt_zero() -> None:
+    backend = Recording({"organizer": ANSWER})
+    result = run(backend, mode=Mode.SEQUENTIAL, seed=4, temperature=0.5, top_p=0.8)
+    assert result.episode_id == "ep"
+    assert [r.sampling for r in backend.requests] == [
+        SamplingParams(temperature=0.5, top_p=0.8, seed=4_000_012)
+    ]
+
+
+def test_parallel_thinking_with_no_answer_is_a_format_error() -> None:
+    # neither trace closes an answer: no vote; the traces' format errors are the episode's
+    result = run(
+        ScriptedBackend({"trace-1": "abc", "trace-2": "<ANSWER>1+2"}), mode=Mode.PARALLEL, parallel_k=2
+    )
+    assert result.status is EpisodeStatus.FORMAT_ERROR and result.answer is None
+    # trace 1: no answer; trace 2: an answer left open, and no closed answer
+    assert [(e["agent"], e["kind"]) for e in result.format_errors] == [
+        ("trace-1", "missing_answer"), ("trace-2", "unclosed_tag"), ("trace-2", "missing_answer"),
+    ]  # fmt: skip
+    assert result.rewards.total == -1.0
+
+
+def test_parallel_thinking_ignores_a_broken_trace_when_another_answers() -> None:
+    result = run(ScriptedBackend({"trace-1": "abc", "trace-2": ANSWER}), mode=Mode.PARALLEL, parallel_k=2)
+    assert result.status is EpisodeStatus.COMPLETED and result.format_errors == []
+    assert result.answer == "1+2+3+4; 2*3+4"
+
+
+class Raising:
+    async def run(self, task: WorkerTask) -> WorkerOutcome:
+        raise RuntimeError("broken tool")
+
+
+def test_a_worker_that_raises_has_an_empty_span_and_the_episode_goes_on() -> None:
+    org = "<FORK-1>q</FORK-1><JOIN-1>" + ANSWER  # 18 + 8 + 31 tokens
+    result = run(ScriptedBackend({"organizer": org}), endpoints={None: Raising()}, capacity=2)
+    assert result.episode_id == "ep" and result.status is EpisodeStatus.COMPLETED
+    organizer, worker = result.segments
+    assert (organizer.clock_start, organizer.clock_end) == (0, 57)
+    assert worker.error == "failed: broken tool"
+    assert (worker.clock_start, worker.clock_end) == (18, 18)  # forked at 18, decoded nothing
+    assert (result.latency, result.eta) == (57, 1.0)
