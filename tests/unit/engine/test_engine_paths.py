@@ -117,3 +117,93 @@ def test_a_worker_that_raises_has_an_empty_span_and_the_episode_goes_on() -> Non
     assert worker.error == "failed: broken tool"
     assert (worker.clock_start, worker.clock_end) == (18, 18)  # forked at 18, decoded nothing
     assert (result.latency, result.eta) == (57, 1.0)
+
+
+def test_a_protocol_prompted_model_is_told_its_capacity() -> None:
+    from shared.tasks.prompts import PromptStyle
+
+    class Protocol(Recording):
+        prompt_style = PromptStyle.PROTOCOL
+
+    for capacity, workers in [(4, 3), (None, 1)]:  # c - 1 workers; countdown's default c = 2
+        backend = Protocol({"organizer": ANSWER})
+        run(backend, capacity=capacity)
+        prompt = backend.decode(backend.requests[0].input_ids)
+        assert f"At most {workers} worker(s) may be running" in prompt
+
+
+class Segments:
+    def __init__(self) -> None:
+        self.recorded: list[tuple[str, str]] = []
+
+    def record(self, episode_id: str, segment: Any) -> None:
+        self.recorded.append((episode_id, segment.agent))
+
+
+def test_the_recorder_gets_each_worker_segment_as_it_completes() -> None:
+    recorder = Segments()
+    task = get_task("countdown")
+    backend = ScriptedBackend({"organizer": "<FORK-1>q</FORK-1><JOIN-1>" + ANSWER, "1": "<RETURN>7</RETURN>"})
+    engine = Engine(backend, task, EngineConfig(), recorder=recorder)
+    asyncio.run(engine.run(task.problem_from_payload(PAYLOAD, "p"), episode_id="ep"))
+    assert recorder.recorded == [("ep", "1")]
+
+
+def events_of(script: dict[str, str], resume: Any = None, **settings: Any) -> list[Any]:
+    from shared.engine import ListSink
+
+    sink = ListSink()
+    task = get_task("countdown")
+    backend = ScriptedBackend(script, resumable=resume is not None)
+    engine = Engine(backend, task, EngineConfig(**settings), sink=sink)
+    asyncio.run(engine.run(task.problem_from_payload(PAYLOAD, "p"), episode_id="ep", resume_from=resume))
+    return sink.events
+
+
+def test_started_and_finished_events_say_what_ran() -> None:
+    events = events_of({"organizer": ANSWER}, mode=Mode.SEQUENTIAL, capacity=3)
+    started, finished = events[0], events[-1]
+    assert started.data == {"task": "countdown", "problem_id": "p", "mode": "sequential", "capacity": 3}
+    # c = 3, η = 1: R_η = (1/3)/0.75 = 4/9; R = 1 + 0.2 · 4/9
+    assert finished.clock == 31
+    assert finished.data == {
+        "status": "completed", "answer": "1+2+3+4; 2*3+4", "accuracy": 1.0,
+        "reward": 1.0 + 0.2 * 4 / 9, "latency": 31, "eta": 1.0,
+    }  # fmt: skip
+
+
+def test_a_resumed_organizer_says_how_many_tokens_came_back() -> None:
+    from shared.messages import SegmentRecord
+
+    ids = [ord(c) for c in ANSWER[:10]]
+    checkpoint = SegmentRecord(
+        agent="organizer", role="organizer", completion_ids=ids, completion_mask=[1] * 10
+    )
+    (started, *_) = events_of({"organizer": ANSWER}, resume=checkpoint, mode=Mode.SEQUENTIAL)
+    assert started.data == {
+        "task": "countdown", "problem_id": "p", "mode": "sequential", "capacity": 2, "resumed_tokens": 10,
+    }  # fmt: skip
+
+
+def test_an_unusable_checkpoint_is_ignored_with_the_reason(caplog: Any) -> None:
+    import logging
+
+    from shared.messages import SegmentRecord
+
+    caplog.set_level(logging.WARNING, "shared.engine")
+    ids = [ord(c) for c in ANSWER[:10]]
+    cases = [
+        ({"mode": Mode.PARALLEL, "parallel_k": 1}, {}, "parallel thinking runs again from the start"),
+        ({"mode": Mode.SEQUENTIAL}, {"prompt_ids": [1, 2, 3]}, "its prompt is not this episode's"),
+        ({"mode": Mode.SEQUENTIAL}, {"completion_mask": [1] * 9}, "its ids and mask differ in length"),
+    ]
+    for settings, change, why in cases:
+        caplog.clear()
+        fields: dict[str, Any] = {"completion_ids": ids, "completion_mask": [1] * 10} | change
+        checkpoint = SegmentRecord(agent="organizer", role="organizer", **fields)
+        script = {"organizer": ANSWER, "trace-1": ANSWER}
+        (started, *_) = events_of(script, resume=checkpoint, **settings)
+        assert "resumed_tokens" not in started.data
+        assert [r.getMessage() for r in caplog.records] == [
+            f"episode ep: not resuming from the checkpoint ({why})"
+        ]
