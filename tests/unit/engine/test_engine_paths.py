@@ -207,3 +207,60 @@ def test_an_unusable_checkpoint_is_ignored_with_the_reason(caplog: Any) -> None:
         assert [r.getMessage() for r in caplog.records] == [
             f"episode ep: not resuming from the checkpoint ({why})"
         ]
+
+
+def test_the_organizers_limits_by_mode() -> None:
+    from shared.agents import PRIORITY_ORGANIZER, AgentSpec
+    from shared.protocol import Role
+
+    task = get_task("countdown")
+    common = dict(organizer_budget=100, worker_budget=30, worker_timeout_s=7.0, seed=1, stream_text=True)
+
+    def spec(**settings: Any) -> AgentSpec:
+        engine = Engine(ScriptedBackend({}), task, EngineConfig(**common, **settings))
+        return engine._spec("ep", "organizer", "P", salt=2)
+
+    expected = AgentSpec(
+        episode_id="ep", agent="organizer", role=Role.ORGANIZER, prompt="P", budget=100, capacity=3,
+        allow_fork=True, sampling=EngineConfig(seed=1).sampling(2), worker_budget=30, worker_timeout_s=7.0,
+        max_depth=1, stream_text=True, priority=PRIORITY_ORGANIZER,
+    )  # fmt: skip
+    assert spec(capacity=3) == expected
+    assert spec(capacity=3, recursive=True, max_depth=3).max_depth == 3  # recursion: its own depth limit
+    assert spec(capacity=3, max_depth=3).max_depth == 1  # without recursion only the organizer forks
+    assert spec(capacity=3, mode=Mode.SEQUENTIAL).allow_fork is False
+    parallel = spec(mode=Mode.PARALLEL, parallel_k=4)
+    assert (parallel.capacity, parallel.allow_fork) == (1, False)  # a trace is alone and may not fork
+
+
+class Broken(ScriptedBackend):
+    async def generate(self, request: GenerateRequest) -> GenerateResult:
+        raise RuntimeError("the model server went away")
+
+
+def test_a_failed_episode_reports_the_error(caplog: Any) -> None:
+    import logging
+
+    from shared.engine import ListSink
+
+    caplog.set_level(logging.ERROR, "shared.engine")
+    for mode in (Mode.ASYNCTHINK, Mode.PARALLEL):
+        caplog.clear()
+        sink = ListSink()
+        task = get_task("countdown")
+        problem = task.problem_from_payload(PAYLOAD, "p")
+        engine = Engine(Broken({}), task, EngineConfig(mode=mode, parallel_k=2), sink=sink)
+        result = asyncio.run(engine.run(problem, episode_id="ep"))
+        assert (result.status, result.error, result.episode_id) == (
+            EpisodeStatus.FAILED,
+            "the model server went away",
+            "ep",
+        )
+        assert result.problem == problem and result.format_errors == [] and result.timeline == Timeline()
+        assert result.answer is None and result.score is None
+        assert 0.0 <= result.wall_time_s < 60.0
+        kinds = [e.kind for e in sink.events]
+        assert kinds == ["started", "failed", "finished"]
+        assert sink.events[1].data == {"error": "the model server went away"}
+        assert sink.events[2].data["status"] == "failed"
+        assert [r.getMessage() for r in caplog.records] == ["episode ep failed"]
