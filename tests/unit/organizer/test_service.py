@@ -32,6 +32,7 @@ from services.organizer.service import (
 from shared.backends.scripted import ScriptedBackend
 from shared.bus.base import Entry
 from shared.bus.inprocess import InProcessBus
+from shared.bus.redis_streams import BusConnectionError
 from shared.episode import EpisodeSettings
 from shared.messages import (
     ORGANIZER_GROUP,
@@ -570,7 +571,8 @@ async def test_a_dead_lettered_submission_fails_its_episode(
 
 # ----------------------------------------------------------------------------- a bus that fails
 class FlakyBus(InProcessBus):
-    """The in-process bus with calls that fail a given number of times (Redis going away)."""
+    """The in-process bus with calls that fail a given number of times, as the Redis bus fails when
+    Redis goes away (:class:`BusConnectionError`)."""
 
     def __init__(self, **fails: int) -> None:
         super().__init__()
@@ -581,7 +583,7 @@ class FlakyBus(InProcessBus):
         self.calls[name] = self.calls.get(name, 0) + 1
         if self.fails.get(name, 0) > 0:
             self.fails[name] -= 1
-            raise ConnectionError(f"{name}: Redis down (test)")
+            raise BusConnectionError(f"{name}: Redis down (test)")
 
     async def read_group(self, *args: Any, **kw: Any) -> list[Entry]:
         if args[0] == PROBLEMS_STREAM:
@@ -615,14 +617,20 @@ async def test_a_failed_read_is_retried(store: Store, caplog: pytest.LogCaptureF
     )
 
 
-async def test_an_ack_is_retried_through_a_short_outage(store: Store) -> None:
+async def test_an_ack_is_retried_through_a_short_outage(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, LOG)
     bus = FlakyBus(ack=2)
     service = make_service(bus, store)
     async with running(service):
-        await publish(bus, submission())
+        entry_id = await publish(bus, submission())
         await until(lambda: service.episodes_done == 1, "the episode")
         await until_settled(bus, service, "the ack after two failures")
     assert bus.calls["ack"] == 3
+    lines = messages(caplog)  # the retries are logged by the organizer's logger, naming the entry
+    assert sum(m.startswith(f"acking submission {entry_id} failed (") for m in lines) == 2
+    assert f"acking submission {entry_id} succeeded after 2 retries" in lines
 
 
 async def test_a_failed_renewal_keeps_the_episode_and_claims_wait(
@@ -656,7 +664,9 @@ async def test_a_failed_lease_check_before_storing_stores_anyway(
     bus = FlakyBus(renew=1)
     service = make_service(bus, store)
     assert await service._still_owner("1-0") is True
-    assert any(m.startswith("checking the lease of 1-0 failed") for m in messages(caplog, logging.WARNING))
+    assert messages(caplog, logging.WARNING) == [
+        "checking the lease of 1-0 failed (renew: Redis down (test)); storing the episode anyway"
+    ]
 
 
 async def test_a_failed_dead_letter_read_is_logged(store: Store, caplog: pytest.LogCaptureFixture) -> None:
@@ -935,3 +945,18 @@ def test_only_a_partial_organizer_segment_is_a_checkpoint(store: Store) -> None:
     save(agent="organizer", role="organizer")
     checkpoint = _checkpoint_of(rows())
     assert checkpoint is not None and checkpoint.completion_ids == ids and checkpoint.agent == "organizer"
+
+
+async def test_a_pending_episode_runs_from_the_start_even_with_an_organizer_row(store: Store) -> None:
+    # only an episode left running by an organizer that stopped resumes; a pending one was never started
+    bus = InProcessBus()
+    service = make_service(bus, store, ScriptedBackend({"organizer": ANSWER}, resumable=True))
+    sub = submission()
+    store.create(sub.episode_id)  # pending
+    save_checkpoint(store, sub.episode_id)
+    async with running(service):
+        await publish(bus, sub)
+        await until(lambda: service.episodes_done == 1, "the episode")
+    assert (service.episodes_resumed, service.episodes_rerun) == (0, 0)
+    (started,) = [e for e in await events(bus, sub.episode_id) if e.kind == "started"]
+    assert "resumed_tokens" not in started.data
