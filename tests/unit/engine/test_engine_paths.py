@@ -264,3 +264,41 @@ def test_a_failed_episode_reports_the_error(caplog: Any) -> None:
         assert sink.events[1].data == {"error": "the model server went away"}
         assert sink.events[2].data["status"] == "failed"
         assert [r.getMessage() for r in caplog.records] == ["episode ep failed"]
+
+
+class Swapping(ScriptedBackend):
+    """The scripted backend whose weights change to ``v2`` after its first call (a hot swap mid-episode)."""
+
+    def __init__(self, script: dict[str, str]) -> None:
+        super().__init__(script, model_id="m-1")
+        self.version = "v1"
+
+    @property
+    def weight_version(self) -> str:
+        return self.version
+
+    async def generate(self, request: GenerateRequest) -> GenerateResult:
+        result = await super().generate(request)
+        self.version = "v2"
+        return result
+
+
+def test_the_result_names_what_ran_and_the_weights_that_decoded_it() -> None:
+    task = get_task("countdown")
+    problem = task.problem_from_payload(PAYLOAD, "p")
+    backend = Swapping({"organizer": ANSWER})
+    result = asyncio.run(
+        Engine(backend, task, EngineConfig(mode=Mode.SEQUENTIAL)).run(problem, episode_id="ep")
+    )
+    assert (result.episode_id, result.problem, result.mode, result.model_id) == (
+        "ep",
+        problem,
+        Mode.SEQUENTIAL,
+        "m-1",
+    )
+    # the segments' weights (v1), not the backend's now (v2)
+    assert [s.model_version for s in result.segments] == ["v1"]
+    assert result.model_version == "v1" and backend.weight_version == "v2"
+    # no segment (the backend failed at once): the backend's version
+    broken = asyncio.run(Engine(Broken({}), task, EngineConfig()).run(problem, episode_id="ep"))
+    assert broken.model_version == "scripted"
