@@ -678,6 +678,7 @@ async def test_a_failed_dead_letter_read_is_logged(store: Store, caplog: pytest.
     assert f"reading {DEAD_LETTERS} failed: claim_stale: Redis down (test)" in messages(
         caplog, logging.WARNING
     )
+    assert await service._may_claim() is False  # a failed dead-letter read counts as a bus failure
 
 
 # ----------------------------------------------------------------------------- limits
@@ -960,3 +961,98 @@ async def test_a_pending_episode_runs_from_the_start_even_with_an_organizer_row(
     assert (service.episodes_resumed, service.episodes_rerun) == (0, 0)
     (started,) = [e for e in await events(bus, sub.episode_id) if e.kind == "started"]
     assert "resumed_tokens" not in started.data
+
+
+# ----------------------------------------------------------------------------- more dead letters, live segments
+class AckRecordingBus(InProcessBus):
+    """The in-process bus, keeping every ack: ``(stream, group, ids)``."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.acks: list[tuple[str, str, tuple[str, ...]]] = []
+
+    async def ack(self, stream: str, group: str, *ids: str) -> int:
+        self.acks.append((stream, group, ids))
+        return await super().ack(stream, group, *ids)
+
+
+async def dead_letter(bus: InProcessBus, sub: SubmitProblem) -> str:
+    """Publish ``sub`` and deliver it ``max_deliveries`` times to consumers that die, so the next sweep
+    dead-letters it; returns its entry id."""
+    entry_id = await publish(bus, sub)
+    await bus.read_group(PROBLEMS_STREAM, ORGANIZER_GROUP, "d0", count=100, block_ms=0)
+    for n in range(1, bus.max_deliveries):
+        await bus.claim_stale(PROBLEMS_STREAM, ORGANIZER_GROUP, f"d{n}", min_idle_ms=0, count=100)
+    return entry_id
+
+
+async def test_dead_letters_a_dead_organizer_was_handling_are_claimed_failed_and_acked(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, LOG)
+    bus = AckRecordingBus(max_deliveries=2)
+    await bus.ensure_group(PROBLEMS_STREAM, ORGANIZER_GROUP)
+    await bus.ensure_group(DEAD_LETTERS, ORGANIZER_GROUP)
+    taken, fresh = submission(), submission()
+    await dead_letter(bus, taken)
+    await bus.claim_stale(PROBLEMS_STREAM, ORGANIZER_GROUP, "sweeper", min_idle_ms=0)  # dead-lettered
+    # an organizer reads that dead letter and dies before handling it: pending under its name
+    (held,) = await bus.read_group(DEAD_LETTERS, ORGANIZER_GROUP, "died-reaping", block_ms=0)
+    await dead_letter(bus, fresh)  # dead-lettered by the service's own first sweep
+    service = make_service(bus, store, claim_idle_ms=100)
+    async with running(service):
+        await until(lambda: service.dead_letters_failed == 2, "both dead letters")
+        await until(lambda: bus.pending_count(DEAD_LETTERS, ORGANIZER_GROUP) == 0, "their acks")
+    assert store.episode(taken.episode_id).status == store.episode(fresh.episode_id).status == "failed"
+    dead_acks = [
+        ids for stream, group, ids in bus.acks if stream == DEAD_LETTERS and group == ORGANIZER_GROUP
+    ]
+    assert held.id in {i for ids in dead_acks for i in ids} and len(dead_acks) == 2
+    assert await bus.read(f"{DEAD_LETTERS}:dead", after="0") == []  # none dead-lettered a second time
+
+
+async def test_a_dead_letter_whose_handling_fails_stays_pending(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, LOG)
+    bus = InProcessBus(max_deliveries=1)
+    await bus.ensure_group(PROBLEMS_STREAM, ORGANIZER_GROUP)
+    await bus.ensure_group(DEAD_LETTERS, ORGANIZER_GROUP)
+    await dead_letter(bus, submission())
+    await bus.claim_stale(PROBLEMS_STREAM, ORGANIZER_GROUP, "sweeper", min_idle_ms=0)
+    service = OrganizerService(bus, FailingStore(), ScriptedBackend({}), endpoints={}, consumer_name="o1")
+    await service._reap_dead_letters()
+    ((letter, _),) = [(e.id, e) for e in await bus.read(DEAD_LETTERS, after="0")]
+    assert f"handling dead letter {letter} failed; it stays pending" in messages(caplog, logging.ERROR)
+    assert bus.pending_count(DEAD_LETTERS, ORGANIZER_GROUP) == 1
+
+
+class Gated:
+    """Worker 1 returns at once; worker 2 waits for ``release`` (the organizer joins it last)."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+
+    async def run(self, task: WorkerTask) -> WorkerOutcome:
+        from shared.agents import worker_segment
+
+        if task.agent == "2":
+            await self.release.wait()
+        seg = worker_segment(task, text=f"w{task.agent}", returned=f"r{task.agent}")
+        return WorkerOutcome(returned=f"r{task.agent}", segments=[seg])
+
+
+async def test_a_worker_segment_is_stored_while_the_episode_still_runs(store: Store) -> None:
+    bus = InProcessBus()
+    gated = Gated()
+    org = "<FORK-1>a</FORK-1><FORK-2>b</FORK-2><JOIN-1><JOIN-2>" + ANSWER
+    service = make_service(bus, store, ScriptedBackend({"organizer": org}), endpoints={None: gated})
+    sub = submission(mode="asyncthink", capacity=3)
+    async with running(service):
+        await publish(bus, sub)
+        await until(lambda: "1" in store.segments(sub.episode_id), "worker 1's segment, stored live")
+        assert service.episodes_done == 0 and store.episode(sub.episode_id).status == "running"
+        gated.release.set()
+        await until(lambda: service.episodes_done == 1, "the episode")
+    segs = store.segments(sub.episode_id)
+    assert (segs["1"].returned, segs["2"].returned) == ("r1", "r2")
