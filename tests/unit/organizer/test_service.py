@@ -1056,3 +1056,94 @@ async def test_a_worker_segment_is_stored_while_the_episode_still_runs(store: St
         await until(lambda: service.episodes_done == 1, "the episode")
     segs = store.segments(sub.episode_id)
     assert (segs["1"].returned, segs["2"].returned) == ("r1", "r2")
+
+
+@pytest.mark.parametrize("resume", [True, False])
+async def test_the_organizers_checkpoint_is_stored_while_it_waits(store: Store, resume: bool) -> None:
+    bus = InProcessBus()
+    gated = Gated()
+    org = "<FORK-1>a</FORK-1><FORK-2>b</FORK-2><JOIN-1><JOIN-2>" + ANSWER  # 50 tokens before it waits
+    service = make_service(
+        bus, store, ScriptedBackend({"organizer": org}), endpoints={None: gated}, resume=resume
+    )
+    sub = submission(mode="asyncthink", capacity=3)
+
+    def partial_organizer() -> Any:
+        row = store.segments(sub.episode_id).get("organizer")
+        return row is not None and not row.wall_end and row.completion_ids
+
+    async with running(service):
+        await publish(bus, sub)
+        await until(lambda: "1" in store.segments(sub.episode_id), "worker 1's segment")
+        if resume:  # at least 32 new tokens, written 0.25 s after the join started waiting
+            await until(partial_organizer, "the organizer's checkpoint")
+            row = store.segments(sub.episode_id)["organizer"]
+            assert row.text.startswith("<FORK-1>a</FORK-1><FORK-2>b</FORK-2><JOIN-1>r1</JOIN-1><JOIN-2>")
+        else:
+            assert not partial_organizer()  # no checkpointer without resume
+        gated.release.set()
+        await until(lambda: service.episodes_done == 1, "the episode")
+    row = store.segments(sub.episode_id)["organizer"]
+    assert row.wall_end and row.text.endswith(ANSWER)  # the complete segment replaced the checkpoint
+
+
+class Silent:
+    """A worker endpoint that never answers."""
+
+    async def run(self, task: WorkerTask) -> WorkerOutcome:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+async def test_the_operator_caps_the_worker_timeout_a_submission_asks_for(store: Store) -> None:
+    bus = InProcessBus()
+    org = "<FORK-1>q</FORK-1><JOIN-1>" + ANSWER
+    service = make_service(bus, store, ScriptedBackend({"organizer": org}), endpoints={None: Silent()},
+                           worker_timeout_cap_s=0.2)  # fmt: skip
+    sub = submission(mode="asyncthink", worker_timeout_s=600)  # asks for 10 minutes
+    async with running(service):
+        await publish(bus, sub)
+        await until(lambda: service.episodes_done == 1, "the episode, its worker timed out after 0.2 s")
+    segs = store.segments(sub.episode_id)
+    assert segs["1"].error == "timeout"
+    assert "<JOIN-1>[worker 1 timed out after 0.2s]</JOIN-1>" in segs["organizer"].text
+
+
+async def test_interrupted_episodes_are_counted_one_by_one(store: Store) -> None:
+    bus = InProcessBus()
+    service = make_service(bus, store, ScriptedBackend({"organizer": ANSWER}, resumable=True))
+    subs = [submission() for _ in range(4)]
+    for n, sub in enumerate(subs):
+        store.create(sub.episode_id, running=True)
+        if n < 2:
+            save_checkpoint(store, sub.episode_id)
+    async with running(service):
+        for sub in subs:
+            await publish(bus, sub)
+        await until(lambda: service.episodes_done == 4, "the four episodes")
+    assert (service.episodes_resumed, service.episodes_rerun) == (2, 2)
+
+
+async def test_a_resumed_organizer_logs_the_joins_in_its_prefix(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, LOG)
+    bus = InProcessBus()
+    org = "<FORK-1>q</FORK-1><JOIN-1>" + ANSWER
+    backend = ScriptedBackend({"organizer": org, "1": "<RETURN>7</RETURN>"}, resumable=True)
+    service = make_service(bus, store, backend)
+    sub = submission(mode="asyncthink")
+    store.create(sub.episode_id, running=True, mode="asyncthink")
+    generated, injected = "<FORK-1>q</FORK-1><JOIN-1>", "7</JOIN-1>"  # 26 tokens decoded, 10 injected
+    ids = [ord(c) for c in generated + injected]
+    seg = SegmentRecord(agent="organizer", role="organizer", text=generated + injected, completion_ids=ids,
+                        completion_mask=[1] * 26 + [0] * 10, generated_tokens=26)  # fmt: skip
+    with store.factory() as session:
+        repository.save_segment(session, episode_id=sub.episode_id, segment=seg)
+    async with running(service):
+        await publish(bus, sub)
+        await until(lambda: service.episodes_done == 1, "the episode")
+    assert service.episodes_resumed == 1
+    assert (f"episode {sub.episode_id} resumed: the organizer continues from 26 tokens it had decoded (1 joined "
+            "results in its prefix) instead of from its prompt") in messages(caplog, logging.WARNING)  # fmt: skip
+    assert store.episode(sub.episode_id).status == "completed"
