@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -209,6 +210,7 @@ async def test_a_malformed_submission_is_acked_and_logged(
     assert bus.pending_count(PROBLEMS_STREAM, ORGANIZER_GROUP) == 0
     (line,) = [m for m in messages(caplog, logging.ERROR) if "malformed" in m]
     assert line.startswith(f"dropping malformed submission {entry_id}: ")
+    assert re.search(r"\d+ validation errors? for SubmitProblem", line)  # the parser's own reason
     assert service.episodes_done == 0
 
 
@@ -272,8 +274,9 @@ async def test_an_episode_is_run_stored_published_and_acked(
     assert backend.calls == 1
     lines = messages(caplog, logging.INFO)
     assert f"episode {sub.episode_id} started: task countdown, mode sequential, capacity 1" in lines
-    assert any(m.startswith(f"episode {sub.episode_id} completed: answer='1+2+3+4; 2*3+4' T=31 eta=1.000 forks=0")
-               for m in lines), lines  # fmt: skip
+    done = f"episode {sub.episode_id} completed: answer='1+2+3+4; 2*3+4' T=31 eta=1.000 forks=0 wall="
+    (line,) = [m for m in lines if m.startswith(done)]
+    assert re.fullmatch(r"\d+\.\d{3}s", line[len(done) :]), line  # no error part
     assert service.episodes_resumed == service.episodes_rerun == 0
     assert lines[0] == (
         "organizer o1 consuming asyncthink:problems (group organizers, up to 64 episodes at once, "
@@ -349,7 +352,10 @@ async def test_a_worker_that_raises_is_recorded_and_the_episode_goes_on(store: S
     assert (ep.latency, ep.eta) == (57, 1.0)
 
 
-async def test_a_backend_that_fails_ends_the_episode_failed_and_acked(store: Store) -> None:
+async def test_a_backend_that_fails_ends_the_episode_failed_and_acked(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, LOG)
     bus = InProcessBus()
     service = make_service(bus, store, ScriptedBackend({"someone": "x"}))  # no script for the organizer
     sub = submission()
@@ -359,6 +365,10 @@ async def test_a_backend_that_fails_ends_the_episode_failed_and_acked(store: Sto
         await until_settled(bus, service, "the ack")
     ep = store.episode(sub.episode_id)
     assert ep.status == "failed" and "no script for agent 'organizer'" in ep.error
+    (line,) = [m for m in messages(caplog, logging.INFO) if m.startswith(f"episode {sub.episode_id} failed:")]
+    assert re.fullmatch(
+        r".* answer=None T=0 eta=0\.000 forks=0 wall=\d+\.\d{3}s error=.*no script for agent.*", line
+    )
 
 
 class FailingStore:
@@ -1147,3 +1157,27 @@ async def test_a_resumed_organizer_logs_the_joins_in_its_prefix(
     assert (f"episode {sub.episode_id} resumed: the organizer continues from 26 tokens it had decoded (1 joined "
             "results in its prefix) instead of from its prompt") in messages(caplog, logging.WARNING)  # fmt: skip
     assert store.episode(sub.episode_id).status == "completed"
+
+
+async def test_a_run_that_ends_after_another_organizer_claimed_it_is_not_stored_or_acked(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, LOG)
+    bus = InProcessBus()
+    # renewals every 15 s: none comes while the 0.3 s episode runs, so only the check before storing sees
+    # that another organizer took the entry
+    backend = ScriptedBackend({"organizer": ANSWER}, tokens_per_s=100.0)
+    service = make_service(bus, store, backend, claim_idle_ms=60_000)
+    sub = submission()
+    async with running(service):
+        entry_id = await publish(bus, sub)
+        await until(lambda: service.in_progress == 1, "the episode to start")
+        (taken,) = await bus.claim_stale(PROBLEMS_STREAM, ORGANIZER_GROUP, "rescuer", min_idle_ms=0)
+        await until(lambda: service.in_progress == 0, "the run to end")
+    assert backend.calls == 1 and service.episodes_done == 0
+    assert store.episode(sub.episode_id).status == "running"  # the rescuer's to store
+    assert bus.pending_count(PROBLEMS_STREAM, ORGANIZER_GROUP) == 1  # not acked here
+    assert (
+        f"episode {sub.episode_id} ran to its end here, but another organizer claimed its submission {entry_id}; "
+        "leaving the result to it"
+    ) in messages(caplog, logging.WARNING)
