@@ -1181,3 +1181,23 @@ async def test_a_run_that_ends_after_another_organizer_claimed_it_is_not_stored_
         f"episode {sub.episode_id} ran to its end here, but another organizer claimed its submission {entry_id}; "
         "leaving the result to it"
     ) in messages(caplog, logging.WARNING)
+
+
+async def test_claims_take_no_more_than_the_free_places(store: Store) -> None:
+    bus = InProcessBus()
+    await bus.ensure_group(PROBLEMS_STREAM, ORGANIZER_GROUP)
+    for _ in range(2):
+        await publish(bus, submission())
+    await bus.read_group(PROBLEMS_STREAM, ORGANIZER_GROUP, "dead", count=2, block_ms=0)  # both left pending
+    backend = ScriptedBackend({"organizer": ANSWER}, tokens_per_s=100.0)
+    service = make_service(bus, store, backend, max_concurrent_episodes=1, claim_idle_ms=100)
+
+    def owners() -> list[str]:
+        return sorted(
+            p.consumer for p in bus._streams[PROBLEMS_STREAM].groups[ORGANIZER_GROUP].pending.values()
+        )
+
+    async with running(service):
+        await until(lambda: service.in_progress == 1, "the first claimed episode")
+        assert owners() == ["dead", "o1"]  # one place free: one entry claimed
+        await until(lambda: service.episodes_done == 2, "both episodes, one after the other")
