@@ -271,6 +271,7 @@ async def test_an_episode_is_run_stored_published_and_acked(
     assert store.segments(sub.episode_id)["organizer"].text == ANSWER
     kinds = [event.kind for event in await events(bus, sub.episode_id)]
     assert kinds[0] == "started" and kinds[-1] == "finished" and kinds.count("finished") == 1
+    assert (await events(bus, sub.episode_id))[0].data["problem_id"] == "p"  # the submission's problem id
     assert backend.calls == 1
     lines = messages(caplog, logging.INFO)
     assert f"episode {sub.episode_id} started: task countdown, mode sequential, capacity 1" in lines
@@ -647,7 +648,7 @@ async def test_a_failed_renewal_keeps_the_episode_and_claims_wait(
     store: Store, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, LOG)
-    bus = FlakyBus(renew=1)
+    bus = FlakyBus(renew=2)
     await bus.ensure_group(PROBLEMS_STREAM, ORGANIZER_GROUP)
     service = make_service(
         bus, store, ScriptedBackend({"organizer": ANSWER}, tokens_per_s=100.0), claim_idle_ms=200
@@ -656,7 +657,8 @@ async def test_a_failed_renewal_keeps_the_episode_and_claims_wait(
     (entry,) = await bus.read_group(PROBLEMS_STREAM, ORGANIZER_GROUP, "o1", block_ms=0)
     service._start(entry)
     assert await service.renew_leases() is False  # Redis could not be asked
-    assert await service._may_claim() is False  # and no sweep right after a failure ...
+    assert await service._may_claim() is False  # its own renewal fails: no sweep
+    assert await service._may_claim() is False  # renewed, but no sweep right after a failure ...
     await until_true(service._may_claim, "claims to resume")  # ... until Redis answered for half a lease
     assert "organizer o1: renewing 1 leases failed: renew: Redis down (test)" in messages(
         caplog, logging.WARNING
@@ -778,7 +780,9 @@ def test_settings_are_validated_with_the_fix_named(store: Store) -> None:
     with pytest.raises(ValueError, match="max_concurrent_episodes must be >= 1, got 0"):
         make_service(bus, store, max_concurrent_episodes=0)
     with pytest.raises(
-        ValueError, match=r"renew_every_ms \(300\) must be at most half of claim_idle_ms \(400\)"
+        ValueError,
+        match=r"renew_every_ms \(300\) must be at most half of claim_idle_ms \(400\): a live organizer must renew "
+        "its leases well before they run out",
     ):
         make_service(bus, store, claim_idle_ms=400, renew_every_ms=300)
     with pytest.raises(ValueError, match="renew_every_ms"):
@@ -799,6 +803,12 @@ def test_defaults() -> None:
         2500,
     )
     assert (service.read_block_ms, service.shutdown_grace_s, service.resume) == (1000, 30.0, True)
+    assert (service.backpressure_waits, service.leases_lost, service.dead_letters_failed) == (0, 0, 0)
+    assert (service.episodes_resumed, service.episodes_rerun) == (0, 0)
+    renew = OrganizerService(
+        InProcessBus(), FailingStore(), ScriptedBackend({}), endpoints={}, claim_idle_ms=10
+    )
+    assert renew.renew_every_ms == 2 and isinstance(renew.renew_every_ms, int)  # 10 // 4
     assert (service.stream_ttl_s, service.max_write_backlog, service.worker_timeout_cap_s) == (
         3600.0,
         5000,
@@ -1201,3 +1211,62 @@ async def test_claims_take_no_more_than_the_free_places(store: Store) -> None:
         await until(lambda: service.in_progress == 1, "the first claimed episode")
         assert owners() == ["dead", "o1"]  # one place free: one entry claimed
         await until(lambda: service.episodes_done == 2, "both episodes, one after the other")
+
+
+def steal(bus: InProcessBus, entry_id: str, consumer: str = "rescuer") -> None:
+    """Another organizer takes one entry over (XCLAIM of that id)."""
+    from shared.bus.inprocess import parse_id
+
+    bus._streams[PROBLEMS_STREAM].groups[ORGANIZER_GROUP].pending[parse_id(entry_id)].consumer = consumer
+
+
+async def test_each_lost_lease_stops_its_own_episode(store: Store) -> None:
+    bus = InProcessBus()
+    backend = ScriptedBackend({"organizer": ANSWER}, tokens_per_s=10.0)  # 3 s each
+    service = make_service(bus, store, backend, claim_idle_ms=200)
+    async with running(service):
+        first, second = await publish(bus, submission()), await publish(bus, submission())
+        await until(lambda: service.in_progress == 2, "both episodes")
+        steal(bus, second)  # the later entry: the renewal must look past the first, still owned
+        await until(lambda: service.leases_lost == 1, "the second lease lost")
+        await until(lambda: second not in service._running, "the second episode to stop")
+        assert first in service._running
+        steal(bus, first)
+        await until(lambda: service.leases_lost == 2, "the first lease lost too")
+        await until(lambda: service.in_progress == 0, "both stopped")
+    assert service.episodes_done == 0
+
+
+async def test_a_busy_organizer_keeps_renewing_while_another_sweeps(store: Store) -> None:
+    # Each organizer takes one episode at a time. While its one place is taken its loop only waits,
+    # so its leases live by the renewer alone; the other organizer sweeps every 50 ms and would take
+    # an entry idle for 200 ms. The 1.5 s episode runs once, and nobody loses a lease.
+    bus = InProcessBus()
+    backends = [ScriptedBackend({"organizer": ANSWER}, tokens_per_s=20.0) for _ in range(2)]
+    services = [
+        make_service(bus, store, b, consumer_name=f"o{n}", claim_idle_ms=200, max_concurrent_episodes=1)
+        for n, b in enumerate(backends)
+    ]
+    async with running(services[0]), running(services[1]):
+        await publish(bus, submission())
+        await until(lambda: sum(s.episodes_done for s in services) == 1, "the episode", timeout_s=WAIT_S + 5)
+    assert sum(b.calls for b in backends) == 1
+    assert [s.leases_lost for s in services] == [0, 0]
+
+
+async def test_a_dead_organizers_entry_is_claimed_while_another_episode_runs(store: Store) -> None:
+    bus = InProcessBus()
+    await bus.ensure_group(PROBLEMS_STREAM, ORGANIZER_GROUP)
+    orphan = submission()
+    await publish(bus, orphan)
+    await bus.read_group(PROBLEMS_STREAM, ORGANIZER_GROUP, "dead", block_ms=0)
+    slow = {"organizer": ANSWER}
+    service = make_service(
+        bus, store, ScriptedBackend(slow, tokens_per_s=10.0), claim_idle_ms=100, shutdown_grace_s=0.05
+    )
+    async with running(service):
+        long_one = submission()
+        await publish(bus, long_one)  # 3 s of decoding
+        await until(lambda: service.in_progress >= 1, "the long episode")
+        await until(lambda: store.episode(orphan.episode_id) is not None, "the orphan claimed and started")
+        assert store.episode(long_one.episode_id).status == "running"  # claimed while it still runs
