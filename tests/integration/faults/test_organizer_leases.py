@@ -75,10 +75,7 @@ class Stack:
     async def submit(self) -> str:
         episode_id = f"lease--{uuid.uuid4().hex[:12]}"
         sub = SubmitProblem(
-            episode_id=episode_id,
-            task="countdown",
-            problem_id=episode_id,
-            payload=PAYLOAD,
+            episode_id=episode_id, task="countdown", problem_id=episode_id, payload=PAYLOAD,
             settings=EpisodeSettings(mode="sequential"),
         )
         await self.bus.publish(PROBLEMS_STREAM, {"data": sub.model_dump_json()})
@@ -111,9 +108,7 @@ async def _until(predicate: Any, timeout_s: float, what: str) -> None:
         await asyncio.sleep(0.02)
 
 
-async def test_a_long_episode_is_never_claimed_counted_or_dead_lettered_by_its_own_organizer(
-    stack: Stack,
-) -> None:
+async def test_a_long_episode_is_never_claimed_counted_or_dead_lettered_by_its_own_organizer(stack: Stack) -> None:
     service = stack.service("only", tokens_per_s=40.0, claim_idle_ms=300)  # ~1.7 s: over 5 leases
     stop = asyncio.Event()
     runner = asyncio.create_task(service.run_forever(stop))
@@ -185,12 +180,8 @@ async def test_a_dead_lettered_submission_fails_its_episode(stack: Stack) -> Non
 
         task = get_task("countdown")
         repository.create_episode(
-            session,
-            episode_id=episode_id,
-            problem=task.problem_from_payload(PAYLOAD, episode_id),
-            mode="sequential",
-            capacity=2,
-            model_id="scripted",
+            session, episode_id=episode_id, problem=task.problem_from_payload(PAYLOAD, episode_id),
+            mode="sequential", capacity=2, model_id="scripted",
         )
         repository.mark_running(session, episode_id=episode_id)
     service = stack.service("alive", claim_idle_ms=300)

@@ -83,13 +83,8 @@ def worker_runtime(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 
 def _task(episode_id: str) -> WorkerTask:
     return WorkerTask(
-        episode_id=episode_id,
-        agent="1",
-        fork_id=1,
-        parent="organizer",
-        query="find a product route",
-        task="countdown",
-        budget=64,
+        episode_id=episode_id, agent="1", fork_id=1, parent="organizer", query="find a product route",
+        task="countdown", budget=64,
     )
 
 
@@ -269,22 +264,14 @@ async def test_stale_submission_of_a_dead_organizer_is_claimed(tmp_path: Any) ->
     await bus.ensure_group(PROBLEMS_STREAM, ORGANIZER_GROUP)
     episode_id = f"fork_join--{uuid.uuid4().hex[:12]}"
     submission = SubmitProblem(
-        episode_id=episode_id,
-        task="countdown",
-        problem_id="p",
-        payload=PAYLOAD,
+        episode_id=episode_id, task="countdown", problem_id="p", payload=PAYLOAD,
         settings=EpisodeSettings(worker_budget=64),
     )
     await bus.publish(PROBLEMS_STREAM, {"data": submission.model_dump_json()})
     # An organizer reads it and dies without acking.
     assert len(await bus.read_group(PROBLEMS_STREAM, ORGANIZER_GROUP, "dead", block_ms=0)) == 1
     service = OrganizerService(
-        bus,
-        db.session_factory(engine),
-        ScenarioBackend(),
-        endpoints={},
-        consumer_name="alive",
-        claim_idle_ms=100,
+        bus, db.session_factory(engine), ScenarioBackend(), endpoints={}, consumer_name="alive", claim_idle_ms=100,
         read_block_ms=50,
     )
     stop = asyncio.Event()
@@ -315,19 +302,13 @@ async def test_store_sink_saves_a_worker_segment_when_it_completes(tmp_path: Any
     task = get_task("countdown")
     with factory() as session:
         repository.create_episode(
-            session,
-            episode_id="e1",
-            problem=task.problem_from_payload(PAYLOAD, "p"),
-            mode="asyncthink",
-            capacity=2,
-            model_id="m",
+            session, episode_id="e1", problem=task.problem_from_payload(PAYLOAD, "p"), mode="asyncthink",
+            capacity=2, model_id="m",
         )
     segment = SegmentRecord(agent="1", role="worker", fork_id=1, parent="organizer", text="t", returned="r")
     sink = StoreSink(factory, "e1")
     await sink.emit(EpisodeEvent(episode_id="e1", kind="fork", data={}))  # ignored
-    await sink.emit(
-        EpisodeEvent(episode_id="e1", kind="segment", agent="1", data={"segment": segment.model_dump()})
-    )
+    await sink.emit(EpisodeEvent(episode_id="e1", kind="segment", agent="1", data={"segment": segment.model_dump()}))
     with factory() as session:
         (row,) = repository.episode_segments(session, "e1")
         assert (row.agent, row.returned, row.fork_id) == ("1", "r", 1)

@@ -74,10 +74,7 @@ def test_fork_then_immediate_join() -> None:
     # the clock: pre tokens, fork, "<JOIN-1>" decoded (t_j = pre + 8); jump to max(t_j, pre + L)
     assert result.latency == max(pre + len("<JOIN-1>"), jump) + len("ok<ANSWER>42</ANSWER>")
     assert result.timeline == Timeline.of(
-        Decode(pre),
-        ForkStep(1, Timeline.of(Decode(len(worker)))),
-        Decode(len("<JOIN-1>")),
-        JoinStep(1),
+        Decode(pre), ForkStep(1, Timeline.of(Decode(len(worker)))), Decode(len("<JOIN-1>")), JoinStep(1),
         Decode(len("ok<ANSWER>42</ANSWER>")),
     )
     org_seg = result.segments[0]
@@ -88,12 +85,7 @@ def test_fork_then_immediate_join() -> None:
     assert sum(org_seg.completion_mask) == len(org)
     assert len(org_seg.completion_ids) == len(org) + len(injected)
     worker_seg = result.segments[1]
-    assert (worker_seg.agent, worker_seg.fork_id, worker_seg.parent, worker_seg.query) == (
-        "1",
-        1,
-        "organizer",
-        "q",
-    )
+    assert (worker_seg.agent, worker_seg.fork_id, worker_seg.parent, worker_seg.query) == ("1", 1, "organizer", "q")
     assert worker_seg.returned == "7"
     assert worker_seg.prompt == "W q\n"
     assert worker_seg.clock_start == pre and worker_seg.clock_end == pre + len(worker)
@@ -135,9 +127,7 @@ def test_an_answer_in_the_text_past_a_join_ends_the_episode() -> None:
     assert sum(seg.completion_mask) == len("ab<FORK-1>q</FORK-1><JOIN-1><ANSWER>42</ANSWER>")
     assert backend.calls == 3  # organizer twice (up to </FORK-1>, up to <JOIN-1> and past it), worker once
     kinds = [e.kind for e in sink.events]
-    assert (
-        kinds.index("join") < kinds.index("worker_result") < kinds.index("answer") < kinds.index("finished")
-    )
+    assert kinds.index("join") < kinds.index("worker_result") < kinds.index("answer") < kinds.index("finished")
 
 
 def test_text_past_a_join_is_parsed_with_stored_offsets() -> None:
@@ -152,10 +142,8 @@ def test_text_past_a_join_is_parsed_with_stored_offsets() -> None:
 
 def test_two_overlapping_workers_capacity_three() -> None:
     org = "<FORK-1>a</FORK-1><FORK-2>b</FORK-2>x<JOIN-2><JOIN-1><ANSWER>42</ANSWER>"
-    result, _ = run(
-        {"organizer": org, "1": "w" * 100 + "<RETURN>1</RETURN>", "2": "<RETURN>2</RETURN>"},
-        EngineConfig(capacity=3),
-    )
+    result, _ = run({"organizer": org, "1": "w" * 100 + "<RETURN>1</RETURN>", "2": "<RETURN>2</RETURN>"},
+                    EngineConfig(capacity=3))
     assert result.status == "completed", result.format_errors
     f1 = len("<FORK-1>a</FORK-1>")
     f2 = f1 + len("<FORK-2>b</FORK-2>")
@@ -215,11 +203,8 @@ class SlowEndpoint:
 
 def test_worker_timeout_returns_error_text_and_the_episode_goes_on() -> None:
     org = "<FORK-1>a</FORK-1><JOIN-1><ANSWER>42</ANSWER>"
-    result, _ = run(
-        {"organizer": org},
-        EngineConfig(worker_timeout_s=0.05, worker_budget=30),
-        endpoints={None: SlowEndpoint()},
-    )
+    result, _ = run({"organizer": org}, EngineConfig(worker_timeout_s=0.05, worker_budget=30),
+                    endpoints={None: SlowEndpoint()})
     assert result.status == "completed"
     assert "timed out" in result.segments[0].text
     assert result.segments[1].error == "timeout"
@@ -283,14 +268,10 @@ class ConcurrencyProbe(CodePoints):
 
 
 def test_worker_decodes_while_the_organizer_keeps_thinking() -> None:
-    probe = ConcurrencyProbe(
-        ScriptedBackend(
-            {
-                "organizer": "<FORK-1>a</FORK-1>" + "think " * 5 + "<JOIN-1><ANSWER>42</ANSWER>",
-                "1": "w<RETURN>r</RETURN>",
-            }
-        )
-    )
+    probe = ConcurrencyProbe(ScriptedBackend({
+        "organizer": "<FORK-1>a</FORK-1>" + "think " * 5 + "<JOIN-1><ANSWER>42</ANSWER>",
+        "1": "w<RETURN>r</RETURN>",
+    }))
     engine = Engine(probe, EchoTask(), EngineConfig())
     result = asyncio.run(engine.run(PROBLEM))
     assert result.status == "completed"

@@ -98,18 +98,8 @@ def comparable(result: EpisodeResult) -> dict[str, Any]:
         "timeline": result.timeline.to_json(),
         "format_errors": result.format_errors,
         "segments": sorted(
-            (
-                s.agent,
-                s.completion_ids,
-                s.completion_mask,
-                s.text,
-                s.returned,
-                s.error,
-                s.generated_tokens,
-                s.clock_start,
-                s.clock_end,
-                s.prompt_ids,
-            )
+            (s.agent, s.completion_ids, s.completion_mask, s.text, s.returned, s.error, s.generated_tokens,
+             s.clock_start, s.clock_end, s.prompt_ids)
             for s in result.segments
         ),
     }
@@ -135,9 +125,7 @@ async def test_checkpoints_come_after_each_fork_and_around_each_join() -> None:
     ends = [c.text for c in recorder.checkpoints]
     assert ends[0].endswith("</FORK-1>")
     assert ends[1].endswith("<JOIN-1>")  # waiting for the worker
-    assert ends[2].endswith(
-        "<RETURN>2*3+4</RETURN>".replace("<RETURN>", "").replace("</RETURN>", "") + "</JOIN-1>"
-    )
+    assert ends[2].endswith("<RETURN>2*3+4</RETURN>".replace("<RETURN>", "").replace("</RETURN>", "") + "</JOIN-1>")
     assert [c.completion_mask.count(0) for c in recorder.checkpoints] == [0, 0, len("2*3+4</JOIN-1>")]
 
 
@@ -169,9 +157,7 @@ class JoinedOnce:
     async def run(self, task: WorkerTask) -> WorkerOutcome:
         self.calls += 1
         returned = "first" if self.calls == 1 else "second"
-        seg = SegmentRecord(
-            agent=task.agent, role="worker", fork_id=task.fork_id, parent=task.parent, returned=returned
-        )
+        seg = SegmentRecord(agent=task.agent, role="worker", fork_id=task.fork_id, parent=task.parent, returned=returned)
         return WorkerOutcome(returned=returned, segments=[seg])
 
 
@@ -179,19 +165,12 @@ async def test_a_joined_result_is_kept_when_the_worker_now_returns_another() -> 
     script = {"organizer": "<FORK-1>q</FORK-1><JOIN-1>ok<ANSWER>42</ANSWER>"}
     endpoint = JoinedOnce()
     recorder = Recorder()
-    engine = Engine(
-        ScriptedBackend(script, resumable=True),
-        EchoTask(),
-        EngineConfig(),
-        endpoints={None: endpoint},
-        checkpointer=recorder,
-    )
+    engine = Engine(ScriptedBackend(script, resumable=True), EchoTask(), EngineConfig(), endpoints={None: endpoint},
+                    checkpointer=recorder)
     await engine.run(PROBLEM, episode_id="ep")
     after_join = recorder.checkpoints[-1]
     assert after_join.text.endswith("first</JOIN-1>")
-    engine = Engine(
-        ScriptedBackend(script, resumable=True), EchoTask(), EngineConfig(), endpoints={None: endpoint}
-    )
+    engine = Engine(ScriptedBackend(script, resumable=True), EchoTask(), EngineConfig(), endpoints={None: endpoint})
     resumed = await engine.run(PROBLEM, episode_id="ep", resume_from=after_join)
     organizer = next(s for s in resumed.segments if s.agent == "organizer")
     worker = next(s for s in resumed.segments if s.agent == "1")
@@ -236,9 +215,7 @@ async def test_resuming_keeps_text_that_ran_past_a_join() -> None:
     }
     cfg = EngineConfig(capacity=3)
     recorder = Recorder()
-    full = await Engine(Overflowing(script), EchoTask(), cfg, checkpointer=recorder).run(
-        PROBLEM, episode_id="ep"
-    )
+    full = await Engine(Overflowing(script), EchoTask(), cfg, checkpointer=recorder).run(PROBLEM, episode_id="ep")
     assert full.status == "completed", full.format_errors
     assert full.forks == 2
     organizer = next(seg for seg in full.segments if seg.agent == "organizer")
@@ -260,9 +237,8 @@ def test_script_position_reads_the_input() -> None:
 async def test_a_worker_computed_twice_in_one_process_decodes_the_same() -> None:
     """A redelivered worker task running beside (or after) the first copy in one worker process."""
     backend = ScriptedBackend({"1": "think think<RETURN>7</RETURN>"}, resumable=True, tokens_per_s=500)
-    request = GenerateRequest(
-        input_ids=[ord(c) for c in "W q\n"], max_new_tokens=100, stop_regex="</RETURN>", session="ep", tag="1"
-    )
+    request = GenerateRequest(input_ids=[ord(c) for c in "W q\n"], max_new_tokens=100, stop_regex="</RETURN>",
+                              session="ep", tag="1")
     first, second = await asyncio.gather(backend.generate(request), backend.generate(request))
     third = await backend.generate(request)
     assert first.text == second.text == third.text == "think think<RETURN>7</RETURN>"

@@ -58,10 +58,7 @@ async def test_generate_calls_share_the_agents_growing_sequence() -> None:
     for (_, before), (_, after) in zip(calls, calls[1:], strict=False):
         assert after[: len(before)] == before and len(after) > len(before)  # each call saw its own prefix
     organizer = result.segments[0]
-    assert (
-        calls[-1][1]
-        == organizer.prompt_ids + organizer.completion_ids[: len(calls[-1][1]) - len(organizer.prompt_ids)]
-    )
+    assert calls[-1][1] == organizer.prompt_ids + organizer.completion_ids[: len(calls[-1][1]) - len(organizer.prompt_ids)]
     assert backend.priorities["organizer"] == {PRIORITY_ORGANIZER}
     assert backend.priorities["1"] == {PRIORITY_WORKER}
 
@@ -75,9 +72,7 @@ async def test_the_scripted_backend_decodes_a_prompt_once() -> None:
         **{str(i): "<RETURN>r</RETURN>" for i in range(1, n + 1)},
     }
     backend = Recording(script)
-    result = await Engine(backend, EchoTask(), EngineConfig(capacity=n + 1, organizer_budget=20_000)).run(
-        PROBLEM
-    )
+    result = await Engine(backend, EchoTask(), EngineConfig(capacity=n + 1, organizer_budget=20_000)).run(PROBLEM)
     assert result.forks == n and result.answer == "42"
     length = len(result.segments[0].completion_ids)
     # decoding the whole input at each of the ~2n organizer calls would be ~n * length ids
@@ -104,12 +99,8 @@ class Eager:
 
 async def test_checkpoints_are_snapshots_for_a_lazy_checkpointer() -> None:
     lazy, eager = Lazy(), Eager()
-    await Engine(ScriptedBackend(SCRIPT), EchoTask(), EngineConfig(capacity=3), checkpointer=lazy).run(
-        PROBLEM
-    )
-    await Engine(ScriptedBackend(SCRIPT), EchoTask(), EngineConfig(capacity=3), checkpointer=eager).run(
-        PROBLEM
-    )
+    await Engine(ScriptedBackend(SCRIPT), EchoTask(), EngineConfig(capacity=3), checkpointer=lazy).run(PROBLEM)
+    await Engine(ScriptedBackend(SCRIPT), EchoTask(), EngineConfig(capacity=3), checkpointer=eager).run(PROBLEM)
     assert all(isinstance(s, Snapshot) for s in lazy.snapshots) and len(lazy.snapshots) == len(eager.segments)
     for snap, seg in zip(lazy.snapshots, eager.segments, strict=True):
         assert snap.segment().completion_ids == seg.completion_ids  # the sequence as it was then
@@ -138,9 +129,7 @@ class Endpoint:
 async def test_a_join_that_waits_tells_the_endpoint() -> None:
     endpoint = Endpoint({"1": 0.3, "2": 0.0})
     config = EngineConfig(capacity=3)
-    result = await Engine(ScriptedBackend(SCRIPT), EchoTask(), config, endpoints={None: endpoint}).run(
-        PROBLEM
-    )
+    result = await Engine(ScriptedBackend(SCRIPT), EchoTask(), config, endpoints={None: endpoint}).run(PROBLEM)
     assert result.answer == "42"
     assert endpoint.awaited_agents == ["1"]  # worker 2 was done by its join
 
