@@ -10,13 +10,16 @@ renews its entries, so:
 * an organizer that lost an entry (claimed by another while it stalled) stops that episode;
 * a dead-lettered submission ends its episode as ``failed`` instead of leaving it ``running``.
 
-These use the in-process bus and SQLite (the bus conformance suite holds Redis to the same rules);
-the distributed kill -9 tests are in ``test_resume.py`` and the fault soak.
+These use the in-process bus and SQLite (the bus conformance suite holds Redis to the same rules;
+``tests/integration/services/test_organizer_redis.py`` claims a stopped organizer's entry on Redis);
+the distributed kill -9 tests are in ``test_resume.py`` and the fault soak. No test sleeps for a
+fixed time: each waits for a condition (the episode running, its renewals, the claim's log line).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -37,9 +40,23 @@ from tests.scenarios.scripts import PAYLOAD
 SLOW_ORGANIZER = "Thinking it over slowly, one sum at a time.<ANSWER>1+2+3+4</ANSWER>"  # 68 tokens
 
 
+class RenewCountingBus(InProcessBus):
+    """The in-process bus, counting the renewals that kept an entry (each one a lease period survived)."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.renewed: dict[str, int] = {}
+
+    async def renew(self, stream: str, group: str, consumer: str, *ids: str) -> list[str]:
+        owned = await super().renew(stream, group, consumer, *ids)
+        for entry_id in owned:
+            self.renewed[entry_id] = self.renewed.get(entry_id, 0) + 1
+        return owned
+
+
 @dataclass
 class Stack:
-    bus: InProcessBus
+    bus: RenewCountingBus
     factory: Any
     url: str
 
@@ -75,18 +92,20 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     url = f"sqlite:///{tmp_path / 'store.db'}"
     db.migrate(url)
     engine = db.make_engine(url)
-    bus = InProcessBus(max_deliveries=2)
+    bus = RenewCountingBus(max_deliveries=2)
     await bus.ensure_group(PROBLEMS_STREAM, ORGANIZER_GROUP)
     yield Stack(bus, db.session_factory(engine), url)
     engine.dispose()
 
 
 async def _until(predicate: Any, timeout_s: float, what: str) -> None:
-    for _ in range(int(timeout_s / 0.02)):
-        if predicate():
-            return
+    """Wait for a condition, checked every 20 ms; fail with ``what`` after ``timeout_s``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
         await asyncio.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
 async def test_a_long_episode_is_never_claimed_counted_or_dead_lettered_by_its_own_organizer(stack: Stack) -> None:
@@ -99,16 +118,22 @@ async def test_a_long_episode_is_never_claimed_counted_or_dead_lettered_by_its_o
     finally:
         stop.set()
         await asyncio.wait_for(runner, 10)
+    # the episode outlived its lease several times over: renewed every 75 ms, 8 renewals are 600 ms,
+    # two leases of 300 ms (without the renewals it would have been claimed, counted and dead-lettered)
+    (renewals,) = stack.bus.renewed.values()
+    assert renewals >= 8, renewals
     assert await stack.bus.read(dead_letter_stream(PROBLEMS_STREAM), after="0") == []
     assert stack.bus.pending_count(PROBLEMS_STREAM, ORGANIZER_GROUP) == 0
     assert stack.status(episode_id) == ("completed", None)
     assert service.episodes_done == 1  # run once
 
 
-async def test_a_dead_organizers_entry_is_claimed_about_one_lease_later(stack: Stack) -> None:
+async def test_a_dead_organizers_entry_is_claimed_about_one_lease_later(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "services.organizer.service")
     episode_id = await stack.submit()
     (entry,) = await stack.bus.read_group(PROBLEMS_STREAM, ORGANIZER_GROUP, "died", block_ms=0)
-    t0 = asyncio.get_running_loop().time()
     service = stack.service("alive", tokens_per_s=2000.0, claim_idle_ms=300)
     stop = asyncio.Event()
     runner = asyncio.create_task(service.run_forever(stop))
@@ -117,7 +142,9 @@ async def test_a_dead_organizers_entry_is_claimed_about_one_lease_later(stack: S
     finally:
         stop.set()
         await asyncio.wait_for(runner, 10)
-    assert asyncio.get_running_loop().time() - t0 < 2.0
+    # claimed (not read anew): its second delivery, taken once idle for the lease
+    claimed = f"claimed submission {entry.id} of a dead organizer (idle over 300 ms; delivery 2)"
+    assert [r.getMessage() for r in caplog.records].count(claimed) == 1
     assert stack.status(episode_id) == ("completed", None)
     assert stack.bus.pending_count(PROBLEMS_STREAM, ORGANIZER_GROUP) == 0
 
@@ -127,14 +154,15 @@ async def test_an_organizer_that_lost_its_lease_stops_the_episode(stack: Stack) 
     stop = asyncio.Event()
     runner = asyncio.create_task(service.run_forever(stop))
     try:
-        await stack.submit()
+        episode_id = await stack.submit()
         await _until(lambda: service.in_progress == 1, 5, "the episode to start")
-        await asyncio.sleep(0.2)
+        await _until(lambda: stack.status(episode_id)[0] == "running", 5, "the episode to be marked running")
         # Another organizer takes the entry over (as if this one had stalled past its lease).
         entries = await stack.bus.claim_stale(PROBLEMS_STREAM, ORGANIZER_GROUP, "rescuer", min_idle_ms=0)
         assert len(entries) == 1
         await _until(lambda: service.in_progress == 0, 3, "the lost episode to stop")
         assert service.episodes_done == 0  # stopped, neither saved nor acked
+        assert service.leases_lost == 1
         assert stack.bus.pending_count(PROBLEMS_STREAM, ORGANIZER_GROUP) == 1  # still the rescuer's
     finally:
         stop.set()

@@ -1,7 +1,9 @@
 """At-least-once delivery, handled: idempotent worker tasks, stale submissions claimed, segments saved live.
 
-* A worker task delivered twice computes once and publishes the same outcome twice (the done-marker);
-  a backend connection error is retried, and after the last retry an error outcome is published.
+* A worker task delivered twice through Celery (a real worker process on Redis) computes once and
+  publishes the same outcome twice (the done-marker); a backend connection error is retried with
+  backoff by that worker and the outcome arrives; after the last retry an error outcome is published
+  (``run_once`` with ``final_attempt``, which would otherwise take 31 s of backoff).
 * A submission read by an organizer that died (never acked) is claimed by a live one and run.
 * The store sink saves a worker's segment when its ``segment`` event arrives.
 
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -90,24 +94,146 @@ async def _results(rt: Any, episode_id: str) -> list[dict[str, str]]:
     return [e.fields for e in entries if "data" in e.fields]
 
 
-@pytest.mark.integration
-def test_redelivered_worker_task_republishes_the_same_outcome(worker_runtime: Any) -> None:
-    from services.workers.tasks import done_key, run_once
+class FlakyBackend(ScenarioBackend):
+    """The scenario scripts; the first ``ASYNCTHINK_TEST_FAIL_FIRST`` generate calls of the process raise
+    ConnectionError (a model server that is not up yet). Loaded by Celery worker processes."""
 
-    rt = worker_runtime
-    episode_id = f"fork_join--{uuid.uuid4().hex[:12]}"
+    failed = 0
+
+    async def generate(self, request: GenerateRequest) -> GenerateResult:
+        if type(self).failed < int(os.environ.get("ASYNCTHINK_TEST_FAIL_FIRST", "0")):
+            type(self).failed += 1
+            raise ConnectionError(f"backend down (test), failure {type(self).failed}")
+        return await super().generate(request)
+
+
+def flaky_factory(settings: object = None) -> FlakyBackend:
+    return FlakyBackend()
+
+
+@pytest.fixture
+def celery_process(tmp_path: Any) -> Iterator[Any]:
+    """``start(fail_first)``: a real Celery worker process (threads pool) on the Redis database above,
+    serving the scenario scripts through :class:`FlakyBackend`; returns the process and the Celery app."""
+    import redis
+
+    from bench.stack import celery_worker, service_env, wait_worker_ready
+    from services.workers.app import make_app
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+    except redis.RedisError as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set but Redis is unreachable: {exc}")
+        pytest.skip(f"Redis unreachable (set CI=1 to make this a failure): {exc}")
+    started: list[Any] = []
+
+    def start(fail_first: int) -> tuple[Any, Any]:
+        env = service_env(
+            ASYNCTHINK_REDIS_URL=REDIS_URL,
+            ASYNCTHINK_BACKEND_FACTORY=f"{__name__}:flaky_factory",
+            ASYNCTHINK_TEST_FAIL_FIRST=str(fail_first),
+            ASYNCTHINK_WORKER_TIMEOUT_S="30",
+        )
+        worker = celery_worker(
+            env, tmp_path / f"worker-{len(started)}.log", name=f"redelivery-{uuid.uuid4().hex[:6]}"
+        )
+        started.append(worker)
+        app = make_app(REDIS_URL)
+        wait_worker_ready(app, worker.start())
+        return worker, app
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+def _wait_for(what: str, check: Any, worker: Any, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout_s:g} s\n{worker.log_tail()}")
+        time.sleep(0.05)
+
+
+def _send(app: Any, task: WorkerTask) -> None:
+    app.send_task("asyncthink.run_worker", args=[task.model_dump_json()], queue="model", ignore_result=True)
+
+
+def _stream(direct: Any, episode_id: str) -> list[dict[str, str]]:
+    return [fields for _, fields in direct.xrange(results_stream(episode_id))]
+
+
+def _clean(direct: Any, episode_id: str) -> None:
+    from services.workers.tasks import done_key
+    from shared.messages import claim_key, events_stream
+
+    direct.delete(done_key(episode_id, "1"), claim_key(episode_id, "1"), results_stream(episode_id),
+                  events_stream(episode_id))  # fmt: skip
+
+
+@pytest.fixture
+def direct() -> Iterator[Any]:
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, decode_responses=True, socket_connect_timeout=2)
+    yield client
+    client.close()
+
+
+@pytest.mark.integration
+def test_a_task_delivered_twice_through_celery_computes_once_and_republishes(
+    celery_process: Any, direct: Any
+) -> None:
+    """Celery delivers at least once: the same task message a second time (as after a lost ack) reaches
+    the worker, which finds the done-marker and republishes the stored outcome instead of computing."""
+    worker, app = celery_process(fail_first=0)
+    episode_id = f"fork_join--org20{uuid.uuid4().hex[:8]}"
     task = _task(episode_id)
     try:
-        rt.call(run_once(rt, task, final_attempt=False))
-        calls = CountingBackend.calls
-        rt.call(run_once(rt, task, final_attempt=False))  # the redelivery
-        assert CountingBackend.calls == calls  # not recomputed
-        published = rt.call(_results(rt, episode_id))
-        assert len(published) == 2 and published[0] == published[1]
-        outcome = WorkerOutcome.model_validate_json(published[0]["data"])
-        assert published[0]["agent"] == "1" and outcome.returned == "2*3+4"
+        _send(app, task)
+        _wait_for("the outcome", lambda: sum("data" in f for f in _stream(direct, episode_id)) == 1, worker)
+        _send(app, task)  # the redelivery
+        _wait_for(
+            "the republished outcome",
+            lambda: sum("data" in f for f in _stream(direct, episode_id)) == 2,
+            worker,
+        )
+        entries = _stream(direct, episode_id)
+        outcomes = [f for f in entries if "data" in f]
+        assert outcomes[0] == outcomes[1]  # the same outcome twice
+        assert WorkerOutcome.model_validate_json(outcomes[0]["data"]).returned == "2*3+4"
+        assert sum("started" in f for f in entries) == 1  # computed once
+        log_text = worker.log_tail(200_000)
+        assert log_text.count(f"episode {episode_id} worker 1: already done, republishing") == 1
     finally:
-        rt.call(rt.redis.delete(done_key(episode_id, "1"), results_stream(episode_id)))
+        _clean(direct, episode_id)
+
+
+@pytest.mark.integration
+def test_a_backend_connection_error_is_retried_with_backoff_through_celery(
+    celery_process: Any, direct: Any
+) -> None:
+    """The backend refuses the first two calls: the worker retries after 0.5-1 s, then after 1-2 s
+    (``min(2**attempt, 60) * (0.5 + U/2)``), and the third attempt's outcome is published."""
+    worker, app = celery_process(fail_first=2)
+    episode_id = f"fork_join--org20{uuid.uuid4().hex[:8]}"
+    try:
+        _send(app, _task(episode_id))
+        _wait_for("the outcome", lambda: any("data" in f for f in _stream(direct, episode_id)), worker)
+        (outcome,) = [
+            WorkerOutcome.model_validate_json(f["data"]) for f in _stream(direct, episode_id) if "data" in f
+        ]
+        assert (outcome.returned, outcome.error) == ("2*3+4", None)
+        retries = re.findall(
+            rf"episode {episode_id} worker 1: backend down \(test\), failure (\d); retry (\d) in ([0-9.]+)s",
+            worker.log_tail(200_000),
+        )
+        assert [(f, r) for f, r, _ in retries] == [("1", "1"), ("2", "2")]
+        first, second = (float(d) for _, _, d in retries)
+        assert 0.5 <= first <= 1.0 and 1.0 <= second <= 2.0  # the delays logged (rounded to 0.1 s)
+    finally:
+        _clean(direct, episode_id)
 
 
 @pytest.mark.integration

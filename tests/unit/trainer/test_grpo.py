@@ -467,3 +467,55 @@ def test_the_grpo_verb(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert code == 0
     assert ckpt.read_step(out / "final") == 1
     assert main(["grpo", "--model", str(tiny_model_dir), "--out", str(out), "--group-size", "1"]) == 2
+
+
+def test_the_trainer_trains_on_the_engines_own_reward(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No reward function given: the rewards GRPO averages and normalizes are the engine's, computed with
+    the run's reward config. The rollouts are recorded on their way from the real ``run_group_rollouts``
+    to the loop (passed through unchanged) and rescored here with ``shared.rewards.total_reward``.
+
+    The tiny model's weights are random: every episode runs out of its 8-token budget without an answer,
+    a format error, so R = R_FE for all of them (the engine tests compare valid episodes' R_A + λ·R_η
+    with hand-worked values). An R_FE of -0.7 instead of the default -1.0 shows the run's config reached
+    the engine; equal rewards in every group give zero advantages, so the update trains nothing."""
+    from shared.rewards import RewardConfig, total_reward
+    from trainer.grpo import loop
+
+    seen: list[list[list[EpisodeResult]]] = []
+    real = loop.run_group_rollouts
+
+    async def recorded(*args: Any, **kw: Any) -> list[list[EpisodeResult]]:
+        groups = await real(*args, **kw)
+        seen.append(groups)
+        return groups
+
+    monkeypatch.setattr(loop, "run_group_rollouts", recorded)
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text("".join(json.dumps(p) + "\n" for p in TOY_PROBLEMS))
+    config = _config(
+        tiny_model_dir, tmp_path / "out", problems_file=problems, problems_per_step=2, group_size=2,
+        organizer_budget=8, worker_budget=4, steps=1, save_every=0, seed=0,
+        format_error_reward=-0.7, lam=0.3, tau=0.5,
+    )  # fmt: skip
+    run = train_grpo(config)
+    (groups,) = seen
+    (rec,) = run.metrics
+    cfg = RewardConfig(format_error_reward=-0.7, concurrency_weight=0.3, tau=0.5)
+    totals = []
+    for group in groups:
+        assert len(group) == 2
+        for r in group:
+            expected = total_reward(
+                accuracy=r.score.accuracy if r.score is not None else 0.0,
+                eta=r.eta, capacity=r.capacity, format_error=bool(r.format_errors), config=cfg,
+            )  # fmt: skip
+            assert r.rewards == expected
+            totals.append(expected.total)
+    assert len(totals) == 4 and rec["episodes"] == 4
+    assert totals == [-0.7] * 4  # every episode is a format error (see the docstring)
+    assert rec["reward"] == pytest.approx(sum(totals) / 4) == pytest.approx(-0.7)
+    assert rec["reward_total"] == pytest.approx(-0.7) and rec["format_error_rate"] == 1.0
+    assert rec["reward_std_in_group"] == 0.0 and rec["zero_advantage_groups"] == 1.0
+    assert rec["trained_sequences"] == 0
