@@ -1,6 +1,7 @@
 """GRPO over thinking structures: the pure math against hand-computed values, masks from real engine
 episodes, micro-batching that does not change the update, a toy task that a few GRPO steps learn, and
-checkpoint resume (CPU, the ``tiny_model_dir`` model)."""
+checkpoint resume (CPU, the ``tiny_model_dir`` model); one GRPO step of the shipped trained model on the
+engine's own reward, with its valid episodes' rewards worked out by hand."""
 
 from __future__ import annotations
 
@@ -519,3 +520,157 @@ def test_the_trainer_trains_on_the_engines_own_reward(
     assert rec["reward_total"] == pytest.approx(-0.7) and rec["format_error_rate"] == 1.0
     assert rec["reward_std_in_group"] == 0.0 and rec["zero_advantage_groups"] == 1.0
     assert rec["trained_sequences"] == 0
+
+
+# The shipped trained model (read only: the run writes under tmp_path) on two easy problems. Seed 3 of
+# the loop draws the problems in this order and samples the episodes whose arithmetic is worked out below.
+SHIPPED_MODEL = Path(__file__).resolve().parents[3] / "models" / "asyncthink-countdown-small"
+SHIPPED_PROBLEMS = [
+    {"numbers": [3, 7, 25, 50], "target": 75, "n_solutions": 4},
+    {"numbers": [2, 5, 10, 20], "target": 50, "n_solutions": 4},
+]
+
+
+def _advantage_weighted_logprob(model_dir: Path, seqs: list[Sequence], advs: list[float]) -> float:
+    """``Σ A · log p(token)`` over the generated tokens of ``seqs`` under the model in ``model_dir``."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    batch = collate(seqs, advs, pad_id=0)
+    with torch.no_grad():
+        logits = model(batch.input_ids, attention_mask=batch.attention_mask).logits  # [B, L, V]
+        logp = token_logprobs(logits, batch.input_ids)  # [B, L-1]
+    return float((logp * batch.advantages * batch.loss_mask).sum())
+
+
+@pytest.mark.slow  # 9 s on 2 CPU cores, 25-30 s when they are busy: four episodes of ~250 tokens, one update
+def test_a_grpo_step_of_the_shipped_model_on_the_engines_own_reward(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shipped trained model's episodes, sampled at temperature 1 by the real rollout path and
+    scored by the engine (no reward function given), are valid and invalid both: R = R_FE for the two
+    format errors, R = R_A + λ·R_η for the two valid episodes, worked out by hand from their recorded
+    timelines (T and the tokens of each agent). Each group holds one of each, so every advantage is
+    nonzero, every sequence is trained, the saved weights differ from the start and the update raises
+    the advantage-weighted log-likelihood of the sampled tokens.
+
+    R_FE = -0.6, λ = 0.3 and τ = 0.9 (not the defaults; τ above every η/c here, so R_η = η/c / τ is not
+    capped). The episodes are those of seed 3: each agent samples with its own seeded generator, fp32 on
+    the CPU. The rollouts and the update's inputs are recorded on their way (passed through unchanged)."""
+    from safetensors.torch import load_file
+
+    from shared.messages import EpisodeStatus
+    from shared.rewards import RewardConfig, total_reward
+    from trainer.grpo import loop
+
+    seen: list[list[list[EpisodeResult]]] = []
+    updates: list[tuple[list[Sequence], list[float]]] = []
+    real_rollouts, real_update = loop.run_group_rollouts, loop.grpo_update
+
+    async def recorded(*args: Any, **kw: Any) -> list[list[EpisodeResult]]:
+        groups = await real_rollouts(*args, **kw)
+        seen.append(groups)
+        return groups
+
+    def recorded_update(
+        model: Any, opt: Any, seqs: list[Sequence], advs: list[float], *a: Any, **kw: Any
+    ) -> Any:
+        updates.append((list(seqs), list(advs)))
+        return real_update(model, opt, seqs, advs, *a, **kw)
+
+    monkeypatch.setattr(loop, "run_group_rollouts", recorded)
+    monkeypatch.setattr(loop, "grpo_update", recorded_update)
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text("".join(json.dumps(p) + "\n" for p in SHIPPED_PROBLEMS))
+    config = _config(
+        SHIPPED_MODEL, tmp_path / "out", problems_file=problems, problems_per_step=2, group_size=2,
+        organizer_budget=288, worker_budget=128, steps=1, save_every=0, seed=3, lr=1e-4,
+        format_error_reward=-0.6, lam=0.3, tau=0.9,
+    )  # fmt: skip
+    run = train_grpo(config)
+    (groups,) = seen
+    (rec,) = run.metrics
+    cfg = RewardConfig(format_error_reward=-0.6, concurrency_weight=0.3, tau=0.9)
+
+    # every reward is total_reward of the episode's own accuracy, η, capacity and format error
+    assert [[r.problem.payload for r in g] for g in groups] == [[p] * 2 for p in SHIPPED_PROBLEMS]
+    flat = [r for g in groups for r in g]
+    for r in flat:
+        assert r.capacity == 2  # countdown's default c
+        expected = total_reward(
+            accuracy=r.score.accuracy if r.score is not None else 0.0,
+            eta=r.eta, capacity=r.capacity, format_error=bool(r.format_errors), config=cfg,
+        )  # fmt: skip
+        assert r.rewards == expected
+    assert [r.status for r in flat] == [
+        EpisodeStatus.FORMAT_ERROR, EpisodeStatus.COMPLETED, EpisodeStatus.COMPLETED, EpisodeStatus.FORMAT_ERROR
+    ]  # fmt: skip
+    fe_1, valid_1, valid_2, fe_2 = flat
+    # worker 2 ran out of its 128 tokens: a format error, R_FE although the organizer wrote an answer
+    assert [e["kind"] for e in fe_1.format_errors] == ["budget_exceeded", "unclosed_tag", "missing_answer"]
+    assert fe_1.answer is not None and fe_1.rewards.total == -0.6
+    # the organizer ran out of its 288 tokens without an answer
+    assert [e["kind"] for e in fe_2.format_errors] == ["budget_exceeded", "missing_answer"]
+    assert fe_2.latency == 288 and fe_2.rewards.total == -0.6
+
+    # valid_1: the organizer decodes 34 tokens, forks worker 1 (54 tokens, done at 34 + 54 = 88), decodes
+    # 50 (to 84), joins 1 (waits to 88), decodes 26 (to 114), forks worker 2 (61 tokens, done at 175),
+    # decodes 94 (to 208), joins 2 (208 > 175, no wait) and decodes 37: T = 208 + 37 = 245.
+    # η = (241 + 54 + 61) / 245 = 356/245; η/c = 178/245 < τ: R_η = (178/245) / 0.9 = 356/441.
+    # Of the first n_s = 4 expressions of its answer only 25*3 solves the problem (a bare 75 does not
+    # count): R_A = 1/4; R = 1/4 + 0.3 · 356/441.
+    assert valid_1.timeline.to_json() == [
+        ["decode", 34], ["fork", 1, [["decode", 54]]], ["decode", 50], ["join", 1], ["decode", 26],
+        ["fork", 2, [["decode", 61]]], ["decode", 94], ["join", 2], ["decode", 37],
+    ]  # fmt: skip
+    tokens = [(s.agent, s.generated_tokens) for s in valid_1.segments]
+    assert tokens == [("organizer", 241), ("1", 54), ("2", 61)]
+    assert valid_1.latency == 245 and valid_1.eta == pytest.approx(356 / 245)
+    assert valid_1.answer == "75; 25*3; 7+5; (7-3)*50/25; 7+25"
+    assert valid_1.score is not None and (valid_1.score.correct, valid_1.score.needed) == (1, 4)
+    assert valid_1.rewards.accuracy == 0.25 and valid_1.rewards.concurrency == pytest.approx(356 / 441)
+    r_valid_1 = 0.25 + 0.3 * 356 / 441  # 0.49218 ...
+    assert valid_1.rewards.total == pytest.approx(r_valid_1)
+    # valid_2: 34 tokens, fork 1 (41 tokens, done at 75), 83 more (to 117 > 75), join 1, 114 more:
+    # T = 34 + 83 + 114 = 231; η = (231 + 41) / 231 = 272/231; R_η = (136/231) / 0.9 = 1360/2079.
+    # No solution among its answers: R_A = 0; R = 0.3 · 1360/2079 = 408/2079.
+    assert valid_2.timeline.to_json() == [
+        ["decode", 34], ["fork", 1, [["decode", 41]]], ["decode", 83], ["join", 1], ["decode", 114]
+    ]  # fmt: skip
+    assert [(s.agent, s.generated_tokens) for s in valid_2.segments] == [("organizer", 231), ("1", 41)]
+    assert valid_2.latency == 231 and valid_2.eta == pytest.approx(272 / 231)
+    assert valid_2.score is not None and valid_2.score.correct == 0
+    r_valid_2 = 408 / 2079  # 0.19625 ...
+    assert valid_2.rewards.total == pytest.approx(r_valid_2)
+
+    # the logged step: means over the four rewards; each group's population std is half its spread
+    totals = [r.rewards.total for r in flat]
+    assert rec["episodes"] == 4 and rec["format_error_rate"] == 0.5
+    assert rec["reward"] == pytest.approx(sum(totals) / 4) == pytest.approx((r_valid_1 + r_valid_2 - 1.2) / 4)
+    assert rec["reward_total"] == pytest.approx(rec["reward"])
+    assert rec["reward_accuracy"] == pytest.approx(0.25 / 4)
+    stds = [(r_valid_1 + 0.6) / 2, (r_valid_2 + 0.6) / 2]
+    assert rec["reward_std_in_group"] == pytest.approx(sum(stds) / 2)
+    assert rec["zero_advantage_groups"] == 0.0
+
+    # the update: each episode's sequences carry (R - mean) / (std + eps) = ±std / (std + eps) of its group
+    ((seqs, advs),) = updates
+    per_episode = [-stds[0], stds[0], stds[1], -stds[1]]
+    expected_advs = [a / (abs(a) + 1e-4) for a in per_episode]
+    n_seqs = [len(episode_sequences(r)) for r in flat]
+    assert n_seqs == [3, 3, 2, 3]  # organizer and workers (fe_1's worker 2 too: it has tokens)
+    assert advs == pytest.approx([a for a, n in zip(expected_advs, n_seqs, strict=True) for _ in range(n)])
+    assert all(a != 0 for a in advs)
+    assert rec["trained_sequences"] == 11 and rec["trained_tokens"] == rec["rollout_tokens"] > 0
+    assert rec["update_skipped"] is False
+
+    # the saved weights moved, in the direction the advantages ask for
+    final = run.last_checkpoint
+    assert final == tmp_path / "out" / "final"
+    start = load_file(str(SHIPPED_MODEL / "model.safetensors"))
+    after = load_file(str(final / "model.safetensors"))
+    assert start.keys() == after.keys()
+    changed = [k for k in start if not torch.equal(start[k].float(), after[k].float())]
+    assert len(changed) == len(start)
+    before = _advantage_weighted_logprob(SHIPPED_MODEL, seqs, advs)
+    assert _advantage_weighted_logprob(final, seqs, advs) > before
