@@ -656,7 +656,10 @@ def test_build_train_problems_skips_held_out_and_repeated_problems() -> None:
     assert [p.id for p in train] == ["cd-5-0", "cd-5-1"]
     assert train == generate(2, 5, exclude=held_out_keys())
     both = build_train_problems(seeds=(5, 9), per_seed=1)
-    assert [p.id for p in both] == ["cd-5-0", "cd-9-0"]
+    assert [p.id for p in both] == ["cd-5-0", "cd-9-0"] and {p.task for p in both} == {"countdown"}
+    # the test split's own seed draws the test problems first: train must skip them all the same
+    from_test_seed = build_train_problems(seeds=(countdown.TEST_SEED,), per_seed=2)
+    assert not {problem_key(p.payload["numbers"], p.payload["target"]) for p in from_test_seed} & held_out_keys()
 
 
 def test_the_split_builders_rebuild_the_committed_files(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -668,14 +671,16 @@ def test_the_split_builders_rebuild_the_committed_files(monkeypatch: pytest.Monk
 def test_main_rewrites_the_splits_and_the_train_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    test_file, test2_file = tmp_path / "data" / "countdown_test.jsonl", tmp_path / "data" / "countdown_test2.jsonl"
+    data = tmp_path / "package" / "data"  # two folders that do not exist yet
+    test_file, test2_file = data / "countdown_test.jsonl", data / "countdown_test2.jsonl"
     monkeypatch.setattr(countdown, "TEST_SIZE", 3)
     monkeypatch.setattr(countdown, "TEST_FILE", test_file)
     monkeypatch.setattr(countdown, "TEST2_FILE", test2_file)
     real_build_train = countdown.build_train_problems  # 15,000 problems: 2 from one seed here
     monkeypatch.setattr(countdown, "build_train_problems", lambda: real_build_train(seeds=(5,), per_seed=2))
     try:
-        countdown.main(["--train", str(tmp_path / "train.jsonl")])
+        countdown.main([])
+        countdown.main(["--train", str(tmp_path / "train.jsonl")])  # again, into the folder made above
         # main re-reads what it wrote: the loaders now return the 3-problem files
         assert [p.id for p in load_test_split()] == ["cd-test-0", "cd-test-1", "cd-test-2"]
         assert [p.id for p in load_test2_split()] == ["cd-test2-0", "cd-test2-1", "cd-test2-2"]
@@ -691,5 +696,15 @@ def test_main_rewrites_the_splits_and_the_train_file(
     train_rows = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
     assert train_rows == expected_train  # without ids
     assert capsys.readouterr().out == (
-        f"wrote 3 problems to {test_file} and 3 to {test2_file}\nwrote 2 train problems to {tmp_path / 'train.jsonl'}\n"
+        f"wrote 3 problems to {test_file} and 3 to {test2_file}\n" * 2
+        + f"wrote 2 train problems to {tmp_path / 'train.jsonl'}\n"
     )
+
+
+def test_main_says_what_it_does(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        countdown.main(["--help"])
+    assert done.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "rebuild the committed countdown problem files" in out
+    assert "--train TRAIN also write the train problems to this path" in out
