@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -533,6 +534,13 @@ def test_every_rejection_says_why() -> None:
         (ErrorKind.MALFORMED_TAG, 1, "</JOIN-1> may only follow an injected result"),
     ]
     assert messages("<JOIN-1@x><ANSWER>y</ANSWER>") == [(ErrorKind.MALFORMED_TAG, 0, "malformed tag '<JOIN-1@x>'")]
+    assert messages("<FORK-1>a<JOIN-1></FORK-1><ANSWER>y</ANSWER>") == [
+        (ErrorKind.MALFORMED_TAG, 9, "<JOIN-1> inside <FORK>"),
+    ]
+    # replaying: the result ends at the first </JOIN-1>; a second one is the model's (at 18 + 8 + 1 + 9 + 1 = 37)
+    assert messages("<FORK-1>a</FORK-1><JOIN-1>r</JOIN-1>b</JOIN-1><ANSWER>x</ANSWER>") == [
+        (ErrorKind.MALFORMED_TAG, 37, "</JOIN-1> may only follow an injected result"),
+    ]
     assert messages("<ANSWER>a</ANSWER>", role=Role.WORKER) == [
         (ErrorKind.MALFORMED_TAG, 0, "<ANSWER> is not valid for a worker"),
         (ErrorKind.MISSING_ANSWER, 18, "the stream ended without <RETURN>"),
@@ -608,3 +616,24 @@ def test_extract_return() -> None:
     assert extract_return("a<RETURN>x\ny</RETURN>b<RETURN>z</RETURN>") == "x\ny"  # the first, across lines
     assert extract_return("<RETURN></RETURN>") == ""
     assert extract_return("no return <return>x</return>") is None
+
+
+def test_a_join_frees_exactly_one_slot() -> None:
+    # capacity 2: one worker at a time; after the join of 1, fork 2 fits and fork 3 does not
+    # (18 + 18 + 18 = 54 for the first three constructs)
+    text = "<FORK-1>a</FORK-1><JOIN-1>r</JOIN-1><FORK-2>b</FORK-2><FORK-3>c</FORK-3><ANSWER>x</ANSWER>"
+    assert messages(text) == [(ErrorKind.CAPACITY_EXCEEDED, 54, "fork 3 while 1 workers are active (capacity 2)")]
+
+
+def test_capacity_below_1_is_refused() -> None:
+    with pytest.raises(ValueError) as err:
+        ProtocolParser(capacity=0)
+    assert str(err.value) == "capacity must be at least 1 (the organizer itself), got 0"
+
+
+def test_feed_is_live_by_default_and_an_empty_feed_is_nothing() -> None:
+    parser = ProtocolParser()
+    events = parser.feed("<FORK-1>a</FORK-1><JOIN-1>r</JOIN-1><ANSWER>x</ANSWER>")
+    assert events == [Fork(1, "a"), Join(1)] and not parser.done  # the rest waits for inject()
+    assert parser.feed("") == []  # an empty chunk does not read the held text as a replay
+    assert parser.inject("w</JOIN-1>")[-1] == Answer("x")  # the held text was generated text after all
