@@ -1,15 +1,17 @@
 """Mutation testing of the core files a change touches, bounded in time (CI; see docs/testing.md).
 
 The change is ``BASE..HEAD``: BASE is ``--base REF`` (its merge base with HEAD), else HEAD's first parent,
-else (a root commit) the empty tree, so every file is new. Of the files it adds or modifies, those in the
+else, for a root commit, the empty tree (every file is new); a shallow clone without the parent has
+nothing to compare and is skipped with a message. Of the files the change adds or modifies, those in the
 core list (pyproject's ``[tool.mutmut] only_mutate``) are mutated, and only those: mutmut runs in a
 scratch directory that links to this checkout and holds a copy of pyproject.toml with ``only_mutate``
-narrowed to them, so the checkout's pyproject.toml and its ``mutants/`` are never touched. The run is
-killed after ``--time-limit`` seconds. Each file's score is printed as killed / (total - skipped): a
-mutant with no test covering it counts as a survivor, one whose tests ran out of time as killed (the
-suite would not pass with it). Exit status 1 when a changed file scores below ``--min-score`` percent
-(mutants left untested at the time limit count as survivors), 0 otherwise; "no core file changed" and 0
-when there is nothing to mutate.
+narrowed to them, so the checkout's pyproject.toml and its ``mutants/`` are never touched.
+
+Each file's score is killed / (total - skipped): a mutant that no test covers counts as a survivor, one
+whose tests ran out of time as killed (the suite would not pass with it). The run is ended after
+``--time-limit`` seconds; the mutants it tested are scored and the untested ones are counted and named
+(mutmut tests the quickest first). Exit status 1 when a changed file scores below ``--min-score``
+percent, 0 otherwise; "no core file changed" and 0 when there is nothing to mutate.
 
     .venv/bin/python .ci/mutation_changed.py                       # the last commit, as CI runs it
     .venv/bin/python .ci/mutation_changed.py --base main           # everything a branch changed
@@ -55,6 +57,10 @@ def core_patterns(repo: Path) -> list[str]:
     return list(config["only_mutate"])
 
 
+class NoBase(Exception):
+    """HEAD has a parent that this clone does not hold (a shallow clone)."""
+
+
 def base_commit(repo: Path, base: str | None) -> str:
     """What HEAD is compared with: the merge base with ``base``, HEAD's parent, or the empty tree."""
     if base:
@@ -64,6 +70,8 @@ def base_commit(repo: Path, base: str | None) -> str:
     )
     if parent.returncode == 0:
         return parent.stdout.strip()
+    if git(repo, "rev-parse", "--is-shallow-repository").strip() == "true":
+        raise NoBase("HEAD's parent is not in this shallow clone")
     return git(repo, "hash-object", "-t", "tree", "/dev/null").strip()  # a root commit: all of it is new
 
 
@@ -90,8 +98,9 @@ def narrowed_pyproject(text: str, files: list[str]) -> str:
 class Score:
     path: str
     killed: int  # killed, timed out or caught by the type checker
-    total: int  # every mutant minus the skipped ones
-    survivors: tuple[str, ...]  # survived, no tests, not checked, suspicious...
+    total: int  # the tested mutants, skipped ones left out
+    survivors: tuple[str, ...]  # survived, no tests, suspicious, segfault...
+    untested: tuple[str, ...] = ()  # not checked: the time limit ended the run first
 
     @property
     def percent(self) -> float:
@@ -99,10 +108,11 @@ class Score:
 
 
 def score_of(path: str, exit_codes: dict[str, int | None]) -> Score:
-    counted = {name: code for name, code in exit_codes.items() if code not in SKIPPED}
+    untested = tuple(sorted(name for name, code in exit_codes.items() if code is None))
+    counted = {name: code for name, code in exit_codes.items() if code is not None and code not in SKIPPED}
     caught = [name for name, code in counted.items() if code in KILLED or code in TIMEOUT]
     survivors = tuple(sorted(set(counted) - set(caught)))
-    return Score(path, len(caught), len(counted), survivors)
+    return Score(path, len(caught), len(counted), survivors, untested)
 
 
 def read_scores(mutants: Path, files: list[str]) -> list[Score]:
@@ -159,7 +169,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repo", type=Path, default=ROOT, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
-    candidates = args.files or changed_files(args.repo, args.base)
+    try:
+        candidates = args.files or changed_files(args.repo, args.base)
+    except NoBase as why:
+        print(f"mutation testing: skipped, {why} (fetch more history, or pass --base)")
+        return 0
     files = select(candidates, core_patterns(args.repo))
     if not files:
         print("mutation testing: " + ("none of these is a core file" if args.files else "no core file changed"))
@@ -172,13 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if not finished:
-        print(f"the time limit ({args.time_limit:.0f} s) ended the run: mutants not yet tested count as survivors")
+        print(f"the time limit ({args.time_limit:.0f} s) ended the run: the scores are of the mutants it tested")
     failed = False
     for s in scores:
         low = s.percent < args.min_score
         failed |= low
         verdict = f"  BELOW {args.min_score:g} %" if low else ""
-        print(f"{s.path}: {s.killed}/{s.total} killed ({s.percent:.1f} %){verdict}")
+        left = f", {len(s.untested)} not tested in time" if s.untested else ""
+        print(f"{s.path}: {s.killed}/{s.total} killed ({s.percent:.1f} %){left}{verdict}")
         for name in s.survivors:
             print(f"    not killed: {name}")
     if failed:

@@ -98,6 +98,17 @@ def test_base_takes_everything_a_branch_changed_since_its_merge_base(repo: Path)
     assert selected(repo, base="main") == ["shared/core.py"]
 
 
+def test_a_shallow_clone_without_the_parent_is_skipped(repo: Path, tmp_path_factory: pytest.TempPathFactory,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    commit(repo, {"shared/core.py": "A = 5\n"}, "second")
+    clone = tmp_path_factory.mktemp("shallow") / "c"
+    subprocess.run(["git", "clone", "-q", "--depth", "1", f"file://{repo}", str(clone)], check=True, capture_output=True)
+    assert mc.main(["--repo", str(clone)]) == 0  # not every core file as if it were a root commit
+    assert capsys.readouterr().out == (
+        "mutation testing: skipped, HEAD's parent is not in this shallow clone (fetch more history, or pass --base)\n"
+    )
+
+
 def test_no_core_file_changed_exits_0_without_running_mutmut(repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
     commit(repo, {"README.md": "docs only\n"}, "docs")
     assert mc.main(["--repo", str(repo)]) == 0
@@ -127,14 +138,15 @@ def test_the_narrowed_config_and_the_scratch_checkout(repo: Path) -> None:
         shutil.rmtree(scratch)
 
 
-def test_scores_count_no_tests_and_untested_as_survivors(tmp_path: Path) -> None:
+def test_scores_count_no_tests_as_survivors_and_leave_out_the_untested(tmp_path: Path) -> None:
     codes = {
         "m1": 1, "m2": 3, "m3": 36, "m4": 37,  # killed, pytest internal error, timeout, type check: 4 caught
-        "m5": 0, "m6": 33, "m7": None,  # survived, no tests, not checked (time limit): 3 survivors
+        "m5": 0, "m6": 33, "m7": -11,  # survived, no tests, segfault: 3 survivors
         "m8": 34,  # skipped: not counted
+        "m9": None,  # not checked when the time limit ended the run: named, not counted
     }  # fmt: skip
     s = mc.score_of("shared/core.py", codes)
-    assert (s.killed, s.total, s.survivors) == (4, 7, ("m5", "m6", "m7"))
+    assert (s.killed, s.total, s.survivors, s.untested) == (4, 7, ("m5", "m6", "m7"), ("m9",))
     assert s.percent == pytest.approx(100 * 4 / 7)  # 57.1 %
     (tmp_path / "shared").mkdir()
     (tmp_path / "shared" / "core.py.meta").write_text(json.dumps({"exit_code_by_key": {"a": 1, "b": 1, "c": 0}}))
