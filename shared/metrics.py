@@ -22,7 +22,12 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class Decode:
-    tokens: int
+    tokens: int  # tokens decoded in one stretch, >= 0
+
+    def __post_init__(self) -> None:
+        # Checked here, so that no path (schedule, tokens_decoded, from_json) can see a negative count.
+        if self.tokens < 0:
+            raise ValueError(f"a decode step cannot have a negative token count (got {self.tokens})")
 
 
 @dataclass(frozen=True)
@@ -99,8 +104,6 @@ def schedule(timeline: Timeline, start: int = 0, agent: str = "organizer") -> Sc
     children: dict[int, Schedule] = {}
     for step in timeline.steps:
         if isinstance(step, Decode):
-            if step.tokens < 0:
-                raise ValueError("a decode step cannot have a negative token count")
             if step.tokens:
                 intervals.append(Interval(agent, clock, clock + step.tokens))
             clock += step.tokens

@@ -7,6 +7,7 @@ Each fenced block of shell (```sh, ```bash, ```console or an unlabelled block) i
 * ``python -m MODULE ...`` / ``python FILE ...``: the module exists and declares every ``--flag`` used;
 * ``celery -A APP ...``: the Celery app's module exists;
 * ``curl``: the method and path are a route of the gateway's OpenAPI schema;
+* ``mutmut``: a command of mutmut's, which the ``test`` extra installs;
 * ``docker compose``: the profiles and services it names exist in compose.yaml (it needs a Docker engine,
   which CI runs separately in ``.ci/compose_stage.sh``); ``docker build -f``, ``kubectl apply -k``,
   ``bash``/``sudo bash`` scripts, ``pytest`` paths: the files exist;
@@ -220,6 +221,9 @@ def check_one(argv: list[str], routes: list[tuple[str, re.Pattern[str]]]) -> Non
             assert (ROOT / args[args.index("-k") + 1]).is_dir(), f"no kustomization {args}"
     elif program == "bash":
         assert (ROOT / args[0]).is_file(), f"no script {args[0]}"
+    elif program == "mutmut":
+        assert args and args[0] in ("run", "results", "show", "browse"), f"no mutmut command {args[:1]}"
+        assert "mutmut==" in (ROOT / "pyproject.toml").read_text(), "mutmut is not in the test extra"
     elif program in ("pytest", "ruff", "mypy"):
         for a in args:
             if a.startswith("tests/"):
@@ -342,6 +346,8 @@ def test_the_checks_catch_a_renamed_flag(routes: list[tuple[str, re.Pattern[str]
         check_one(["python", "-m", "bench.orchestration", "--no-such-flag"], routes)
     with pytest.raises(AssertionError, match="has no check"):
         check_one(["frobnicate", "--now"], routes)
+    with pytest.raises(AssertionError, match="no mutmut command"):
+        check_one([".venv/bin/mutmut", "frobnicate"], routes)
     assert commands("export KEY=$(asyncthink keys create --name me) && curl -s localhost:8000/readyz") == [
         ["asyncthink", "keys", "create", "--name", "me"], ["export", "KEY=SUBST"], ["curl", "-s", "localhost:8000/readyz"],
     ]

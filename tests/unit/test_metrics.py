@@ -5,6 +5,7 @@ import pytest
 from shared.metrics import (
     Decode,
     ForkStep,
+    Interval,
     JoinStep,
     Timeline,
     concurrency,
@@ -100,3 +101,43 @@ def test_spans_start_at_the_fork_and_include_waits() -> None:
     spans = {s.agent: (s.start, s.end) for s in schedule(tl).spans}
     # worker 1 starts at its fork (4), waits for 1.1 (ends 30), decodes 3 more -> 33; a 0-token tool at 4
     assert spans == {"organizer": (0, 34), "1": (4, 33), "1.1": (10, 30), "2": (4, 4)}
+
+
+@pytest.mark.parametrize("tokens", [-1, -5])
+def test_a_negative_decode_count_is_rejected_on_every_path(tokens: int) -> None:
+    message = f"a decode step cannot have a negative token count (got {tokens})"
+    # the step itself refuses it, so schedule(), critical_path(), concurrency() and tokens_decoded()
+    # can never see one; a stored timeline with one fails to load
+    with pytest.raises(ValueError) as err:
+        Decode(tokens)
+    assert str(err.value) == message
+    with pytest.raises(ValueError) as err:
+        Timeline.from_json([["decode", 3], ["fork", 1, [["decode", tokens]]]])
+    assert str(err.value) == message
+
+
+def test_a_zero_token_decode_is_valid_and_occupies_no_step() -> None:
+    tl = Timeline.of(Decode(0), Decode(3), ForkStep(1, Timeline.of(Decode(0))), Decode(0))
+    sched = schedule(tl)
+    assert sched.end == 3
+    assert sched.intervals == (Interval("organizer", 0, 3),)  # no empty interval for either 0
+    assert tokens_decoded(tl) == 3
+    assert concurrency(tl) == 1.0
+
+
+def test_workers_running_past_the_end_count_nothing_after_t() -> None:
+    # organizer decodes 10, forks worker 1, decodes 20 more: T = 30, never joins.
+    # worker 1 (from t=10) decodes 50 ([10, 60)) then forks 1.1 at 60, which decodes 20 ([60, 80)).
+    # Inside [0, 30): organizer 30 + worker 1 20 (10..30) + worker 1.1 0 (it starts after T) = 50.
+    inner = Timeline.of(Decode(50), ForkStep(1, worker(20)))
+    tl = Timeline.of(Decode(10), ForkStep(1, inner), Decode(20))
+    assert critical_path(tl) == 30
+    assert concurrency(tl) == pytest.approx(50 / 30)
+    # a worker forked at the very end decodes only after T: it adds nothing, η = 10 / 10
+    assert concurrency(Timeline.of(Decode(10), ForkStep(1, worker(5)))) == 1.0
+
+
+def test_unknown_json_step_names_it() -> None:
+    with pytest.raises(ValueError) as err:
+        Timeline.from_json([["decode", 1], ["wait", 3]])
+    assert str(err.value) == "unknown timeline step 'wait'"

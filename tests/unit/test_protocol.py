@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -18,6 +19,7 @@ from shared.protocol import (
     Role,
     Think,
     coalesce,
+    extract_return,
     join_result,
     parse,
     render,
@@ -494,3 +496,144 @@ def test_live_streaming_with_text_past_each_join(episode, cuts, overflows) -> No
             assert stored.startswith(f"<JOIN-{ev.fork_id}>", ev.offset)
         elif isinstance(ev, Answer):
             assert stored.startswith("<ANSWER>", ev.offset)
+
+
+
+# ---------------------------------------------------------------- messages (what a person reads in a trace)
+
+
+def messages(text: str, **kw: object) -> list[tuple[ErrorKind, int, str]]:
+    return [(e.kind, e.offset, e.message) for e in parse(text, **kw)[1]]  # type: ignore[arg-type]
+
+
+def test_every_rejection_says_why() -> None:
+    # "<FORK-1>a</FORK-1>" is 18 characters: the second fork opens at 18
+    assert messages("<FORK-1>a</FORK-1><FORK-2>b</FORK-2><ANSWER>x</ANSWER>") == [
+        (ErrorKind.CAPACITY_EXCEEDED, 18, "fork 2 while 1 workers are active (capacity 2)"),
+    ]
+    # ... and "<JOIN-1>r</JOIN-1>" 18 more: 36
+    assert messages("<FORK-1>a</FORK-1><JOIN-1>r</JOIN-1><FORK-1>b</FORK-1><ANSWER>x</ANSWER>") == [
+        (ErrorKind.DUPLICATE_FORK, 36, "fork id 1 is used twice"),
+    ]
+    assert messages("<FORK-1>a</FORK-1><JOIN-1>r</JOIN-1><JOIN-1><ANSWER>x</ANSWER>") == [
+        (ErrorKind.JOIN_REPEATED, 36, "fork 1 is joined twice"),
+    ]
+    assert messages("<JOIN-3><ANSWER>x</ANSWER>") == [
+        (ErrorKind.JOIN_UNKNOWN, 0, "join of fork 3, which was never forked"),
+    ]
+    assert messages("<FORK-1>a</FORK-1><ANSWER>x</ANSWER>", allow_fork=False) == [
+        (ErrorKind.FORK_NOT_ALLOWED, 0, "forks are not allowed here"),
+    ]
+    assert messages("<FORK-1>a<FORK-2>b</FORK-1><ANSWER>x</ANSWER>", capacity=3) == [
+        (ErrorKind.MALFORMED_TAG, 9, "<FORK-2> inside <FORK>"),
+    ]
+    assert messages("x</ANSWER><ANSWER>a</ANSWER>") == [
+        (ErrorKind.MALFORMED_TAG, 1, "</ANSWER> closes nothing that is open"),
+    ]
+    assert messages("a</JOIN-1><ANSWER>y</ANSWER>") == [
+        (ErrorKind.MALFORMED_TAG, 1, "</JOIN-1> may only follow an injected result"),
+    ]
+    assert messages("<JOIN-1@x><ANSWER>y</ANSWER>") == [(ErrorKind.MALFORMED_TAG, 0, "malformed tag '<JOIN-1@x>'")]
+    assert messages("<FORK-1>a<JOIN-1></FORK-1><ANSWER>y</ANSWER>") == [
+        (ErrorKind.MALFORMED_TAG, 9, "<JOIN-1> inside <FORK>"),
+    ]
+    # replaying: the result ends at the first </JOIN-1>; a second one is the model's (at 18 + 8 + 1 + 9 + 1 = 37)
+    assert messages("<FORK-1>a</FORK-1><JOIN-1>r</JOIN-1>b</JOIN-1><ANSWER>x</ANSWER>") == [
+        (ErrorKind.MALFORMED_TAG, 37, "</JOIN-1> may only follow an injected result"),
+    ]
+    assert messages("<ANSWER>a</ANSWER>", role=Role.WORKER) == [
+        (ErrorKind.MALFORMED_TAG, 0, "<ANSWER> is not valid for a worker"),
+        (ErrorKind.MISSING_ANSWER, 18, "the stream ended without <RETURN>"),
+    ]
+
+
+def test_malformed_fragments_are_quoted_up_to_where_they_went_wrong() -> None:
+    # "<FORK-0" can no longer become a tag: the quote stops there, with the hint about ids
+    assert messages("<FORK-01>q<ANSWER>y</ANSWER>") == [
+        (ErrorKind.MALFORMED_TAG, 0, "malformed tag at '<FORK-0'; ids are positive integers without leading zeros"),
+    ]
+    assert messages("<FORKS><ANSWER>y</ANSWER>") == [(ErrorKind.MALFORMED_TAG, 0, "malformed tag at '<FORKS'")]
+
+
+def test_what_is_left_at_the_end_says_what_it_is() -> None:
+    assert messages("<FORK-1>q") == [
+        (ErrorKind.UNCLOSED_TAG, 0, "<FORK> is never closed"),
+        (ErrorKind.MISSING_ANSWER, 9, "the stream ended without <ANSWER>"),
+    ]
+    # the join's result never ends: both errors at the end, 18 + 8 + 3 = 29
+    assert messages("<FORK-1>q</FORK-1><JOIN-1>res") == [
+        (ErrorKind.UNCLOSED_TAG, 29, "the result of <JOIN-1> never ends"),
+        (ErrorKind.MISSING_ANSWER, 29, "the stream ended without <ANSWER>"),
+    ]
+    assert messages("text <FORK-1") == [
+        (ErrorKind.MALFORMED_TAG, 5, "tag '<FORK-1' cut off by the end of the stream"),
+        (ErrorKind.MISSING_ANSWER, 12, "the stream ended without <ANSWER>"),
+    ]
+    assert messages("no return", role=Role.WORKER) == [
+        (ErrorKind.MISSING_ANSWER, 9, "the stream ended without <RETURN>"),
+    ]
+
+
+def test_close_happens_once() -> None:
+    parser = ProtocolParser()
+    parser.feed("thinking")
+    assert [e.kind for e in parser.close()] == [ErrorKind.MISSING_ANSWER]  # type: ignore[union-attr]
+    assert parser.close() == [] and parser.feed("<ANSWER>late</ANSWER>") == [] and parser.inject("x") == []
+    assert len(parser.errors) == 1 and parser.done
+
+
+def test_inject_stops_again_at_the_next_join_of_the_held_text() -> None:
+    parser = ProtocolParser(capacity=3)
+    parser.feed("<FORK-1>a</FORK-1><FORK-2>b</FORK-2>")
+    # the model ran past <JOIN-1>: the held text has another join and text after it
+    assert parser.feed("<JOIN-1><JOIN-2>x</JOIN-2>y") == [Join(1)]
+    # the held text is generated text: parsing stops at <JOIN-2> and waits for its result (x</JOIN-2>y
+    # is not taken as an injected result), so only Join 2 comes out now
+    assert parser.inject("r1</JOIN-1>") == [Join(2)]
+    events = parser.inject("r2</JOIN-2>")
+    # the held text stays generated text: the model's </JOIN-2> is malformed, at 36 (two forks)
+    # + 8 (<JOIN-1>) + 8 (<JOIN-2>) + 1 (x) = 53
+    message = "</JOIN-2> may only follow an injected result"
+    assert events[:2] == [Think("x"), FormatError(ErrorKind.MALFORMED_TAG, 53, message)]
+
+
+def test_a_tag_cut_off_by_injected_text_says_so() -> None:
+    parser = ProtocolParser()
+    parser.feed("<FORK-1>a</FORK-1>")
+    assert parser.feed("<JOIN-1><JOI") == [Join(1)]
+    [error, think] = parser.inject("r</JOIN-1>")
+    assert error == FormatError(ErrorKind.MALFORMED_TAG, 26, "tag '<JOI' cut off by the injected text that follows it")
+    assert think == Think("<JOI")
+
+
+def test_render_without_results_and_a_worker_return() -> None:
+    assert render([Fork(1, "q"), Join(1)]) == "<FORK-1>q</FORK-1><JOIN-1></JOIN-1>"  # no results: empty
+    assert render([Join(2), Join(3)], {3: "three"}) == "<JOIN-2></JOIN-2><JOIN-3>three</JOIN-3>"
+    assert render([Think("t"), Return("done")]) == "t<RETURN>done</RETURN>"
+
+
+def test_extract_return() -> None:
+    assert extract_return("a<RETURN>x\ny</RETURN>b<RETURN>z</RETURN>") == "x\ny"  # the first, across lines
+    assert extract_return("<RETURN></RETURN>") == ""
+    assert extract_return("no return <return>x</return>") is None
+
+
+def test_a_join_frees_exactly_one_slot() -> None:
+    # capacity 2: one worker at a time; after the join of 1, fork 2 fits and fork 3 does not
+    # (18 + 18 + 18 = 54 for the first three constructs)
+    text = "<FORK-1>a</FORK-1><JOIN-1>r</JOIN-1><FORK-2>b</FORK-2><FORK-3>c</FORK-3><ANSWER>x</ANSWER>"
+    assert messages(text) == [(ErrorKind.CAPACITY_EXCEEDED, 54, "fork 3 while 1 workers are active (capacity 2)")]
+
+
+def test_capacity_below_1_is_refused() -> None:
+    with pytest.raises(ValueError) as err:
+        ProtocolParser(capacity=0)
+    assert str(err.value) == "capacity must be at least 1 (the organizer itself), got 0"
+
+
+def test_feed_is_live_by_default_and_an_empty_feed_is_nothing() -> None:
+    parser = ProtocolParser()
+    events = parser.feed("<FORK-1>a</FORK-1><JOIN-1>r</JOIN-1><ANSWER>x</ANSWER>")
+    assert events == [Fork(1, "a"), Join(1)] and not parser.done  # the rest waits for inject()
+    assert parser.feed("") == []  # an empty chunk does not read the held text as a replay
+    assert parser.inject("w</JOIN-1>")[-1] == Answer("x")  # the held text was generated text after all

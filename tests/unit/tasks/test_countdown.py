@@ -12,13 +12,16 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from shared.tasks import get_task
+from shared.tasks import countdown, get_task
 from shared.tasks.base import Mode, Problem, Score
 from shared.tasks.countdown import (
     TEST2_FILE,
     TEST_FILE,
     TEST_SIZE,
     CountdownTask,
+    build_test2_split,
+    build_test_split,
+    build_train_problems,
     countdown_metrics,
     generate,
     held_out_keys,
@@ -26,6 +29,8 @@ from shared.tasks.countdown import (
     load_test_split,
     problem_key,
     split_answer,
+    vote,
+    write_jsonl,
 )
 from shared.tasks.countdown_solver import count_solutions, solution_counts, solutions_starting_with, solve
 from shared.tasks.expr import (
@@ -509,3 +514,209 @@ def test_doctests() -> None:
 
     for module in (shared.tasks.expr, shared.tasks.countdown_solver):
         assert doctest.testmod(module).failed == 0
+
+
+# ---------------------------------------------------------------- boundaries (mutation testing, docs/testing.md)
+
+
+def _error(payload: object) -> str:
+    with pytest.raises(ValueError) as err:
+        TASK.problem_from_payload(payload)  # type: ignore[arg-type]
+    return str(err.value)
+
+
+def test_the_count_of_numbers_is_1_to_8() -> None:
+    # MAX_NUMBERS = 8: eight numbers pass, a ninth is refused; one number passes, none is refused
+    eight = TASK.problem_from_payload({"numbers": [1, 2, 3, 4, 5, 6, 7, 8], "target": 36})
+    assert eight.payload["numbers"] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert TASK.problem_from_payload({"numbers": [7], "target": 7}).payload["numbers"] == [7]
+    message = "countdown 'numbers' must be a list of 1 to 8 integers"
+    assert _error({"numbers": [1, 2, 3, 4, 5, 6, 7, 8, 9], "target": 45}) == message
+    assert _error({"numbers": [], "target": 7}) == message
+    assert _error({"numbers": "1 2", "target": 7}) == message  # a string of 3 characters is no list
+    assert _error({"target": 7}) == message
+
+
+def test_number_target_and_n_solutions_bounds() -> None:
+    # numbers 1..10_000, target 1..1_000_000, n_solutions 1..16: both ends pass, one past either end fails
+    ok = TASK.problem_from_payload({"numbers": [1, 10_000], "target": 1_000_000, "n_solutions": 16})
+    assert ok.payload == {"numbers": [1, 10_000], "target": 1_000_000, "n_solutions": 16}
+    assert TASK.problem_from_payload({"numbers": [2, 3], "target": 1, "n_solutions": 1}).payload["target"] == 1
+    assert _error({"numbers": [0, 3], "target": 3}) == "countdown 'numbers' must be 1 to 10_000, got 0"
+    assert _error({"numbers": [10_001], "target": 3}) == "countdown 'numbers' must be 1 to 10_000, got 10001"
+    assert _error({"numbers": [2, 3], "target": 0}) == "countdown 'target' must be 1 to 1_000_000, got 0"
+    assert _error({"numbers": [2], "target": 1_000_001}) == "countdown 'target' must be 1 to 1_000_000, got 1000001"
+    assert _error({"numbers": [2], "target": 2, "n_solutions": 0}) == "countdown 'n_solutions' must be 1 to 16, got 0"
+    assert _error({"numbers": [2], "target": 2, "n_solutions": 17}) == "countdown 'n_solutions' must be 1 to 16, got 17"
+
+
+def test_payload_type_errors_quote_the_value_shortened() -> None:
+    assert _error([1, 2]) == "countdown payload must be an object with 'numbers' and 'target'"
+    assert _error({"numbers": [1, True], "target": 7}) == "countdown 'numbers' must be integers, got True"
+    assert _error({"numbers": [1, 2], "target": "7"}) == "countdown payload field 'target' must be an integer, got '7'"
+    assert _error({"numbers": [1], "target": 1, "n_solutions": 2.0}) == (
+        "countdown payload field 'n_solutions' must be an integer, got 2.0"
+    )
+    field = "countdown payload field 'target' must be an integer, got "
+    # repr of 38 letters is 40 characters: shown whole; of 39 letters, 41: cut to 40 and "…"
+    assert _error({"numbers": [1], "target": "a" * 38}) == field + "'" + "a" * 38 + "'"
+    assert _error({"numbers": [1], "target": "a" * 39}) == field + "'" + "a" * 39 + "…"
+    # integers of 30 digits are quoted (10**30 - 1 is 30 nines); from 10**30 (31 digits) on, only counted
+    too_big = "countdown 'target' must be 1 to 1_000_000, got "
+    assert _error({"numbers": [1], "target": 10**30 - 1}) == too_big + "9" * 30
+    assert _error({"numbers": [1], "target": 10**30}) == too_big + "a 31-digit number"
+    assert _error({"numbers": [1], "target": -(10**30)}) == too_big + "a 32-digit number"  # the sign counts
+    assert _error({"numbers": [10**40], "target": 5}) == "countdown 'numbers' must be 1 to 10_000, got a 41-digit number"
+
+
+def test_the_default_id_is_the_digest_of_numbers_target_and_n_solutions() -> None:
+    # sha1('[[3, 7], 10, 4]') starts 85f023ee54: sorted numbers, target, n_s
+    assert TASK.problem_from_payload({"numbers": [7, 3], "target": 10}).id == "cd-85f023ee54"
+    assert TASK.problem_from_payload({"numbers": [7, 3], "target": 10}, "mine").id == "mine"
+
+
+def test_generate_checks_its_arguments() -> None:
+    message = "need n_numbers >= 1, low <= high, target_low <= target_high, n_solutions >= 1"
+    for kwargs in ({"n_numbers": 0}, {"low": 6, "high": 5}, {"target_low": 11, "target_high": 10}, {"n_solutions": 0}):
+        with pytest.raises(ValueError) as err:
+            generate(1, 1, **kwargs)
+        assert str(err.value) == message
+    # the boundaries are allowed: one number, low == high, target_low == target_high, one solution
+    assert generate(0, 1, n_numbers=1, low=5, high=5, target_low=7, target_high=7, n_solutions=1) == []
+
+
+def test_generate_never_repeats_a_problem_and_says_when_it_runs_out() -> None:
+    # numbers [2, 2], targets 1..4, one solution needed: only 4 (2+2, 2*2) and 1 (2/2) are reachable
+    # (2-2 = 0 is padding, out of range anyway): two problems exist, so a third cannot be found
+    small = {"n_numbers": 2, "low": 2, "high": 2, "target_low": 1, "target_high": 4, "n_solutions": 1}
+    two = generate(2, 1, **small)
+    assert sorted(p.payload["target"] for p in two) == [1, 4]
+    with pytest.raises(RuntimeError) as err:
+        generate(3, 1, max_draws=50, **small)
+    assert str(err.value) == (
+        "found only 2 of 3 problems in 50 draws; widen the number or target range, lower n_solutions or raise max_draws"
+    )
+    # the last problem found on the last draw is still returned
+    assert [p.payload for p in generate(1, 1, max_draws=1, **small)] == [{"numbers": [2, 2], "target": 4, "n_solutions": 1}]
+
+
+@pytest.mark.parametrize(
+    ("seed", "payload"),
+    [
+        (103, {"numbers": [32, 12, 48, 26], "target": 10, "n_solutions": 4}),  # target_low = 10 is reachable
+        (178, {"numbers": [58, 31, 71, 29], "target": 100, "n_solutions": 4}),  # so is target_high = 100
+    ],
+)
+def test_generate_defaults_reach_both_target_bounds(seed: int, payload: dict) -> None:
+    [p] = generate(1, seed)
+    assert p.payload == payload and p.id == f"cd-{seed}-0"
+    assert count_solutions(payload["numbers"], payload["target"]) >= 4
+
+
+def test_train_problems_default_to_seed_0() -> None:
+    train = TASK.problems("train", 2)
+    assert [p.id for p in train] == ["cd-0-0", "cd-0-1"]
+    assert train == generate(2, 0, exclude=held_out_keys())
+
+
+def test_score_details() -> None:
+    p = problem([3, 7, 25, 50], 75)
+    s = TASK.score(p, "50+7; 25+50")
+    assert s.details["invalid"] == [{"expr": "50+7", "reason": "evaluates to 57, not 75"}]
+    assert TASK.score(p, None) == Score(accuracy=0.0, correct=0, needed=4, details={"error": "no answer"})
+    assert split_answer("3*25X") == ["3*25X"]  # a trailing x or X is a multiplication sign, not punctuation
+
+
+def test_vote_keeps_n_solutions_forms() -> None:
+    answers = ["50+25; 3*25; 3*(50-25); (7*25+50)/3; 50-25+25+25"]  # five forms, the last one invalid
+    p2 = problem([3, 7, 25, 50], 75, n_s=2)
+    assert TASK.aggregate(answers, p2) == "50+25; 3*25"  # the problem's n_s = 2
+    assert vote(answers, p2, n_solutions=3) == "50+25; 3*25; 3*(50-25)"  # an explicit n_s wins
+    # without a problem: the default 4, and every parsable expression counts (evaluating to anything)
+    assert vote(answers) == "50+25; 3*25; 3*(50-25); (7*25+50)/3"
+    # an expression that does not parse is skipped, the rest of its trace still counts: 1+1 from two
+    # traces ranks above 5+5 from one (had trace 1 stopped at 2**3, 5+5 would come first, seen first)
+    assert vote(["2**3; 1+1", "5+5; 1+1"]) == "1+1; 5+5"
+
+
+def test_vote_counts_a_trace_once_per_form() -> None:
+    # trace 1 repeats "1+2" (and its commuted "2+1") three times; "3+4" comes from two traces.
+    # counted once per trace: 1+2 -> 1, 3+4 -> 2, so 3+4 ranks first
+    assert vote(["1+2; 2+1; 1+2; 3+4", "3+4"], n_solutions=2) == "3+4; 1+2"
+
+
+def test_countdown_metrics_of_nothing_are_zero() -> None:
+    assert countdown_metrics([]) == {"at_least_1": 0.0, "at_least_2": 0.0, "at_least_3": 0.0, "all_correct": 0.0}
+
+
+def test_write_jsonl_with_and_without_ids(tmp_path: Path) -> None:
+    problems = [problem([3, 7, 25, 50], 75), TASK.problem_from_payload({"numbers": [1, 2], "target": 3}, "q")]
+    path = tmp_path / "p.jsonl"
+    write_jsonl(problems, path)
+    assert path.read_text() == (
+        '{"id": "p", "numbers": [3, 7, 25, 50], "target": 75, "n_solutions": 4}\n'
+        '{"id": "q", "numbers": [1, 2], "target": 3, "n_solutions": 4}\n'
+    )
+    write_jsonl(problems[1:], path, with_ids=False)
+    assert path.read_text() == '{"numbers": [1, 2], "target": 3, "n_solutions": 4}\n'
+
+
+def test_build_train_problems_skips_held_out_and_repeated_problems() -> None:
+    # the same seed twice: its second batch repeats the first, so only 2 problems remain
+    train = build_train_problems(seeds=(5, 5), per_seed=2)
+    assert [p.id for p in train] == ["cd-5-0", "cd-5-1"]
+    assert train == generate(2, 5, exclude=held_out_keys())
+    both = build_train_problems(seeds=(5, 9), per_seed=1)
+    assert [p.id for p in both] == ["cd-5-0", "cd-9-0"] and {p.task for p in both} == {"countdown"}
+    # the test split's own seed draws the test problems first: train must skip them all the same
+    from_test_seed = build_train_problems(seeds=(countdown.TEST_SEED,), per_seed=2)
+    assert not {problem_key(p.payload["numbers"], p.payload["target"]) for p in from_test_seed} & held_out_keys()
+
+
+def test_the_split_builders_rebuild_the_committed_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(countdown, "TEST_SIZE", 3)  # the first 3 problems of each file
+    assert build_test_split() == list(load_test_split()[:3])
+    assert build_test2_split() == list(load_test2_split()[:3])
+
+
+def test_main_rewrites_the_splits_and_the_train_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "package" / "data"  # two folders that do not exist yet
+    test_file, test2_file = data / "countdown_test.jsonl", data / "countdown_test2.jsonl"
+    monkeypatch.setattr(countdown, "TEST_SIZE", 3)
+    monkeypatch.setattr(countdown, "TEST_FILE", test_file)
+    monkeypatch.setattr(countdown, "TEST2_FILE", test2_file)
+    real_build_train = countdown.build_train_problems  # 15,000 problems: 2 from one seed here
+    monkeypatch.setattr(countdown, "build_train_problems", lambda: real_build_train(seeds=(5,), per_seed=2))
+    try:
+        countdown.main([])
+        countdown.main(["--train", str(tmp_path / "train.jsonl")])  # again, into the folder made above
+        # main re-reads what it wrote: the loaders now return the 3-problem files
+        assert [p.id for p in load_test_split()] == ["cd-test-0", "cd-test-1", "cd-test-2"]
+        assert [p.id for p in load_test2_split()] == ["cd-test2-0", "cd-test2-1", "cd-test2-2"]
+        # train problems avoid the held-out problems main just wrote
+        expected_train = [p.payload for p in generate(2, 5, exclude=held_out_keys())]
+    finally:
+        load_test_split.cache_clear()  # the next reader loads the committed files again
+        load_test2_split.cache_clear()
+    committed = [json.loads(line) for line in TEST_FILE.read_text().splitlines()[:3]]
+    assert [json.loads(line) for line in test_file.read_text().splitlines()] == committed
+    committed2 = [json.loads(line) for line in TEST2_FILE.read_text().splitlines()[:3]]
+    assert [json.loads(line) for line in test2_file.read_text().splitlines()] == committed2
+    train_rows = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert train_rows == expected_train  # without ids
+    assert capsys.readouterr().out == (
+        f"wrote 3 problems to {test_file} and 3 to {test2_file}\n" * 2
+        + f"wrote 2 train problems to {tmp_path / 'train.jsonl'}\n"
+    )
+
+
+def test_main_says_what_it_does(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        countdown.main(["--help"])
+    assert done.value.code == 0
+    raw = capsys.readouterr().out
+    assert "\n\nrebuild the committed countdown problem files\n\n" in raw  # the description, on its own
+    out = " ".join(raw.split())  # argparse wraps lines
+    assert out.endswith("--train TRAIN also write the train problems to this path")
