@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Iterable, Iterator
+import inspect
+import os
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any
 
 from shared.protocol import Fork, Join, Role, parse
 from tests.missing import missing
 from trainer.synth.records import Episode, TraceRecord
+
+# How long a test waits for a condition before it fails; ASYNCTHINK_TEST_WAIT_S shortens it (mutation runs:
+# a mutant that breaks the wiring then fails in seconds) or lengthens it (a very slow machine).
+WAIT_S = float(os.environ.get("ASYNCTHINK_TEST_WAIT_S", "15"))
 
 REDIS_HINT = "start it: redis-server --daemonize yes --port 6379 (apt-get install redis-server)"
 
@@ -97,3 +104,22 @@ async def until_redis_blocked(client: Any, readers: Iterable[Any], count: int = 
             return
         await asyncio.sleep(0.01)
     raise AssertionError(f"{blocked} of {count} reads blocked in Redis after {timeout_s} s")
+
+
+async def until(
+    check: Callable[[], bool | Awaitable[bool]], what: str, timeout_s: float | None = None, every_s: float = 0.01
+) -> None:
+    """Return once ``check()`` (plain or async) is true, polled every ``every_s``; fail naming ``what`` after
+    ``timeout_s`` (default ``WAIT_S``). The way a test waits for something to happen instead of sleeping."""
+    timeout_s = WAIT_S if timeout_s is None else timeout_s
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(every_s)

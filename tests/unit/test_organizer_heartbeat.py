@@ -7,13 +7,13 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from services.organizer.__main__ import parse_args
 from services.organizer.heartbeat import beat, check, main, run_heartbeat
+from tests.helpers import until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,21 +31,12 @@ def test_a_fresh_file_is_alive_a_stale_or_missing_one_is_not(tmp_path: Path) -> 
     assert main([str(path), "--max-age", "300"]) == 0
 
 
-async def until(condition: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
-    """Poll ``condition`` every 10 ms; fail after ``timeout_s`` naming ``what`` never happened."""
-    for _ in range(int(timeout_s / 0.01)):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"{what} (not within {timeout_s} s)")
-
-
 async def test_the_heartbeat_keeps_the_file_fresh_and_removes_it_when_cancelled(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "hb"
     task = asyncio.create_task(run_heartbeat(path, interval_s=0.05))
-    await until(path.exists, "the heartbeat file was never written")
+    await until(path.exists, "the heartbeat file to be written")
     first = path.read_text()
-    await until(lambda: path.read_text() != first, "the heartbeat file was never rewritten")
+    await until(lambda: path.read_text() != first, "the heartbeat file to be rewritten")
     assert float(path.read_text()) > float(first)  # a later time, not just another write of the same
     assert check(path, max_age_s=60)[0] is True
     task.cancel()
@@ -64,7 +55,7 @@ async def test_an_unwritable_file_does_not_stop_the_heartbeat(
     def failures() -> int:
         return sum("cannot write the heartbeat file" in r.getMessage() for r in caplog.records)
 
-    await until(lambda: failures() >= 3, "the heartbeat did not keep trying after a failed write")
+    await until(lambda: failures() >= 3, "the heartbeat to keep trying after a failed write")
     assert not task.done()
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)

@@ -35,6 +35,7 @@ from shared.bus.inprocess import InProcessBus
 from shared.episode import EpisodeSettings
 from shared.messages import ORGANIZER_GROUP, PROBLEMS_STREAM, SubmitProblem
 from shared.store import db, repository
+from tests.helpers import until
 from tests.scenarios.scripts import PAYLOAD
 
 SLOW_ORGANIZER = "Thinking it over slowly, one sum at a time.<ANSWER>1+2+3+4</ANSWER>"  # 68 tokens
@@ -98,23 +99,13 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     engine.dispose()
 
 
-async def _until(predicate: Any, timeout_s: float, what: str) -> None:
-    """Wait for a condition, checked every 20 ms; fail with ``what`` after ``timeout_s``."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 async def test_a_long_episode_is_never_claimed_counted_or_dead_lettered_by_its_own_organizer(stack: Stack) -> None:
     service = stack.service("only", tokens_per_s=40.0, claim_idle_ms=300)  # ~1.7 s: over 5 leases
     stop = asyncio.Event()
     runner = asyncio.create_task(service.run_forever(stop))
     try:
         episode_id = await stack.submit()
-        await _until(lambda: service.episodes_done == 1 and not service.in_progress, 15, "the episode")
+        await until(lambda: service.episodes_done == 1 and not service.in_progress, "the episode", timeout_s=15)
     finally:
         stop.set()
         await asyncio.wait_for(runner, 10)
@@ -138,7 +129,7 @@ async def test_a_dead_organizers_entry_is_claimed_about_one_lease_later(
     stop = asyncio.Event()
     runner = asyncio.create_task(service.run_forever(stop))
     try:
-        await _until(lambda: service.episodes_done == 1 and not service.in_progress, 10, "the episode")
+        await until(lambda: service.episodes_done == 1 and not service.in_progress, "the episode", timeout_s=10)
     finally:
         stop.set()
         await asyncio.wait_for(runner, 10)
@@ -155,12 +146,12 @@ async def test_an_organizer_that_lost_its_lease_stops_the_episode(stack: Stack) 
     runner = asyncio.create_task(service.run_forever(stop))
     try:
         episode_id = await stack.submit()
-        await _until(lambda: service.in_progress == 1, 5, "the episode to start")
-        await _until(lambda: stack.status(episode_id)[0] == "running", 5, "the episode to be marked running")
+        await until(lambda: service.in_progress == 1, "the episode to start", timeout_s=5)
+        await until(lambda: stack.status(episode_id)[0] == "running", "the episode to be marked running", timeout_s=5)
         # Another organizer takes the entry over (as if this one had stalled past its lease).
         entries = await stack.bus.claim_stale(PROBLEMS_STREAM, ORGANIZER_GROUP, "rescuer", min_idle_ms=0)
         assert len(entries) == 1
-        await _until(lambda: service.in_progress == 0, 3, "the lost episode to stop")
+        await until(lambda: service.in_progress == 0, "the lost episode to stop", timeout_s=3)
         assert service.episodes_done == 0  # stopped, neither saved nor acked
         assert service.leases_lost == 1
         assert stack.bus.pending_count(PROBLEMS_STREAM, ORGANIZER_GROUP) == 1  # still the rescuer's
@@ -188,7 +179,7 @@ async def test_a_dead_lettered_submission_fails_its_episode(stack: Stack) -> Non
     stop = asyncio.Event()
     runner = asyncio.create_task(service.run_forever(stop))
     try:
-        await _until(lambda: stack.status(episode_id)[0] == "failed", 5, "the episode to fail")
+        await until(lambda: stack.status(episode_id)[0] == "failed", "the episode to fail", timeout_s=5)
     finally:
         stop.set()
         await asyncio.wait_for(runner, 10)

@@ -30,7 +30,7 @@ from shared.episode import EpisodeSettings
 from shared.messages import ORGANIZER_GROUP, PROBLEMS_STREAM, SubmitProblem
 from shared.store import db, repository
 from shared.tasks import get_task
-from tests.helpers import redis_bus_or_skip
+from tests.helpers import redis_bus_or_skip, until
 
 pytestmark = pytest.mark.integration
 
@@ -95,16 +95,6 @@ async def running(svc: OrganizerService) -> AsyncIterator[None]:
         await asyncio.wait_for(task, 30)
 
 
-async def until(check: Any, what: str, timeout_s: float = 20.0) -> None:
-    """Wait for an async ``check()`` to be true, polling every 20 ms."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not await check():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 async def xpending(bus: Any) -> int:
     return int((await bus.direct.xpending(PROBLEMS_STREAM, ORGANIZER_GROUP))["pending"])
 
@@ -160,7 +150,7 @@ async def test_a_finished_episode_delivered_again_is_acked_and_not_run_again(
     sub = submission()
     async with running(svc):
         await bus.publish(PROBLEMS_STREAM, {"data": sub.model_dump_json()})
-        await until(lambda: _true(svc.episodes_done == 1), "the episode")
+        await until(lambda: svc.episodes_done == 1, "the episode")
         await until(lambda: all_read_and_acked(bus, svc), "the first ack")
         await bus.publish(PROBLEMS_STREAM, {"data": sub.model_dump_json()})  # delivered again
         await until(lambda: all_read_and_acked(bus, svc), "the second submission read and acked")
@@ -169,10 +159,6 @@ async def test_a_finished_episode_delivered_again_is_acked_and_not_run_again(
     assert messages(caplog).count(skipped) == 1
     with factory() as session:
         assert repository.get_episode(session, sub.episode_id).status == "completed"
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 async def test_a_dead_organizers_submission_is_claimed_by_a_live_one(
@@ -185,7 +171,7 @@ async def test_a_dead_organizers_submission_is_claimed_by_a_live_one(
                     shutdown_grace_s=0.05)  # fmt: skip
     async with running(first):
         entry_id = await bus.publish(PROBLEMS_STREAM, {"data": sub.model_dump_json()})
-        await until(lambda: _true(first.in_progress == 1), "the first organizer to take it")
+        await until(lambda: first.in_progress == 1, "the first organizer to take it")
     assert first.episodes_done == 0
     (pending,) = await bus.direct.xpending_range(PROBLEMS_STREAM, ORGANIZER_GROUP, "-", "+", 10)
     assert (pending["message_id"], pending["consumer"], pending["times_delivered"]) == (entry_id, "first", 1)

@@ -14,11 +14,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import re
 import shutil
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +47,7 @@ from shared.messages import (
 )
 from shared.store import db, repository
 from shared.tasks import get_task
+from tests.helpers import WAIT_S, until
 
 PAYLOAD = {"numbers": [1, 2, 3, 4], "target": 10, "n_solutions": 2}
 ANSWER = "<ANSWER>1+2+3+4; 2*3+4</ANSWER>"  # 31 tokens, both solutions correct
@@ -136,27 +136,6 @@ async def running(service: OrganizerService) -> AsyncIterator[asyncio.Event]:
 
 # How long a test waits for a condition before failing: generous by default; mutation runs lower it
 # (a mutant that breaks the wiring then fails sooner, not later).
-WAIT_S = float(os.environ.get("ASYNCTHINK_TEST_WAIT_S", "15"))
-
-
-async def until(predicate: Callable[[], Any], what: str, timeout_s: float = WAIT_S) -> None:
-    """Wait for a condition (checked every 10 ms); fail with ``what`` after a generous timeout."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
-async def until_true(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    """Wait for an async ``check()`` to return True (every 10 ms; fail after ``WAIT_S``)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + WAIT_S
-    while not await check():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {WAIT_S}s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 async def settled(bus: InProcessBus, service: OrganizerService) -> bool:
@@ -167,23 +146,6 @@ async def settled(bus: InProcessBus, service: OrganizerService) -> bool:
         return False
     backlog = await bus.backlog(PROBLEMS_STREAM, ORGANIZER_GROUP)
     return backlog.lag == 0 and backlog.pending == 0 and service.in_progress == 0
-
-
-async def until_settled(bus: InProcessBus, service: OrganizerService, what: str) -> None:
-    flag = {"ok": False}
-
-    async def check() -> None:
-        flag["ok"] = await settled(bus, service)
-
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + WAIT_S
-    while True:
-        await check()
-        if flag["ok"]:
-            return
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 async def events(bus: InProcessBus, episode_id: str) -> list[EpisodeEvent]:
@@ -206,7 +168,7 @@ async def test_a_malformed_submission_is_acked_and_logged(
     service = make_service(bus, store)
     async with running(service):
         entry_id = await publish(bus, fields)
-        await until_settled(bus, service, "the malformed submission to be acked")
+        await until(lambda: settled(bus, service), "the malformed submission to be acked")
     assert bus.pending_count(PROBLEMS_STREAM, ORGANIZER_GROUP) == 0
     (line,) = [m for m in messages(caplog, logging.ERROR) if "malformed" in m]
     assert line.startswith(f"dropping malformed submission {entry_id}: ")
@@ -232,7 +194,7 @@ async def test_an_invalid_submission_is_acked_logged_and_its_episode_stays_pendi
     service = make_service(bus, store)
     async with running(service):
         entry_id = await publish(bus, sub)
-        await until_settled(bus, service, "the submission to be acked")
+        await until(lambda: settled(bus, service), "the submission to be acked")
     assert bus.pending_count(PROBLEMS_STREAM, ORGANIZER_GROUP) == 0
     dropped = [m for m in messages(caplog, logging.ERROR) if m.startswith("dropping submission")]
     if why is None:  # the control: a valid submission runs
@@ -263,7 +225,7 @@ async def test_an_episode_is_run_stored_published_and_acked(
     async with running(service):
         await publish(bus, sub)  # not stored before: written straight to the stream
         await until(lambda: service.episodes_done == 1, "the episode")
-        await until_settled(bus, service, "the ack")
+        await until(lambda: settled(bus, service), "the ack")
     ep = store.episode(sub.episode_id)
     # sequential, c = 1: T = 31, η = 1, R_A = 1, R_η = min(1/1, 0.75)/0.75 = 1, R = 1 + 0.2 = 1.2
     assert (ep.status, ep.answer, ep.latency, ep.capacity) == ("completed", "1+2+3+4; 2*3+4", 31, 1)
@@ -296,10 +258,10 @@ async def test_a_finished_episode_delivered_again_is_acked_and_not_run_again(
     async with running(service):
         await publish(bus, sub)
         await until(lambda: service.episodes_done == 1, "the episode")
-        await until_settled(bus, service, "the first ack")
+        await until(lambda: settled(bus, service), "the first ack")
         stored = store.episode(sub.episode_id)
         await publish(bus, sub)  # at-least-once: the same submission again
-        await until_settled(bus, service, "the redelivered submission to be acked")
+        await until(lambda: settled(bus, service), "the redelivered submission to be acked")
     assert service.episodes_done == 1 and backend.calls == 1  # not run again
     again = store.episode(sub.episode_id)
     assert (again.status, again.finished_at, again.answer) == ("completed", stored.finished_at, stored.answer)
@@ -317,7 +279,7 @@ async def test_a_second_submission_of_a_running_episode_waits_for_it_then_is_ack
         await publish(bus, sub)
         await until(lambda: service.in_progress == 2, "both submissions to be taken")
         await until(lambda: service.episodes_done == 1, "the episode")
-        await until_settled(bus, service, "both acks")
+        await until(lambda: settled(bus, service), "both acks")
     assert service.episodes_done == 1 and backend.calls == 1
 
 
@@ -341,7 +303,7 @@ async def test_a_worker_that_raises_is_recorded_and_the_episode_goes_on(store: S
     async with running(service):
         await publish(bus, sub)
         await until(lambda: service.episodes_done == 1, "the episode")
-        await until_settled(bus, service, "the ack")
+        await until(lambda: settled(bus, service), "the ack")
     assert [t.query for t in exploding.tasks] == ["q"]
     ep = store.episode(sub.episode_id)
     assert (ep.status, ep.answer, ep.error) == ("completed", "1+2+3+4; 2*3+4", None)
@@ -363,7 +325,7 @@ async def test_a_backend_that_fails_ends_the_episode_failed_and_acked(
     async with running(service):
         await publish(bus, sub)
         await until(lambda: service.episodes_done == 1, "the episode")
-        await until_settled(bus, service, "the ack")
+        await until(lambda: settled(bus, service), "the ack")
     ep = store.episode(sub.episode_id)
     assert ep.status == "failed" and "no script for agent 'organizer'" in ep.error
     (line,) = [m for m in messages(caplog, logging.INFO) if m.startswith(f"episode {sub.episode_id} failed:")]
@@ -423,7 +385,7 @@ async def test_an_interrupted_episode_resumes_from_its_checkpoint_or_runs_again(
     async with running(service):
         await publish(bus, sub)
         await until(lambda: service.episodes_done == 1, "the episode")
-        await until_settled(bus, service, "the ack")
+        await until(lambda: settled(bus, service), "the ack")
     ep = store.episode(sub.episode_id)
     assert (ep.status, ep.answer) == ("completed", "1+2+3+4; 2*3+4")
     (started,) = [e for e in await events(bus, sub.episode_id) if e.kind == "started"]
@@ -467,7 +429,7 @@ async def test_a_dead_organizers_submission_is_claimed_and_run(
     service = make_service(bus, store, claim_idle_ms=200, read_block_ms=60_000)
     async with running(service):
         await until(lambda: service.episodes_done == 1, "the claimed episode")
-        await until_settled(bus, service, "the ack")
+        await until(lambda: settled(bus, service), "the ack")
     assert store.episode(sub.episode_id).status == "completed"
     assert f"claimed submission {entry_id} of a dead organizer (idle over 200 ms; delivery 2)" in messages(
         caplog, logging.WARNING
@@ -533,7 +495,7 @@ async def test_a_long_episode_keeps_its_lease(store: Store) -> None:
     async with running(service):
         await publish(bus, sub)
         await until(lambda: service.episodes_done == 1, "the episode")
-        await until_settled(bus, service, "the ack")
+        await until(lambda: settled(bus, service), "the ack")
     assert service.leases_lost == 0
     assert await bus.read(DEAD_LETTERS, after="0") == []
 
@@ -622,7 +584,7 @@ async def test_a_failed_read_is_retried(store: Store, caplog: pytest.LogCaptureF
     async with running(service):
         await publish(bus, sub)
         await until(lambda: service.episodes_done == 1, "the episode after the failed read")
-        await until_settled(bus, service, "the ack")
+        await until(lambda: settled(bus, service), "the ack")
     assert f"reading {PROBLEMS_STREAM} failed: read_group: Redis down (test); retrying in 1 s" in messages(
         caplog
     )
@@ -637,7 +599,7 @@ async def test_an_ack_is_retried_through_a_short_outage(
     async with running(service):
         entry_id = await publish(bus, submission())
         await until(lambda: service.episodes_done == 1, "the episode")
-        await until_settled(bus, service, "the ack after two failures")
+        await until(lambda: settled(bus, service), "the ack after two failures")
     assert bus.calls["ack"] == 3
     lines = messages(caplog)  # the retries are logged by the organizer's logger, naming the entry
     assert sum(m.startswith(f"acking submission {entry_id} failed (") for m in lines) == 2
@@ -659,7 +621,7 @@ async def test_a_failed_renewal_keeps_the_episode_and_claims_wait(
     assert await service.renew_leases() is False  # Redis could not be asked
     assert await service._may_claim() is False  # its own renewal fails: no sweep
     assert await service._may_claim() is False  # renewed, but no sweep right after a failure ...
-    await until_true(service._may_claim, "claims to resume")  # ... until Redis answered for half a lease
+    await until(service._may_claim, "claims to resume")  # ... until Redis answered for half a lease
     assert "organizer o1: renewing 1 leases failed: renew: Redis down (test)" in messages(
         caplog, logging.WARNING
     )
@@ -874,7 +836,7 @@ async def test_with_a_batcher_events_and_expiries_go_through_it(store: Store, tt
     async with running(service):
         await publish(bus, sub)
         await until(lambda: service.episodes_done == 1, "the episode")
-        await until_settled(bus, service, "the ack")
+        await until(lambda: settled(bus, service), "the ack")
     eid = sub.episode_id
     commands = bus.recorder.commands
     expiries = [(args[1:], urgent) for args, urgent in commands if args[0] == "EXPIRE"]

@@ -22,6 +22,7 @@ from services.workers.endpoint import RUN_WORKER_TASK, CeleryWorkerEndpoint
 from shared.bus.base import Entry
 from shared.bus.inprocess import InProcessBus
 from shared.messages import WorkerOutcome, WorkerTask, results_stream
+from tests.helpers import until
 
 
 class FlakyReads(InProcessBus):
@@ -64,13 +65,7 @@ def sent_messages(app: Any, queue: str = "model") -> list[Any]:
     return out
 
 
-async def until(predicate: Any, what: str, timeout_s: float = 15.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        await asyncio.sleep(0.01)
+
 
 
 async def test_the_result_reader_retries_a_failed_read_and_delivers(
